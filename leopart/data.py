@@ -1,0 +1,139 @@
+"""Reading images from whatever users have: paths, folders, PIL images, numpy arrays, tensors.
+
+Every input becomes an RGB PIL image: grayscale, RGBA, palette, CMYK and 16-bit files included.
+Folders are walked recursively in sorted order. Nothing is decoded before it is needed, so a folder of
+any size streams through in constant memory.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import LeopartError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files under ``folder``, recursively, in sorted order (hidden files skipped)."""
+    folder = Path(folder)
+    files = sorted(
+        p for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    return files
+
+
+def expand_inputs(inputs: Any) -> Iterator[Any]:
+    """Flatten a path / folder / image / list of them into single images (paths stay lazy)."""
+    if isinstance(inputs, (str, os.PathLike)):
+        path = Path(inputs)
+        if path.is_dir():
+            files = list_images(path)
+            if not files:
+                raise LeopartError(f"no images found in folder {path}")
+            yield from files
+        else:
+            yield path
+    elif isinstance(inputs, (Image.Image, np.ndarray, torch.Tensor)):
+        if isinstance(inputs, torch.Tensor) and inputs.ndim == 4:
+            yield from inputs  # a batch [B, C, H, W]
+        else:
+            yield inputs
+    elif isinstance(inputs, Iterable):
+        for item in inputs:
+            yield from expand_inputs(item)
+    else:
+        raise LeopartError(f"cannot read an image from a {type(inputs).__name__}")
+
+
+def describe(item: Any, index: int) -> str:
+    return str(item) if isinstance(item, (str, os.PathLike)) else f"image #{index}"
+
+
+def load_image(item: Any, name: str = "image") -> Image.Image:
+    """Any supported input -> RGB PIL image, with a one-line error for anything unreadable."""
+    if isinstance(item, (str, os.PathLike)):
+        path = Path(item)
+        if not path.exists():
+            raise LeopartError(f"no such file: {path}")
+        try:
+            with Image.open(path) as img:
+                img.load()
+                return to_rgb(img)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise LeopartError(f"cannot read image {path}: {e}") from None
+    if isinstance(item, Image.Image):
+        return to_rgb(item)
+    if isinstance(item, torch.Tensor):
+        return _tensor_to_pil(item, name)
+    if isinstance(item, np.ndarray):
+        return _array_to_pil(item, name)
+    raise LeopartError(f"cannot read an image from a {type(item).__name__}")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16/32-bit and float images: scale the value range to 8 bits instead of clipping it.
+        return _array_to_pil(np.asarray(img), "image")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Composite transparent pixels on white, as viewers show them.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _array_to_pil(a: np.ndarray, name: str) -> Image.Image:
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
+        raise LeopartError(f"{name}: expected an HxW, HxWx3 or HxWx4 array, got shape {a.shape}")
+    if a.dtype == np.uint8:
+        pass
+    elif a.dtype == np.uint16:
+        a = (a / 257.0).round().astype(np.uint8)
+    elif np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all():
+            raise LeopartError(f"{name}: the array holds NaN or infinite values")
+        scale = 255.0 if a.max(initial=0.0) <= 1.0 else 1.0  # floats in [0, 1] or already in [0, 255]
+        a = np.clip(a * scale, 0, 255).round().astype(np.uint8)
+    elif np.issubdtype(a.dtype, np.integer):
+        hi = a.max(initial=0)
+        a = (a.astype(np.float64) * (255.0 / 65535.0 if hi > 255 else 1.0)).clip(0, 255).astype(np.uint8)
+    else:
+        raise LeopartError(f"{name}: unsupported array dtype {a.dtype}")
+    if a.ndim == 3 and a.shape[2] == 4:
+        return to_rgb(Image.fromarray(np.ascontiguousarray(a), "RGBA"))
+    return Image.fromarray(np.ascontiguousarray(a)).convert("RGB")
+
+
+def _tensor_to_pil(t: torch.Tensor, name: str) -> Image.Image:
+    if t.ndim == 2:
+        t = t[None]
+    if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
+        raise LeopartError(f"{name}: expected a CxHxW tensor with 1, 3 or 4 channels, got {tuple(t.shape)}")
+    return _array_to_pil(t.detach().cpu().permute(1, 2, 0).numpy(), name)
+
+
+def check_size(img: Image.Image, min_size: int, name: str) -> None:
+    if img.width < min_size or img.height < min_size:
+        raise LeopartError(f"{name} is {img.width}x{img.height} pixels: smaller than one {min_size}x{min_size} patch")
+
+
+def to_tensor(img: Image.Image, size: tuple[int, int] | None) -> torch.Tensor:
+    """RGB PIL -> normalised float tensor [3, H, W]; ``size`` = (height, width) for a bicubic resize."""
+    if size is not None and (img.height, img.width) != tuple(size):
+        img = img.resize((size[1], size[0]), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x - mean) / std

@@ -1,0 +1,89 @@
+"""Images in, dense patch features out: ``leopart.embed``."""
+from __future__ import annotations
+
+import contextlib
+import itertools
+from typing import Any, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from . import data
+from .errors import LeopartError
+from .hub import from_pretrained
+from .model import LeopartViT
+
+
+def default_device(device=None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; full precision elsewhere (CPU bf16 is slower and less exact)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def iter_preprocessed(images: Any, resolution: int | None, patch_size: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, normalised tensor [3, H, W]) one image at a time, decoding lazily."""
+    for i, item in enumerate(data.expand_inputs(images)):
+        name = data.describe(item, i)
+        img = data.load_image(item, name)
+        data.check_size(img, patch_size, name)
+        if resolution is None:
+            size = (img.height // patch_size * patch_size, img.width // patch_size * patch_size)
+        else:
+            size = (resolution, resolution)
+        yield name, data.to_tensor(img, size)
+
+
+def _count(images: Any) -> int | None:
+    if isinstance(images, (list, tuple)):
+        return len(images)
+    if isinstance(images, torch.Tensor) and images.ndim == 4:
+        return images.shape[0]
+    return None
+
+
+@torch.no_grad()
+def embed(images: Any, model: str | LeopartViT = "vits16", resolution: int | None = 224, batch_size: int = 32,
+          device=None, progress: bool | None = None) -> torch.Tensor | list[torch.Tensor]:
+    """Backbone patch tokens of ``images``.
+
+    images: a path, a folder (recursive), a PIL image, an HxWx3 uint8 array, a CxHxW tensor, or a
+        list / iterator of them. Decoded one batch at a time.
+    resolution: side of the square every image is resized to (bicubic); ``None`` keeps each image's own
+        size rounded down to the patch size and returns a list of [h_i, w_i, D] tensors.
+    Returns a float32 CPU tensor [B, h, w, D] with h = w = resolution // patch_size.
+    """
+    device = default_device(device)
+    model = from_pretrained(model, device=device)
+    if resolution is not None and (resolution < model.patch_size or resolution % model.patch_size):
+        raise LeopartError(f"resolution {resolution} is not a positive multiple of the patch size {model.patch_size}")
+    stream = iter_preprocessed(images, resolution, model.patch_size)
+    total = _count(images)
+    per_call = batch_size if resolution is not None else 1  # ragged sizes go one at a time
+    outputs: list[torch.Tensor] = []
+    with tqdm(total=total, unit="img", desc="embed", disable=_quiet(progress, total, batch_size)) as bar:
+        while batch := list(itertools.islice(stream, per_call)):
+            x = torch.stack([t for _, t in batch]).to(device)
+            with autocast(device):
+                tokens = model.patch_tokens(x)
+            outputs.extend(tokens.float().cpu().unbind(0))
+            bar.update(len(batch))
+    if resolution is None:
+        return outputs
+    if not outputs:
+        raise LeopartError("no images to embed")
+    return torch.stack(outputs)
+
+
+def _quiet(progress: bool | None, total: int | None, batch_size: int) -> bool | None:
+    if progress is not None:
+        return not progress
+    if total is not None and total <= batch_size:
+        return True  # a single batch needs no bar
+    return None  # tqdm: show on a terminal, hide otherwise

@@ -1,0 +1,279 @@
+"""Resolving a model name to a LeopartViT: aliases, the HF Hub, local folders and original checkpoints.
+
+``from_pretrained(name)`` tries, in order:
+
+1. ``vits16`` / ``vitb8``: the original Leopart release files (downloaded once with a progress bar,
+   converted to our format and cached under ``$LEOPART_CACHE``, default ``~/.cache/leopart``);
+2. ``dino-vits16`` / ``dino-vitb8``: timm's DINO weights on the Hub (heads initialised with seed 0);
+3. an existing local path: a folder from ``save_pretrained`` or an original-format file
+   (.ckpt/.pth/.pt/.safetensors: a flat state_dict with one key prefix, or a Lightning checkpoint);
+4. ``org/repo`` or ``org/repo@revision`` on the Hub, in our format or in timm's.
+
+A local path wins over a Hub id of the same spelling, as in huggingface_hub. Offline
+(``HF_HUB_OFFLINE=1`` or no network) everything loads from the caches or fails with one line.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import serialization
+from .errors import LeopartError
+from .model import LeopartConfig, LeopartViT
+
+
+@dataclass(frozen=True)
+class Release:
+    url: str
+    filename: str
+    arch: str
+
+
+RELEASES = {
+    "vits16": Release("https://www.dropbox.com/s/0kjy61jh4i3vbnh/leopart_vits16.ckpt?dl=1",
+                      "leopart_vits16.ckpt", "vit_small_patch16_224"),
+    "vitb8": Release("https://www.dropbox.com/s/ieyuqfv8get50cy/leopart_vitb8.ckpt?dl=1",
+                     "leopart_vitb8.ckpt", "vit_base_patch8_224"),
+}
+DINO = {
+    "dino-vits16": "timm/vit_small_patch16_224.dino",
+    "dino-vitb8": "timm/vit_base_patch8_224.dino",
+}
+CHECKPOINT_SUFFIXES = (".ckpt", ".pth", ".pt", ".safetensors")
+# (embed dim, depth) -> timm size name, to name the architecture of an original checkpoint.
+VIT_SIZES = {(192, 12): "tiny", (384, 12): "small", (768, 12): "base", (1024, 24): "large"}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LEOPART_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "leopart"
+
+
+def offline() -> bool:
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    return flag or bool(constants.HF_HUB_OFFLINE)
+
+
+def from_pretrained(name: str | os.PathLike | LeopartViT, *, arch: str | None = None, device=None,
+                    trust_pickle: bool = False) -> LeopartViT:
+    """Load a LeopartViT by alias, Hub id, folder or checkpoint file; returned in eval mode."""
+    if isinstance(name, LeopartViT):
+        model = name
+    else:
+        model = _resolve(str(name), arch=arch, trust_pickle=trust_pickle)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def _resolve(name: str, arch: str | None, trust_pickle: bool) -> LeopartViT:
+    if name in RELEASES:
+        return _load_release(name)
+    if name in DINO:
+        return _load_hub(DINO[name])
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return LeopartViT.from_folder(path)
+    if path.is_file():
+        if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
+            raise LeopartError(f"{path} is not a checkpoint (expected one of {', '.join(CHECKPOINT_SUFFIXES)})")
+        return convert_checkpoint(path, arch=arch, trust_pickle=trust_pickle)
+    if serialization.HUB_ID.match(name) and path.suffix.lower() not in CHECKPOINT_SUFFIXES:
+        return _load_hub(name)
+    known = ", ".join([*RELEASES, *DINO])
+    raise LeopartError(f"unknown model '{name}': not an alias ({known}), an existing path, or an org/repo Hub id")
+
+
+# ------------------------------------------------------------------ releases
+def _load_release(alias: str) -> LeopartViT:
+    release = RELEASES[alias]
+    folder = cache_dir() / alias
+    if (folder / serialization.CONFIG_NAME).is_file():
+        return LeopartViT.from_folder(folder)
+    if offline():
+        raise LeopartError(
+            f"model '{alias}' is not cached in {folder} and downloads are off (HF_HUB_OFFLINE=1): "
+            f"fetch {release.url} elsewhere and run `leopart convert {release.filename} {folder}`"
+        )
+    ckpt = download(release.url, cache_dir() / "downloads" / release.filename)
+    try:
+        model = convert_checkpoint(ckpt, arch=release.arch)
+        save_converted(model, folder)
+    finally:
+        ckpt.unlink(missing_ok=True)  # keep only the converted folder; a bad file is fetched afresh next time
+    return model
+
+
+def download(url: str, dest: Path, timeout: float = 30.0) -> Path:
+    """Download ``url`` to ``dest`` with a progress bar; ``dest`` appears only when complete."""
+    from tqdm.auto import tqdm
+
+    if dest.is_file():
+        return dest
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, serialization.atomic_path(dest) as tmp:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+            if total is not None and tmp.stat().st_size != total:
+                raise LeopartError(f"download of {url} was cut short ({tmp.stat().st_size} of {total} bytes)")
+    except (urllib.error.URLError, OSError) as e:
+        raise LeopartError(f"cannot download {url}: {getattr(e, 'reason', e)}") from None
+    return dest
+
+
+def save_converted(model: LeopartViT, folder: Path) -> Path:
+    """Save into a sibling temp folder, then rename: the cache never holds a half-written model."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+# ----------------------------------------------------------------------- Hub
+def _load_hub(name: str) -> LeopartViT:
+    folder = serialization.download_from_hub(name, [serialization.CONFIG_NAME])
+    config = serialization.read_config(folder / serialization.CONFIG_NAME)
+    folder = serialization.download_from_hub(name, [serialization.WEIGHTS_NAME])
+    if "leopart_kind" in config:
+        return LeopartViT.from_folder(folder)
+    if "architecture" in config:  # a timm repo: backbone weights only
+        state = serialization.load_tensors(folder / serialization.WEIGHTS_NAME)
+        return _from_backbone_state(state, arch=config["architecture"], source=name)
+    raise LeopartError(f"Hub repository '{name}' holds neither a leopart model nor timm weights")
+
+
+def _from_backbone_state(state: dict[str, torch.Tensor], arch: str, source: str) -> LeopartViT:
+    ignored = sorted(k for k in state if k.startswith(("head.", "fc_norm.")))
+    if ignored:
+        warnings.warn(f"ignoring classifier keys from {source}: {', '.join(ignored)}", stacklevel=3)
+    state = {f"backbone.{k}": v for k, v in state.items() if k not in ignored}
+    img_size = _pos_embed_size(state, arch)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # heads start the same for everyone who loads these weights
+        model = LeopartViT(LeopartConfig(arch=arch, img_size=img_size))
+    model.load_weights(state, source=source, strict=False)
+    return model
+
+
+def _pos_embed_size(state: dict[str, torch.Tensor], arch: str) -> int:
+    """Image size the checkpoint's position embeddings were trained at (square grid, one CLS token)."""
+    pos = state.get("backbone.pos_embed")
+    patch = state.get("backbone.patch_embed.proj.weight")
+    if pos is None or patch is None:
+        return LeopartConfig().img_size
+    grid = round((pos.shape[1] - 1) ** 0.5)
+    return grid * patch.shape[-1]
+
+
+# ---------------------------------------------------- original checkpoints
+def read_checkpoint(path: Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """A flat {name: tensor} dict from a .safetensors file, a torch state_dict or a Lightning checkpoint."""
+    if path.suffix.lower() == ".safetensors":
+        return serialization.load_tensors(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as e:
+        if not trust_pickle and "Unsupported global" in str(e):
+            raise LeopartError(
+                f"{path} holds pickled Python objects besides tensors; if you trust the file, load it with "
+                f"trust_pickle=True (CLI: --trust-pickle)"
+            ) from None
+        raise LeopartError(f"cannot read checkpoint {path}: the file is corrupt or truncated") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise LeopartError(f"cannot read checkpoint {path}: the file is corrupt or truncated ({e})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]  # Lightning
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise LeopartError(f"{path} is not a state_dict of tensors")
+    return obj
+
+
+def convert_state_dict(raw: dict[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Map original Leopart keys to ours; returns (state, ignored key names).
+
+    The student backbone is found by its ``blocks.0.attn.qkv.weight`` key; whatever precedes that is
+    the prefix to strip (``model.`` in the release files). Teacher copies and other keys are ignored.
+    """
+    anchor = "blocks.0.attn.qkv.weight"
+    prefixes = sorted((k[: -len(anchor)] for k in raw if k.endswith(anchor)),
+                      key=lambda p: ("teacher" in p or "momentum" in p, len(p)))
+    if not prefixes:
+        raise LeopartError(f"no ViT weights in {source}: expected keys like 'model.{anchor}'")
+    prefix = prefixes[0]
+    state, ignored = {}, []
+    for key, value in raw.items():
+        rest = key[len(prefix):] if key.startswith(prefix) else key
+        if rest.startswith(("projection_head.", "prototypes.")):
+            state[rest] = value
+        elif key.startswith(prefix) and not rest.startswith(("head.", "fc_norm.")):
+            state[f"backbone.{rest}"] = value
+        else:
+            ignored.append(key)
+    return state, ignored
+
+
+def infer_config(state: dict[str, torch.Tensor], arch: str | None, source: str) -> LeopartConfig:
+    """Architecture and head sizes from the shapes of converted weights."""
+    pos, patch = state.get("backbone.pos_embed"), state.get("backbone.patch_embed.proj.weight")
+    if pos is None or patch is None:
+        raise LeopartError(f"{source} lacks pos_embed / patch_embed weights: not a ViT checkpoint")
+    if arch is None:
+        depth = len({k.split(".")[2] for k in state if k.startswith("backbone.blocks.")})
+        size = VIT_SIZES.get((pos.shape[-1], depth))
+        if size is None:
+            raise LeopartError(f"cannot tell the ViT size of {source} (dim {pos.shape[-1]}, depth {depth}): "
+                               f"pass arch= (CLI: --arch) with a timm model name")
+        arch = f"vit_{size}_patch{patch.shape[-1]}_224"
+    config = LeopartConfig(arch=arch, img_size=_pos_embed_size(state, arch))
+    linears = sorted((k for k in state if k.startswith("projection_head.") and k.endswith(".weight")),
+                     key=lambda k: int(k.split(".")[1]))
+    if linears:
+        config.proj_layers = len(linears)
+        config.proj_dim = state[linears[-1]].shape[0]
+        config.proj_hidden_dim = state[linears[0]].shape[0] if len(linears) > 1 else config.proj_hidden_dim
+    if "prototypes.weight" in state:
+        config.num_prototypes = state["prototypes.weight"].shape[0]
+    return config
+
+
+def convert_checkpoint(path: str | os.PathLike, arch: str | None = None, trust_pickle: bool = False) -> LeopartViT:
+    """Build a LeopartViT from an original-format checkpoint file."""
+    path = Path(path)
+    raw = read_checkpoint(path, trust_pickle=trust_pickle)
+    state, ignored = convert_state_dict(raw, str(path))
+    if ignored:
+        shown = ", ".join(ignored[:6]) + (f" and {len(ignored) - 6} more" if len(ignored) > 6 else "")
+        warnings.warn(f"ignored keys in {path}: {shown}", stacklevel=2)
+    config = infer_config(state, arch, str(path))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LeopartViT(config)
+    missing = model.load_weights(state, source=str(path), strict=False)
+    if missing:
+        warnings.warn(f"{path} has no {', '.join(sorted({k.split('.')[0] for k in missing}))} weights: "
+                      f"those start from a seeded random init", stacklevel=2)
+    return model

@@ -1,0 +1,146 @@
+"""Folder format shared by everything leopart saves (models, segmenters, probe heads).
+
+A saved object is a folder with ``config.json`` + ``model.safetensors`` (+ a ``README.md`` card), the
+layout of huggingface_hub's ``PyTorchModelHubMixin``, so any of them can live in a Hub repo. Files appear
+atomically: they are written under a temporary name and renamed, so an interrupted save never leaves a
+half-written file that a later load would trust.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import LeopartError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
+
+# "org/repo" or "org/repo@revision" (Hub naming rules, loosely: the Hub itself validates the rest).
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None):
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LeopartError(f"cannot read weights from {path}: the file is corrupt or truncated ({e})") from None
+
+
+def save_folder(folder: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor], card: str) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # Weights first, config last: a folder with a config.json is a complete one.
+    save_tensors(folder / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+    write_text(folder / CARD_NAME, card)
+    write_json(folder / CONFIG_NAME, config)
+    return folder
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise LeopartError(f"cannot read {path}: {e}") from None
+
+
+def load_folder(folder: str | os.PathLike, kind: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read (config, tensors) from a folder written by save_folder, checking it holds a ``kind``."""
+    folder = Path(folder)
+    if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
+        raise LeopartError(f"{folder} is not a saved leopart {kind}: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+    config = read_config(folder / CONFIG_NAME)
+    if config.get("leopart_kind", kind) != kind:
+        raise LeopartError(f"{folder} holds a leopart {config['leopart_kind']}, not a {kind}")
+    return config, load_tensors(folder / WEIGHTS_NAME)
+
+
+def download_from_hub(name: str, filenames: list[str]) -> Path:
+    """Fetch ``filenames`` of Hub repo ``name`` ("org/repo[@revision]") into the HF cache; return the folder.
+
+    Works offline (HF_HUB_OFFLINE=1 or no network) from the cache, and fails with one line otherwise.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    repo_id, _, revision = name.partition("@")
+    folder = None
+    for filename in filenames:
+        try:
+            path = hf_hub_download(repo_id, filename, revision=revision or None)
+        except LocalEntryNotFoundError:
+            raise LeopartError(
+                f"'{name}' is not in the Hugging Face cache and the Hub cannot be reached (offline?): "
+                f"run once with network access, or `huggingface-cli download {repo_id}`"
+            ) from None
+        except GatedRepoError:
+            raise LeopartError(f"'{repo_id}' is gated on the Hub: log in with `huggingface-cli login`") from None
+        except RepositoryNotFoundError:
+            raise LeopartError(f"no Hub repository '{repo_id}' (or it is private: log in first)") from None
+        except RevisionNotFoundError:
+            raise LeopartError(f"Hub repository '{repo_id}' has no revision '{revision}'") from None
+        except EntryNotFoundError:
+            raise LeopartError(f"Hub repository '{name}' has no file {filename}") from None
+        except HFValidationError as e:
+            raise LeopartError(f"'{name}' is not a valid Hub repository id: {e}") from None
+        folder = Path(path).parent
+    return folder
+
+
+def push_folder(save: Callable[[Path], object], repo_id: str, *, private: bool | None = None,
+                token: str | None = None, commit_message: str = "Upload with leopart") -> str:
+    """Save into a temporary folder with ``save(folder)`` and upload it as one commit; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        save(Path(tmp))
+        info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
+    return getattr(info, "commit_url", str(info))

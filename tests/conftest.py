@@ -1,0 +1,67 @@
+"""Test environment: no network, private caches, Triton's CPU interpreter.
+
+The variables are set before anything imports huggingface_hub or triton, which read them at import.
+"""
+import os
+import tempfile
+from pathlib import Path
+
+_CACHE = Path(tempfile.mkdtemp(prefix="leopart-test-cache-"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = str(_CACHE / "hf")
+os.environ["HF_HUB_CACHE"] = str(_CACHE / "hf" / "hub")
+os.environ["LEOPART_CACHE"] = str(_CACHE / "leopart")
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import leopart  # noqa: E402
+
+TINY_ARCH = "test_vit"  # timm's 64-dim, 6-block test ViT: fast enough for CPU tests
+
+
+def hf_cache_dir() -> Path:
+    return Path(os.environ["HF_HUB_CACHE"])
+
+
+def populate_hf_cache(repo_id: str, files: dict[str, bytes], revision: str = "main",
+                      commit: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
+    """Lay files out as huggingface_hub's cache does after a download (snapshot + ref)."""
+    repo = hf_cache_dir() / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (snapshot / name).write_bytes(content)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+    return snapshot
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> leopart.LeopartViT:
+    torch.manual_seed(0)
+    return leopart.LeopartViT(leopart.LeopartConfig(arch=TINY_ARCH, img_size=64, num_prototypes=10,
+                                                    proj_hidden_dim=32, proj_dim=16)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_model, tmp_path_factory) -> Path:
+    return tiny_model.save_pretrained(tmp_path_factory.mktemp("models") / "tiny")
+
+
+def random_image(h=40, w=56, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+@pytest.fixture()
+def image_dir(tmp_path) -> Path:
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(random_image(seed=i)).save(folder / f"img{i}.png")
+    Image.fromarray(random_image(seed=9)).save(folder / "sub" / "deep.jpg")
+    return folder

@@ -1,0 +1,206 @@
+"""leopart.embed on every input type and every bad input, and the embed / info CLI."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import timm
+import torch
+from click.testing import CliRunner
+from conftest import random_image
+from PIL import Image
+from safetensors import safe_open
+
+import leopart
+from leopart.cli import main
+from leopart.data import IMAGENET_MEAN, IMAGENET_STD
+from leopart.errors import LeopartError
+
+
+def reference_tokens(model, pil: Image.Image, size: int) -> torch.Tensor:
+    """timm's forward_features on an independently preprocessed image (PIL bicubic, ImageNet stats)."""
+    x = np.asarray(pil.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
+    x = (x - np.array(IMAGENET_MEAN, dtype=np.float32)) / np.array(IMAGENET_STD, dtype=np.float32)
+    x = torch.from_numpy(x).permute(2, 0, 1)[None]
+    ref = timm.create_model(model.config.arch, num_classes=0, img_size=size)
+    ref.load_state_dict({k[9:]: v for k, v in model.state_dict().items() if k.startswith("backbone.")})
+    with torch.no_grad():
+        t = ref.eval().forward_features(x)[0, 1:]
+    return t.reshape(size // 16, size // 16, -1)
+
+
+def test_embed_equals_timm(tiny_model):
+    img = Image.fromarray(random_image(70, 90))
+    feats = leopart.embed(img, model=tiny_model, resolution=64)
+    assert feats.shape == (1, 4, 4, 64) and feats.dtype == torch.float32
+    torch.testing.assert_close(feats[0], reference_tokens(tiny_model, img, 64), atol=1e-4, rtol=0)
+
+
+def test_every_input_type_gives_the_same_features(tiny_model, tmp_path):
+    arr = random_image(48, 64)
+    path = tmp_path / "a.png"
+    Image.fromarray(arr).save(path)
+    inputs = {
+        "path": path,
+        "str": str(path),
+        "pil": Image.fromarray(arr),
+        "numpy": arr,
+        "tensor_uint8": torch.from_numpy(arr).permute(2, 0, 1),
+        "tensor_float": torch.from_numpy(arr).permute(2, 0, 1).float() / 255,
+        "numpy_uint16": arr.astype(np.uint16) * 257,
+    }
+    expected = leopart.embed(path, model=tiny_model, resolution=64)
+    for name, item in inputs.items():
+        torch.testing.assert_close(leopart.embed(item, model=tiny_model, resolution=64), expected,
+                                   atol=1e-5, rtol=0, msg=name)
+    batch = leopart.embed([path, arr, iter([Image.fromarray(arr)])], model=tiny_model, resolution=64, batch_size=2)
+    assert batch.shape == (3, 4, 4, 64)
+    torch.testing.assert_close(batch, expected.expand(3, -1, -1, -1), atol=1e-5, rtol=0)
+    gen = leopart.embed((a for a in [arr, arr]), model=tiny_model, resolution=64)
+    assert gen.shape == (2, 4, 4, 64)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK", "I;16", "I", "1"])
+def test_image_modes_become_rgb(tiny_model, tmp_path, mode):
+    rgb = Image.fromarray(random_image(32, 32))
+    if mode == "I;16":
+        img = Image.fromarray((np.asarray(rgb.convert("L")).astype(np.uint16) * 257))
+    else:
+        img = rgb.convert(mode)
+    path = tmp_path / ("img.tif" if mode in ("CMYK", "I") else "img.png")
+    img.save(path)
+    feats = leopart.embed(path, model=tiny_model, resolution=32)
+    assert feats.shape == (1, 2, 2, 64) and torch.isfinite(feats).all()
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tiny_model, tmp_path):
+    gray = np.random.default_rng(0).integers(0, 256, size=(32, 32), dtype=np.uint8)
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "g16.png")
+    Image.fromarray(gray).save(tmp_path / "g8.png")
+    a = leopart.embed(tmp_path / "g16.png", model=tiny_model, resolution=32)
+    b = leopart.embed(tmp_path / "g8.png", model=tiny_model, resolution=32)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_folder_is_recursive_and_sorted(tiny_model, image_dir):
+    feats = leopart.embed(image_dir, model=tiny_model, resolution=32)
+    assert feats.shape == (4, 2, 2, 64)
+    last = leopart.embed(image_dir / "sub" / "deep.jpg", model=tiny_model, resolution=32)
+    torch.testing.assert_close(feats[3], last[0])
+
+
+def test_native_resolution_returns_a_list(tiny_model):
+    imgs = [random_image(40, 70), random_image(33, 33)]
+    feats = leopart.embed(imgs, model=tiny_model, resolution=None)
+    assert [tuple(f.shape) for f in feats] == [(2, 4, 64), (2, 2, 64)]
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "truncated", "text", "tiny", "empty_dir", "model",
+                                  "resolution", "array_shape"])
+def test_bad_inputs_raise_one_line(tiny_model, tmp_path, case):
+    good = tmp_path / "good.png"
+    Image.fromarray(random_image(64, 64)).save(good)
+    model, item, resolution = tiny_model, None, 64
+    if case == "missing":
+        item, match = tmp_path / "nope.jpg", "no such file"
+    elif case == "corrupt":
+        item = tmp_path / "corrupt.png"
+        item.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 50)
+        match = "cannot read image"
+    elif case == "truncated":
+        item = tmp_path / "trunc.jpg"
+        Image.fromarray(random_image(64, 64)).save(item)
+        item.write_bytes(item.read_bytes()[:200])
+        match = "cannot read image"
+    elif case == "text":
+        item = tmp_path / "notes.jpg"
+        item.write_text("this is not an image")
+        match = "cannot read image"
+    elif case == "tiny":
+        item = tmp_path / "one.png"
+        Image.new("RGB", (1, 1)).save(item)
+        match = "1x1 pixels"
+    elif case == "empty_dir":
+        item = tmp_path / "empty"
+        item.mkdir()
+        match = "no images found"
+    elif case == "model":
+        item, model, match = good, "no-such-model", "unknown model"
+    elif case == "resolution":
+        item, resolution, match = good, 50, "multiple of the patch size"
+    else:
+        item, match = np.zeros((4, 4, 7), dtype=np.uint8), "expected an HxW"
+    with pytest.raises(LeopartError, match=match) as e:
+        leopart.embed([good, item], model=model, resolution=resolution)
+    assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------ CLI
+@pytest.mark.parametrize("suffix", [".safetensors", ".npy"])
+def test_cli_embed_writes_features(tiny_model, tiny_model_dir, image_dir, tmp_path, suffix):
+    out = tmp_path / f"feats{suffix}"
+    r = CliRunner().invoke(main, ["embed", str(image_dir), "--model", str(tiny_model_dir), "--resolution", "32",
+                                  "--output", str(out)])
+    assert r.exit_code == 0, r.output
+    expected = leopart.embed(image_dir, model=tiny_model, resolution=32)
+    if suffix == ".npy":
+        got = torch.from_numpy(np.load(out))
+    else:
+        with safe_open(str(out), "pt") as f:
+            got = f.get_tensor("features")
+            assert "deep.jpg" in f.metadata()["names"]
+    torch.testing.assert_close(got, expected)
+
+
+def test_cli_embed_native_safetensors(tiny_model_dir, image_dir, tmp_path):
+    out = tmp_path / "f.safetensors"
+    r = CliRunner().invoke(main, ["embed", str(image_dir), "--model", str(tiny_model_dir),
+                                  "--resolution", "native", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    with safe_open(str(out), "pt") as f:
+        assert sorted(f.keys()) == [f"features.{i}" for i in range(4)]
+        assert f.get_tensor("features.0").shape == (2, 3, 64)  # 40x56 -> 32x48 pixels
+
+
+@pytest.mark.parametrize("case", ["missing", "text", "tiny", "empty", "model", "suffix", "npy_native"])
+def test_cli_bad_input_one_line_no_file(tiny_model_dir, tmp_path, case):
+    good = tmp_path / "good.png"
+    Image.fromarray(random_image(64, 64)).save(good)
+    out = tmp_path / "out.safetensors"
+    args = ["embed", str(good), "--model", str(tiny_model_dir), "--resolution", "32", "--output", str(out)]
+    if case == "missing":
+        args[1] = str(tmp_path / "nope.jpg")
+    elif case == "text":
+        (tmp_path / "t.jpg").write_text("hello")
+        args.insert(2, str(tmp_path / "t.jpg"))
+    elif case == "tiny":
+        Image.new("RGB", (1, 1)).save(tmp_path / "one.png")
+        args.insert(2, str(tmp_path / "one.png"))
+    elif case == "empty":
+        (tmp_path / "empty").mkdir()
+        args[1] = str(tmp_path / "empty")
+    elif case == "model":
+        args[3] = "no-such-model"
+    elif case == "suffix":
+        out = tmp_path / "out.txt"
+        args[-1] = str(out)
+    else:
+        out = tmp_path / "out.npy"
+        args[-3:] = ["native", "--output", str(out)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.output
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary file left behind"
+
+
+def test_console_script_one_line_error_without_traceback(tmp_path):
+    """The real entry point, as a user runs it: a text file named .jpg."""
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not an image")
+    r = subprocess.run([sys.executable, "-m", "leopart", "info", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = subprocess.run([sys.executable, "-m", "leopart", "embed", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--resolution" in r.stdout

@@ -1,0 +1,307 @@
+"""LeopartViT against timm, save/load/push, original-checkpoint conversion and Hub resolution (offline)."""
+import io
+import json
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from conftest import TINY_ARCH, populate_hf_cache
+from safetensors.torch import save as save_safetensors
+
+import leopart
+from leopart import hub
+from leopart.errors import LeopartError
+from leopart.model import LeopartConfig, LeopartViT
+
+
+def timm_twin(model: LeopartViT, **kwargs) -> torch.nn.Module:
+    """A plain timm model holding the same backbone weights."""
+    ref = timm.create_model(model.config.arch, num_classes=0, img_size=model.config.img_size, **kwargs)
+    ref.load_state_dict({k[len("backbone."):]: v for k, v in model.state_dict().items() if k.startswith("backbone.")})
+    return ref.eval()
+
+
+def test_patch_tokens_equal_timm(tiny_model):
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours = tiny_model.patch_tokens(x)
+        ref = timm_twin(tiny_model).forward_features(x)[:, 1:].reshape(2, 4, 4, -1)
+    assert ours.shape == (2, 4, 4, 64)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_any_multiple_of_patch_size_matches_timm_dynamic(tiny_model):
+    x = torch.randn(1, 3, 48, 80)
+    with torch.no_grad():
+        out = tiny_model(x, attention=True)
+        ref = timm_twin(tiny_model, dynamic_img_size=True).forward_features(x)[:, 1:].reshape(1, 3, 5, -1)
+    torch.testing.assert_close(out.patch_tokens, ref, atol=1e-5, rtol=0)
+    assert out.embeddings.shape == (1, 3, 5, 16) and out.scores.shape == (1, 3, 5, 10)
+    torch.testing.assert_close(out.embeddings.norm(dim=-1), torch.ones(1, 3, 5))
+    assert out.scores.abs().max() <= 1 + 1e-5  # cosine similarities
+    assert out.attention.shape == (1, tiny_model.num_heads, 3, 5)
+
+
+def test_attention_matches_explicit_softmax(tiny_model):
+    """The CLS row of the last block's attention, recomputed independently with timm's unfused path."""
+    x = torch.randn(1, 3, 64, 64)
+    ref = timm_twin(tiny_model)
+    captured = {}
+    last = ref.blocks[-1].attn
+    last.fused_attn = False
+    last.attn_drop.register_forward_hook(lambda m, i, o: captured.setdefault("attn", i[0]))
+    with torch.no_grad():
+        ref.forward_features(x)
+        ours = tiny_model.last_attention(x)
+    expected = captured["attn"][:, :, 0, 1:].reshape(1, -1, 4, 4)
+    torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_bad_input_shapes(tiny_model):
+    with pytest.raises(LeopartError, match="multiple of the patch size"):
+        tiny_model(torch.randn(1, 3, 50, 64))
+    with pytest.raises(LeopartError, match="expected images"):
+        tiny_model(torch.randn(3, 64, 64))
+
+
+def test_unknown_arch():
+    with pytest.raises(LeopartError, match="cannot build backbone"):
+        LeopartViT(LeopartConfig(arch="vit_does_not_exist"))
+    with pytest.raises(LeopartError, match="resnet18"):
+        LeopartViT(LeopartConfig(arch="resnet18"))
+
+
+def test_save_load_round_trip(tiny_model, tmp_path):
+    folder = tiny_model.save_pretrained(tmp_path / "m")
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["arch"] == TINY_ARCH and config["num_prototypes"] == 10
+    assert "library_name: leopart" in (folder / "README.md").read_text()
+    loaded = leopart.from_pretrained(folder)
+    assert not loaded.training
+    for k, v in tiny_model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).scores, tiny_model(x).scores, atol=0, rtol=0)
+    assert not list(folder.glob(".*.tmp")), "temporary files left behind"
+
+
+def test_push_to_hub_uploads_a_saved_folder(tiny_model, monkeypatch):
+    calls = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls["token"] = token
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            calls["create"] = (repo_id, private, exist_ok)
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            from pathlib import Path
+
+            calls["files"] = sorted(p.name for p in Path(folder_path).iterdir())
+            calls["config"] = json.loads((Path(folder_path) / "config.json").read_text())
+            return type("Info", (), {"commit_url": f"https://hub/{repo_id}/commit/1"})()
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    url = tiny_model.push_to_hub("me/tiny", private=True, token="t")
+    assert url == "https://hub/me/tiny/commit/1"
+    assert calls["create"] == ("me/tiny", True, True) and calls["token"] == "t"
+    assert calls["files"] == ["README.md", "config.json", "model.safetensors"]
+    assert calls["config"]["arch"] == TINY_ARCH
+
+
+# ---------------------------------------------------------------- conversion
+def original_state_dict(seed=0, arch="vit_tiny_patch16_224", prototypes=30):
+    """What the original release looks like: a 'model.'-prefixed student, heads, and a teacher copy."""
+    torch.manual_seed(seed)
+    vit = timm.create_model(arch, num_classes=0)
+    sd = {f"model.{k}": v.clone() for k, v in vit.state_dict().items()}
+    dims = [(vit.embed_dim, 64), (64, 64), (64, 32)]
+    for i, (a, b) in zip((0, 2, 4), dims):
+        sd[f"model.projection_head.{i}.weight"] = torch.randn(b, a)
+        sd[f"model.projection_head.{i}.bias"] = torch.randn(b)
+    sd["model.prototypes.weight"] = F.normalize(torch.randn(prototypes, 32), dim=1)
+    sd["teacher.blocks.0.attn.qkv.weight"] = torch.randn(3 * vit.embed_dim, vit.embed_dim)
+    return sd, vit
+
+
+def check_converted(model: LeopartViT, sd: dict, vit: torch.nn.Module):
+    assert model.config.arch == "vit_tiny_patch16_224"
+    assert (model.config.num_prototypes, model.config.proj_dim, model.config.proj_hidden_dim) == (30, 32, 64)
+    assert torch.equal(model.prototypes.weight, sd["model.prototypes.weight"])
+    assert torch.equal(model.projection_head[2].weight, sd["model.projection_head.2.weight"])
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model.patch_tokens(x).reshape(1, 196, -1),
+                                   vit.eval().forward_features(x)[:, 1:], atol=1e-5, rtol=0)
+
+
+def test_convert_original_checkpoint(tmp_path):
+    sd, vit = original_state_dict()
+    path = tmp_path / "leopart_vitt16.ckpt"
+    torch.save(sd, path)
+    with pytest.warns(UserWarning, match="teacher.blocks.0.attn.qkv.weight"):
+        model = leopart.from_pretrained(path)
+    check_converted(model, sd, vit)
+
+
+def test_convert_lightning_and_safetensors(tmp_path):
+    sd, vit = original_state_dict(seed=1)
+    lightning = tmp_path / "epoch=3.ckpt"
+    torch.save({"state_dict": sd, "epoch": 3, "hyper_parameters": {"lr": 1e-4}}, lightning)
+    with pytest.warns(UserWarning):
+        check_converted(hub.convert_checkpoint(lightning), sd, vit)
+    st = tmp_path / "weights.safetensors"
+    st.write_bytes(save_safetensors({k: v.contiguous() for k, v in sd.items()}))
+    with pytest.warns(UserWarning):
+        check_converted(leopart.from_pretrained(st), sd, vit)
+
+
+def test_convert_cli_then_info(tmp_path):
+    from click.testing import CliRunner
+
+    from leopart.cli import main
+
+    sd, vit = original_state_dict(seed=2)
+    torch.save(sd, tmp_path / "orig.pth")
+    runner = CliRunner()
+    r = runner.invoke(main, ["convert", str(tmp_path / "orig.pth"), str(tmp_path / "conv")])
+    assert r.exit_code == 0, r.output
+    check_converted(leopart.from_pretrained(tmp_path / "conv"), sd, vit)
+    r = runner.invoke(main, ["info", str(tmp_path / "conv")])
+    assert r.exit_code == 0 and "vit_tiny_patch16_224" in r.output and "prototypes" in r.output
+
+
+def test_wrong_architecture_names_the_keys(tmp_path):
+    sd, _ = original_state_dict()
+    path = tmp_path / "tiny.pth"
+    torch.save(sd, path)
+    with pytest.raises(LeopartError, match=r"shape mismatch: backbone\.cls_token"), pytest.warns(UserWarning):
+        hub.convert_checkpoint(path, arch="vit_small_patch16_224")
+    del sd["model.blocks.3.mlp.fc1.weight"]
+    torch.save(sd, path)
+    with pytest.raises(LeopartError, match=r"missing keys: backbone\.blocks\.3\.mlp\.fc1\.weight"), \
+            pytest.warns(UserWarning):
+        hub.convert_checkpoint(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", "truncated"])
+def test_corrupt_checkpoints(tmp_path, content):
+    path = tmp_path / "bad.ckpt"
+    if content == "truncated":
+        buf = io.BytesIO()
+        torch.save(original_state_dict()[0], buf)
+        content = buf.getvalue()[: len(buf.getvalue()) // 2]
+    path.write_bytes(content)
+    with pytest.raises(LeopartError, match="corrupt or truncated"):
+        leopart.from_pretrained(path)
+    bad_st = tmp_path / "bad.safetensors"
+    bad_st.write_bytes(content or b"x")
+    with pytest.raises(LeopartError, match="corrupt or truncated"):
+        leopart.from_pretrained(bad_st)
+
+
+def test_not_a_vit_checkpoint(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"conv.weight": torch.zeros(3)}, path)
+    with pytest.raises(LeopartError, match="no ViT weights"):
+        leopart.from_pretrained(path)
+
+
+def test_pickled_objects_need_trust(tmp_path):
+    sd, vit = original_state_dict()
+    path = tmp_path / "pickled.ckpt"
+    torch.save({"state_dict": sd, "hyper_parameters": argparse_namespace()}, path)
+    with pytest.raises(LeopartError, match="trust_pickle=True"):
+        leopart.from_pretrained(path)
+    with pytest.warns(UserWarning):
+        check_converted(leopart.from_pretrained(path, trust_pickle=True), sd, vit)
+
+
+def argparse_namespace():
+    import argparse
+
+    return argparse.Namespace(lr=0.1)
+
+
+# ----------------------------------------------------------------- resolution
+def test_hub_repo_from_cache_offline(tiny_model, tmp_path):
+    folder = tiny_model.save_pretrained(tmp_path / "m")
+    files = {n: (folder / n).read_bytes() for n in ("config.json", "model.safetensors")}
+    populate_hf_cache("someone/tiny-leopart", files)
+    populate_hf_cache("someone/tiny-leopart", files, revision="v1",
+                      commit="fedcba9876543210fedcba9876543210fedcba98")
+    for name in ("someone/tiny-leopart", "someone/tiny-leopart@v1"):
+        loaded = leopart.from_pretrained(name)
+        assert torch.equal(loaded.prototypes.weight, tiny_model.prototypes.weight)
+
+
+def test_timm_repo_and_dino_alias(monkeypatch):
+    """A timm-format Hub repo gives the backbone; heads start from a seeded init, identical each time."""
+    torch.manual_seed(3)
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0)
+    config = json.dumps({"architecture": "vit_tiny_patch16_224", "num_classes": 0}).encode()
+    weights = save_safetensors({k: v.contiguous() for k, v in vit.state_dict().items()})
+    populate_hf_cache("timm/vit_tiny_patch16_224.fake_dino", {"config.json": config, "model.safetensors": weights})
+    monkeypatch.setitem(hub.DINO, "dino-vitt16", "timm/vit_tiny_patch16_224.fake_dino")
+    a = leopart.from_pretrained("dino-vitt16")
+    b = leopart.from_pretrained("timm/vit_tiny_patch16_224.fake_dino")
+    assert torch.equal(a.backbone.pos_embed, vit.pos_embed)
+    assert torch.equal(a.prototypes.weight, b.prototypes.weight)
+
+
+def test_offline_not_cached_is_one_line():
+    with pytest.raises(LeopartError, match="'nobody/nothing' is not in the Hugging Face cache") as e:
+        leopart.from_pretrained("nobody/nothing")
+    assert "\n" not in str(e.value)
+    with pytest.raises(LeopartError, match="model 'vits16' is not cached") as e:
+        leopart.from_pretrained("vits16")
+    assert "leopart convert leopart_vits16.ckpt" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_names():
+    with pytest.raises(LeopartError, match="unknown model 'no-such-model'"):
+        leopart.from_pretrained("no-such-model")
+    with pytest.raises(LeopartError, match="unknown model 'missing.ckpt'"):
+        leopart.from_pretrained("missing.ckpt")
+
+
+def test_release_alias_downloads_converts_and_caches(tmp_path, monkeypatch):
+    """The real download path, fed by a file:// URL: progress bar, conversion, cache, then no download."""
+    sd, vit = original_state_dict(seed=4)
+    src = tmp_path / "leopart_vitt16.ckpt"
+    torch.save(sd, src)
+    monkeypatch.setitem(hub.RELEASES, "vitt16", hub.Release(src.as_uri(), "leopart_vitt16.ckpt",
+                                                           "vit_tiny_patch16_224"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    with pytest.warns(UserWarning):
+        check_converted(leopart.from_pretrained("vitt16"), sd, vit)
+    cached = hub.cache_dir() / "vitt16"
+    assert (cached / "config.json").is_file()
+    assert not (hub.cache_dir() / "downloads" / "leopart_vitt16.ckpt").exists()
+    src.unlink()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    check_converted(leopart.from_pretrained("vitt16"), sd, vit)
+
+
+def test_release_alias_bad_download_leaves_cache_clean(tmp_path, monkeypatch):
+    src = tmp_path / "broken.ckpt"
+    src.write_bytes(b"\x00" * 1000)
+    monkeypatch.setitem(hub.RELEASES, "broken", hub.Release(src.as_uri(), "broken.ckpt", "vit_tiny_patch16_224"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    with pytest.raises(LeopartError, match="corrupt or truncated"):
+        leopart.from_pretrained("broken")
+    assert not (hub.cache_dir() / "broken").exists()
+    assert not list(hub.cache_dir().glob(".broken*"))
+    monkeypatch.setitem(hub.RELEASES, "gone", hub.Release((tmp_path / "nope.ckpt").as_uri(), "gone.ckpt",
+                                                         "vit_tiny_patch16_224"))
+    with pytest.raises(LeopartError, match="cannot download"):
+        leopart.from_pretrained("gone")
+    assert not list((hub.cache_dir() / "downloads").iterdir())
