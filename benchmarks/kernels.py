@@ -1,0 +1,103 @@
+"""Leopart's kernels vs their torch references (eager and torch.compile), measured in the same run.
+
+    python -m benchmarks.kernels [--device cuda] [--skip-compile] [--quick]
+
+On CPU only the torch paths run (Triton needs a GPU), so the CPU table is the baseline side; on a GPU
+every row compares our Triton kernel with torch eager and torch.compile of the same reference.
+Bandwidth for Sinkhorn counts the minimum traffic of the algorithm: (1 + n_iters) reads of the N x K
+scores and one fp32 write; FLOP/s for the similarity kernels count 2*N*K*D.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks.common import timeit, write_results
+from leopart.kernels import nearest_prototype, patch_prototype_similarity, sinkhorn
+from leopart.kernels.similarity import nearest_torch, similarity_torch
+from leopart.kernels.sinkhorn import sinkhorn_torch
+
+
+def peak_extra_mib(fn, device: str, baseline_bytes: int) -> float | str:
+    if not device.startswith("cuda"):
+        return "-"
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - baseline_bytes) / 2**20
+
+
+def bench(name, size, impls, device, work, unit):
+    """impls: {label: fn}; the first label is the baseline (torch eager)."""
+    base = torch.cuda.memory_allocated() if device.startswith("cuda") else 0
+    rows, t_base = [], None
+    for label, fn in impls.items():
+        try:
+            t = timeit(fn, device, warmup=1, repeat=3 if work < 5e11 else 1)
+        except Exception as e:  # noqa: BLE001 - e.g. torch.compile unavailable: record, don't abort
+            rows.append({"kernel": name, "size": size, "impl": label, "ms": f"failed: {type(e).__name__}"})
+            continue
+        t_base = t_base or t
+        rows.append({"kernel": name, "size": size, "impl": label, "ms": t * 1e3,
+                     "speedup vs eager": t_base / t, unit: work / t / 1e9 if unit == "GB/s" else work / t / 1e12,
+                     "peak extra MiB": peak_extra_mib(fn, device, base)})
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--skip-compile", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="skip the million-row sizes")
+    args = ap.parse_args()
+    dev = args.device
+    gpu = dev.startswith("cuda")
+    compiled_sinkhorn = torch.compile(sinkhorn_torch) if not args.skip_compile else None
+    compiled_nearest = torch.compile(nearest_torch) if not args.skip_compile else None
+    rows = []
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    sinkhorn_sizes = [("train ViT-S/16", 32 * 2 * 196, 300), ("train + queue 8192", 32 * 2 * 196 + 8192, 300),
+                      ("train ViT-B/8", 16 * 2 * 784, 300)]
+    if gpu and not args.quick:
+        sinkhorn_sizes.append(("bandwidth N=1M K=3000", 1_000_000, 3000))
+    for label, n, k in sinkhorn_sizes:
+        scores = torch.rand(n, k, device=dev, generator=g) * 2 - 1
+        impls = {"torch eager": lambda: sinkhorn_torch(scores)}
+        if compiled_sinkhorn is not None:
+            impls["torch.compile"] = lambda: compiled_sinkhorn(scores)
+        if gpu:
+            impls["leopart triton"] = lambda: sinkhorn(scores, backend="triton")
+        rows += bench("sinkhorn", f"{label}: {n}x{k}", impls, dev, (1 + 3 + 1) * n * k * 4, "GB/s")
+        del scores
+
+    sim_sizes = [("train ViT-S/16", 32 * 2 * 196, 300, 256)]
+    for label, n, k, d in sim_sizes:
+        x, p = torch.randn(n, d, device=dev, generator=g), torch.randn(k, d, device=dev, generator=g)
+        impls = {"torch eager": lambda: similarity_torch(x, p, temperature=0.1)}
+        if gpu:
+            impls["leopart triton"] = lambda: patch_prototype_similarity(x, p, temperature=0.1, backend="triton")
+        rows += bench("similarity+softmax", f"{label}: {n}x{k}x{d}", impls, dev, 2 * n * k * d, "TFLOP/s")
+
+    nearest_sizes = [("segment 448px batch", 32 * 784, 500, 384)]
+    if not args.quick:
+        nearest_sizes.append(("k-means", 1_100_000, 500, 384))
+    for label, n, k, d in nearest_sizes:
+        x, p = torch.randn(n, d, device=dev, generator=g), torch.randn(k, d, device=dev, generator=g)
+        impls = {"torch eager (matmul+argmax)": lambda: nearest_torch(x, p, chunk=n)}
+        if compiled_nearest is not None:
+            impls["torch.compile"] = lambda: compiled_nearest(x, p, chunk=n)
+        if gpu:
+            impls["leopart triton"] = lambda: nearest_prototype(x, p, backend="triton")
+        rows += bench("nearest_prototype", f"{label}: {n}x{k}x{d}", impls, dev, 2 * n * k * d, "TFLOP/s")
+        del x, p
+
+    write_results(f"kernels_{dev.split(':')[0]}", dev, rows,
+                  ["kernel", "size", "impl", "ms", "speedup vs eager", "GB/s", "TFLOP/s", "peak extra MiB"],
+                  note="Sinkhorn eps=0.05, 3 iterations. On CPU only the torch paths exist; Triton rows need a GPU.")
+
+
+if __name__ == "__main__":
+    main()

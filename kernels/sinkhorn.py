@@ -1,0 +1,260 @@
+"""Sinkhorn-Knopp with SwAV semantics, in torch and as a fused Triton kernel.
+
+SwAV's algorithm on scores S [N, K] (N samples, K prototypes):
+
+    Q = exp(S / eps)^T; Q /= Q.sum()
+    repeat n_iters: Q /= Q.sum(1) * K  (each prototype gets mass 1/K)
+                    Q /= Q.sum(0) * N  (each sample gets mass 1/N)
+    return (Q * N)^T                   (each row a distribution over prototypes)
+
+Both implementations here compute exactly that, but in the log domain with scaling vectors instead of
+rescaling the matrix: Q_nk = exp(S_nk/eps + a_k + b_n), where the prototype step sets
+a_k = -log K - logsumexp_n(S_nk/eps + b_n) and the sample step b_n = -log N - logsumexp_k(S_nk/eps + a_k).
+The total-mass normalisation is a constant that the first prototype step removes, so it is skipped.
+Every logsumexp is max-shifted, so scores/eps of 1e3 (and more) neither overflow nor underflow to all-zero
+rows, and bf16/fp16 inputs are accumulated in fp32.
+
+The Triton version reads the N x K matrix once per iteration: one pass per block of rows computes the new
+b for those rows (the sample step) and, in the same pass, the per-prototype partial logsumexps for the
+next a (the prototype step), which a tiny kernel combines. The last pass writes the output instead.
+Reads: 1 + n_iters passes over S, one write of the output; no N x K temporaries besides the output.
+With ``distributed=True`` the per-prototype partials and N are all-reduced, so every process gets the rows
+of single-process Sinkhorn on the concatenated batch.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from ..errors import LeopartError
+from .backend import interpreting, next_pow2, num_programs_cap, resolve
+
+
+def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 3, backend: str = "auto",
+             distributed: bool = False) -> torch.Tensor:
+    """SwAV Sinkhorn-Knopp: scores [N, K] -> float32 assignments [N, K], each row summing to 1."""
+    if scores.ndim != 2:
+        raise LeopartError(f"sinkhorn expects scores [N, K], got shape {tuple(scores.shape)}")
+    if n_iters < 1:
+        raise LeopartError("sinkhorn needs n_iters >= 1")
+    if epsilon <= 0:
+        raise LeopartError("sinkhorn needs epsilon > 0")
+    if distributed and not (dist.is_available() and dist.is_initialized()):
+        raise LeopartError("distributed=True needs an initialised torch.distributed process group")
+    if resolve(backend, scores) == "triton":
+        return sinkhorn_triton(scores, epsilon, n_iters, distributed)
+    return sinkhorn_torch(scores, epsilon, n_iters, distributed)
+
+
+# --------------------------------------------------------------------- torch
+def _global_count(n: int, device, distributed: bool) -> int:
+    if not distributed:
+        return n
+    t = torch.tensor([n], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+def _combine_across_processes(col_max: torch.Tensor, col_sum: torch.Tensor, distributed: bool) -> torch.Tensor:
+    """logsumexp per column from (max, sum of exp(v - max)) partials, all-reduced when distributed."""
+    if distributed:
+        global_max = col_max.clone()
+        dist.all_reduce(global_max, op=dist.ReduceOp.MAX)
+        safe = torch.where(torch.isfinite(global_max), global_max, torch.zeros_like(global_max))
+        col_sum = col_sum * torch.exp(col_max - safe)
+        dist.all_reduce(col_sum)
+        col_max = safe
+    return col_max + torch.log(col_sum)
+
+
+def sinkhorn_torch(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 3,
+                   distributed: bool = False) -> torch.Tensor:
+    """Plain-torch reference (and CPU path): log-domain SwAV Sinkhorn, fp32."""
+    x = scores.float() / epsilon
+    n_local, k = x.shape
+    n_total = _global_count(n_local, x.device, distributed)
+    b = torch.zeros(n_local, device=x.device)
+    for _ in range(n_iters):
+        v = x + b[:, None]
+        col_max = v.amax(dim=0) if n_local else torch.full((k,), -math.inf, device=x.device)
+        safe = torch.where(torch.isfinite(col_max), col_max, torch.zeros_like(col_max))
+        col_sum = torch.exp(v - safe).sum(dim=0)
+        a = -math.log(k) - _combine_across_processes(safe, col_sum, distributed)
+        b = -math.log(n_total) - torch.logsumexp(x + a[None, :], dim=1)
+    return torch.exp(x + a[None, :] + b[:, None] + math.log(n_total))
+
+
+# -------------------------------------------------------------------- triton
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs (macOS): the torch path serves everything
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _merge(m, s, m2, s2):
+        # Merge two (max, sum of exp(v - max)) pairs; -inf maxima (no data yet) are handled.
+        m_new = tl.maximum(m, m2)
+        safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        return m_new, s * tl.exp(m - safe) + s2 * tl.exp(m2 - safe)
+
+    @triton.jit
+    def _row_pass(x_ptr, stride_n, stride_k, a_ptr, b_ptr, out_ptr, pm_ptr, ps_ptr,
+                 N, K, inv_eps, log_n,
+                 UPDATE_B: tl.constexpr, WRITE_OUT: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_TILE: tl.constexpr):
+        """For each block of rows: [sample step] b = -log N - lse_k(x + a); then either write the
+        output exp(x + a + b + log N), or fold lse_n(x + b) into this program's per-column partials."""
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        for row0 in range(pid * BLOCK_N, N, nprog * BLOCK_N):
+            rows = row0 + offs_n
+            rmask = rows < N
+            if SINGLE_TILE:
+                # The whole row fits in one tile: load it once for both steps.
+                cmask = offs_k < K
+                mask = rmask[:, None] & cmask[None, :]
+                x = tl.load(x_ptr + rows[:, None] * stride_n + offs_k[None, :] * stride_k, mask=mask, other=0.0)
+                x = tl.where(mask, x.to(tl.float32) * inv_eps, -float("inf"))
+                a = tl.load(a_ptr + offs_k, mask=cmask, other=0.0)
+                if UPDATE_B:
+                    t = x + a[None, :]
+                    m = tl.max(t, axis=1)
+                    m_safe = tl.where(m == -float("inf"), 0.0, m)
+                    # A non-empty max-shifted sum is >= 1: the clamp only touches masked (empty) lanes.
+                    lse = m_safe + tl.log(tl.maximum(tl.sum(tl.exp(t - m_safe[:, None]), axis=1), 1.0))
+                    b = -log_n - lse
+                    tl.store(b_ptr + rows, b, mask=rmask)
+                else:
+                    b = tl.load(b_ptr + rows, mask=rmask, other=0.0)
+                if WRITE_OUT:
+                    out = tl.exp(x + a[None, :] + b[:, None] + log_n)
+                    tl.store(out_ptr + rows[:, None] * K + offs_k[None, :], out, mask=mask)
+                else:
+                    v = tl.where(mask, x + b[:, None], -float("inf"))
+                    cm = tl.max(v, axis=0)
+                    cm_safe = tl.where(cm == -float("inf"), 0.0, cm)
+                    cs = tl.sum(tl.exp(v - cm_safe[None, :]), axis=0)
+                    pm = tl.load(pm_ptr + pid * K + offs_k, mask=cmask, other=-float("inf"))
+                    ps = tl.load(ps_ptr + pid * K + offs_k, mask=cmask, other=0.0)
+                    pm, ps = _merge(pm, ps, cm, cs)
+                    tl.store(pm_ptr + pid * K + offs_k, pm, mask=cmask)
+                    tl.store(ps_ptr + pid * K + offs_k, ps, mask=cmask)
+            else:
+                if UPDATE_B:
+                    m = tl.full([BLOCK_N], -float("inf"), tl.float32)
+                    s = tl.zeros([BLOCK_N], tl.float32)
+                    for k0 in range(0, K, BLOCK_K):
+                        cols = k0 + offs_k
+                        cmask = cols < K
+                        mask = rmask[:, None] & cmask[None, :]
+                        x = tl.load(x_ptr + rows[:, None] * stride_n + cols[None, :] * stride_k, mask=mask, other=0.0)
+                        a = tl.load(a_ptr + cols, mask=cmask, other=0.0)
+                        t = tl.where(mask, x.to(tl.float32) * inv_eps + a[None, :], -float("inf"))
+                        tm = tl.max(t, axis=1)
+                        tm_safe = tl.where(tm == -float("inf"), 0.0, tm)
+                        m, s = _merge(m, s, tm, tl.sum(tl.exp(t - tm_safe[:, None]), axis=1))
+                    m_safe = tl.where(m == -float("inf"), 0.0, m)
+                    b = -log_n - (m_safe + tl.log(tl.maximum(s, 1.0)))
+                    tl.store(b_ptr + rows, b, mask=rmask)
+                else:
+                    b = tl.load(b_ptr + rows, mask=rmask, other=0.0)
+                for k0 in range(0, K, BLOCK_K):
+                    cols = k0 + offs_k
+                    cmask = cols < K
+                    mask = rmask[:, None] & cmask[None, :]
+                    x = tl.load(x_ptr + rows[:, None] * stride_n + cols[None, :] * stride_k, mask=mask, other=0.0)
+                    x = x.to(tl.float32) * inv_eps
+                    if WRITE_OUT:
+                        a = tl.load(a_ptr + cols, mask=cmask, other=0.0)
+                        out = tl.exp(x + a[None, :] + b[:, None] + log_n)
+                        tl.store(out_ptr + rows[:, None] * K + cols[None, :], out, mask=mask)
+                    else:
+                        v = tl.where(mask, x + b[:, None], -float("inf"))
+                        cm = tl.max(v, axis=0)
+                        cm_safe = tl.where(cm == -float("inf"), 0.0, cm)
+                        cs = tl.sum(tl.exp(v - cm_safe[None, :]), axis=0)
+                        pm = tl.load(pm_ptr + pid * K + cols, mask=cmask, other=-float("inf"))
+                        ps = tl.load(ps_ptr + pid * K + cols, mask=cmask, other=0.0)
+                        pm, ps = _merge(pm, ps, cm, cs)
+                        tl.store(pm_ptr + pid * K + cols, pm, mask=cmask)
+                        tl.store(ps_ptr + pid * K + cols, ps, mask=cmask)
+
+    @triton.jit
+    def _combine(pm_ptr, ps_ptr, out_m_ptr, out_s_ptr, a_ptr, P, K, log_k,
+                FINAL: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Reduce the [P, K] partials per column (and reset them for the next pass). FINAL: write
+        a = -log K - lse; otherwise write (max, sum) for an all-reduce across processes."""
+        cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        cmask = cols < K
+        m = tl.full([BLOCK_K], -float("inf"), tl.float32)
+        s = tl.zeros([BLOCK_K], tl.float32)
+        for p in range(0, P):
+            pm = tl.load(pm_ptr + p * K + cols, mask=cmask, other=-float("inf"))
+            ps = tl.load(ps_ptr + p * K + cols, mask=cmask, other=0.0)
+            m, s = _merge(m, s, pm, ps)
+            tl.store(pm_ptr + p * K + cols, tl.full([BLOCK_K], -float("inf"), tl.float32), mask=cmask)
+            tl.store(ps_ptr + p * K + cols, tl.zeros([BLOCK_K], tl.float32), mask=cmask)
+        m_safe = tl.where(m == -float("inf"), 0.0, m)
+        if FINAL:
+            tl.store(a_ptr + cols, -log_k - (m_safe + tl.log(tl.maximum(s, 1.0))), mask=cmask)
+        else:
+            tl.store(out_m_ptr + cols, m_safe, mask=cmask)
+            tl.store(out_s_ptr + cols, s, mask=cmask)
+
+
+
+def _block_sizes(k: int) -> tuple[int, int, bool]:
+    """Memory-bound kernel: tiles of ~8K elements; one tile per row block when K fits (read once)."""
+    if interpreting():
+        return 64, min(next_pow2(k), 1024), k <= 1024  # big tiles: fewer interpreted steps
+    block_k = next_pow2(k)
+    if block_k <= 1024:
+        return max(1, min(64, 8192 // block_k)), max(block_k, 16), True
+    return 16, 512, False
+
+
+def sinkhorn_triton(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 3,
+                    distributed: bool = False) -> torch.Tensor:
+    n, k = scores.shape
+    device = scores.device
+    n_total = _global_count(n, device, distributed)
+    block_n, block_k, single = _block_sizes(k)
+    programs = max(1, min(-(-n // block_n), num_programs_cap(device)))
+    a = torch.zeros(k, device=device, dtype=torch.float32)
+    b = torch.zeros(n, device=device, dtype=torch.float32)
+    pm = torch.full((programs, k), -math.inf, device=device, dtype=torch.float32)
+    ps = torch.zeros((programs, k), device=device, dtype=torch.float32)
+    col_m = torch.empty(k, device=device, dtype=torch.float32)
+    col_s = torch.empty(k, device=device, dtype=torch.float32)
+    out = torch.empty((n, k), device=device, dtype=torch.float32)
+    combine_grid = (-(-k // 256),)
+    common = dict(BLOCK_N=block_n, BLOCK_K=block_k, SINGLE_TILE=single)
+
+    def prototype_step():
+        # Partials in pm/ps -> new a (all-reduced first when distributed).
+        nonlocal a
+        _combine[combine_grid](pm, ps, col_m, col_s, a, programs, k, math.log(k),
+                              FINAL=not distributed, BLOCK_K=256)
+        if distributed:
+            a = -math.log(k) - _combine_across_processes(col_m, col_s, True)
+
+    inv_eps = 1.0 / epsilon
+    log_n = math.log(n_total)
+    # First prototype step with b = 0: fold lse_n(x) into the partials without touching b.
+    _row_pass[(programs,)](scores, scores.stride(0), scores.stride(1), a, b, out, pm, ps, n, k, inv_eps, log_n,
+                          UPDATE_B=False, WRITE_OUT=False, **common)
+    prototype_step()
+    for it in range(n_iters):
+        last = it == n_iters - 1
+        _row_pass[(programs,)](scores, scores.stride(0), scores.stride(1), a, b, out, pm, ps, n, k, inv_eps, log_n,
+                              UPDATE_B=True, WRITE_OUT=last, **common)
+        if not last:
+            prototype_step()
+    return out

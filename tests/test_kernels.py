@@ -1,0 +1,252 @@
+"""Triton kernels against their torch references, run on CPU by Triton's interpreter (TRITON_INTERPRET=1,
+set in conftest before triton is imported); the torch Sinkhorn against a literal float64 SwAV.
+
+Tolerances: fp32 results agree to 1e-5 absolute (assignments and cosine scores are O(1) quantities, the
+differences are summation order); bf16 inputs are compared against the reference on the same bf16 values,
+so the tolerance stays 1e-5. On a real GPU, fp32 matmuls run in TF32: those tests allow 2e-3.
+"""
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from leopart.errors import LeopartError
+from leopart.kernels import nearest_prototype, patch_prototype_similarity, sinkhorn
+from leopart.kernels.similarity import nearest_torch, similarity_torch
+from leopart.kernels.sinkhorn import sinkhorn_torch
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def swav_float64(scores, eps=0.05, n_iters=3):
+    """SwAV's Sinkhorn exactly as published (multiplicative, float64): the independent yardstick."""
+    q = torch.exp(scores.double() / eps).t()
+    q /= q.sum()
+    k, n = q.shape
+    for _ in range(n_iters):
+        q /= q.sum(dim=1, keepdim=True)
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)
+        q /= n
+    return (q * n).t()
+
+
+def cosine_scores(n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(n, 16, generator=g), dim=1)
+    p = torch.nn.functional.normalize(torch.randn(k, 16, generator=g), dim=1)
+    return x @ p.T
+
+
+# ------------------------------------------------------------------ sinkhorn
+@pytest.mark.parametrize("n,k", [(1, 1), (1, 300), (7, 21), (7, 500), (196, 1), (196, 300), (12544, 300),
+                                 (40, 1500)])
+def test_sinkhorn_matches_swav(n, k):
+    scores = cosine_scores(n, k)
+    expected = swav_float64(scores).float()
+    ref = sinkhorn(scores, backend="torch")
+    tri = sinkhorn(scores, backend="triton")
+    assert ref.dtype == tri.dtype == torch.float32 and tri.shape == (n, k)
+    torch.testing.assert_close(ref, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(tri, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(tri.sum(dim=1), torch.ones(n), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("n_iters,eps", [(1, 0.05), (5, 0.05), (3, 0.5)])
+def test_sinkhorn_parameters(n_iters, eps):
+    scores = cosine_scores(64, 30, seed=1)
+    expected = swav_float64(scores, eps, n_iters).float()
+    torch.testing.assert_close(sinkhorn(scores, eps, n_iters, backend="triton"), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("k", [50, 1500])
+def test_sinkhorn_extreme_scores_stay_finite(k):
+    """scores / eps up to 1e3: no overflow, no all-zero rows; both backends agree."""
+    g = torch.Generator().manual_seed(2)
+    scores = 2.5 * torch.randn(300, k, generator=g)  # scores / eps ~ N(0, 50^2)
+    scores[0] = -50.0    # scores / eps = -1e3: a sample that likes nothing
+    scores[:, 0] = 50.0  # scores / eps = +1e3: a prototype everyone likes
+    ref = sinkhorn(scores, backend="torch")
+    tri = sinkhorn(scores, backend="triton")
+    for q in (ref, tri):
+        assert torch.isfinite(q).all()
+        torch.testing.assert_close(q.sum(dim=1), torch.ones(300), atol=1e-4, rtol=0)
+    torch.testing.assert_close(tri, ref, atol=1e-4, rtol=1e-3)
+
+
+def test_sinkhorn_bf16_and_non_contiguous():
+    base = cosine_scores(300, 196, seed=3)
+    for scores in (base.t(), base.t().to(torch.bfloat16), cosine_scores(196, 600)[:, ::2]):
+        assert not scores.is_contiguous() or scores.dtype == torch.bfloat16
+        expected = swav_float64(scores.float()).float()
+        torch.testing.assert_close(sinkhorn(scores, backend="triton"), expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(sinkhorn(scores, backend="torch"), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_sinkhorn_bad_arguments():
+    with pytest.raises(LeopartError, match=r"\[N, K\]"):
+        sinkhorn(torch.zeros(3))
+    with pytest.raises(LeopartError, match="n_iters"):
+        sinkhorn(torch.zeros(3, 2), n_iters=0)
+    with pytest.raises(LeopartError, match="process group"):
+        sinkhorn(torch.zeros(3, 2), distributed=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _distributed_worker(rank, world, port, scores, backend, results):
+    import torch.distributed as dist
+
+    os.environ["TRITON_INTERPRET"] = "1"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        rows = scores.chunk(world)[rank]
+        results[rank] = sinkhorn(rows, backend=backend, distributed=True)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_distributed_sinkhorn_equals_single_process(backend):
+    scores = cosine_scores(203, 37, seed=4)  # uneven split: 102 + 101 rows
+    manager = mp.get_context("spawn").Manager()
+    results = manager.dict()
+    mp.start_processes(_distributed_worker, args=(2, _free_port(), scores, backend, results), nprocs=2,
+                       join=True, start_method="spawn")
+    combined = torch.cat([results[0], results[1]])
+    torch.testing.assert_close(combined, sinkhorn_torch(scores), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(combined, swav_float64(scores).float(), atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- similarity
+SIM_CASES = [(1, 1, 64), (7, 21, 256), (196, 300, 384), (12544, 21, 64), (33, 500, 64), (5, 1, 384)]
+
+
+@pytest.mark.parametrize("n,k,d", SIM_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_similarity_matches_reference(n, k, d, dtype):
+    g = torch.Generator().manual_seed(n + k + d)
+    x = torch.randn(n, d, generator=g).to(dtype)
+    p = torch.randn(k, d, generator=g).to(dtype)
+    expected = similarity_torch(x, p)
+    got = patch_prototype_similarity(x, p, backend="triton")
+    assert got.dtype == torch.float32 and got.shape == (n, k)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    if n * k <= 196 * 300:
+        for t in (0.1, 1.0):
+            torch.testing.assert_close(patch_prototype_similarity(x, p, temperature=t, backend="triton"),
+                                       similarity_torch(x, p, temperature=t), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(patch_prototype_similarity(x, p, normalize=False, backend="triton"),
+                                   similarity_torch(x, p, normalize=False), atol=1e-3, rtol=1e-4)
+
+
+def test_similarity_non_contiguous_and_gradients():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(256, 90, generator=g).t()[:, ::2].detach().requires_grad_(True)  # [90, 128], strided
+    assert not x.is_contiguous()
+    p = torch.randn(30, 128, generator=g).requires_grad_(True)
+    y = patch_prototype_similarity(x, p, temperature=0.1, backend="triton")
+    y_ref = similarity_torch(x, p, temperature=0.1)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
+    grad = torch.randn_like(y)
+    gx, gp = torch.autograd.grad(y, (x, p), grad)
+    gx_ref, gp_ref = torch.autograd.grad(y_ref, (x, p), grad)
+    torch.testing.assert_close(gx, gx_ref)
+    torch.testing.assert_close(gp, gp_ref)
+    strided = torch.randn(64, 300, generator=g)[:, ::3]  # non-unit column stride
+    torch.testing.assert_close(patch_prototype_similarity(strided, p[:, :100].detach(), backend="triton"),
+                               similarity_torch(strided, p[:, :100].detach()), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n,k,d", SIM_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nearest_matches_matmul_argmax(n, k, d, dtype):
+    g = torch.Generator().manual_seed(n * 7 + k + d)
+    x = torch.randn(n, d, generator=g).to(dtype)
+    p = torch.randn(k, d, generator=g).to(dtype)
+    idx, score = nearest_prototype(x, p, backend="triton")
+    ref_scores = similarity_torch(x, p)
+    ref_score, ref_idx = ref_scores.max(dim=1)
+    assert idx.dtype == torch.int64 and score.dtype == torch.float32
+    torch.testing.assert_close(score, ref_score, atol=1e-5, rtol=1e-4)
+    # Where two prototypes are within float noise of each other either index is right; elsewhere exact.
+    gap = ref_scores.topk(min(2, k), dim=1).values
+    clear = (gap[:, 0] - gap[:, -1] > 1e-5) if k > 1 else torch.ones(n, dtype=torch.bool)
+    assert torch.equal(idx[clear], ref_idx[clear])
+    t_idx, t_score = nearest_prototype(x, p, backend="torch")
+    assert torch.equal(t_idx[clear], ref_idx[clear])
+
+
+def test_nearest_ties_go_to_the_lowest_index():
+    g = torch.Generator().manual_seed(6)
+    p = torch.randn(150, 64, generator=g)
+    p[70] = p[3]    # same tile boundary crossing as the kernel's 64-wide K tiles
+    p[140] = p[3] * 2  # same direction, other norm: equal cosine
+    x = torch.cat([p[3:4] * 0.5, torch.zeros(1, 64), p[100:101]])
+    for backend in ("triton", "torch"):
+        idx, score = nearest_prototype(x, p, backend=backend)
+        assert idx.tolist() == [3, 0, 100], backend
+        assert score[1] == 0  # a zero vector scores 0 against everything: first index wins
+        torch.testing.assert_close(score[[0, 2]], torch.ones(2))
+
+
+def test_nearest_unnormalised_is_max_dot_product():
+    g = torch.Generator().manual_seed(7)
+    x, p = torch.randn(100, 32, generator=g), torch.randn(40, 32, generator=g)
+    idx, score = nearest_prototype(x, p, normalize=False, backend="triton")
+    ref_score, ref_idx = (x @ p.T).max(dim=1)
+    torch.testing.assert_close(score, ref_score, atol=1e-4, rtol=1e-5)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(nearest_torch(x, p, normalize=False)[1], ref_score, atol=1e-4, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ dispatch
+def test_dispatch(monkeypatch):
+    x, p = torch.randn(4, 16), torch.randn(3, 16)
+    assert torch.equal(nearest_prototype(x, p)[0], nearest_torch(x, p)[0])  # auto on CPU -> torch
+    monkeypatch.setenv("LEOPART_KERNELS", "bogus")
+    with pytest.raises(LeopartError, match="LEOPART_KERNELS"):
+        nearest_prototype(x, p)
+    monkeypatch.setenv("LEOPART_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(LeopartError, match="need CUDA tensors"):
+        nearest_prototype(x, p)
+    monkeypatch.delenv("LEOPART_KERNELS")
+    with pytest.raises(LeopartError, match="backend must be one of"):
+        sinkhorn(x, backend="cuda")
+    with pytest.raises(LeopartError, match=r"prototypes \[K, D\]"):
+        patch_prototype_similarity(x, torch.randn(3, 8))
+
+
+# ----------------------------------------------------------------- real GPU
+@cuda
+@pytest.mark.parametrize("n,k", [(7, 21), (12544, 300), (4096, 3000)])
+def test_gpu_sinkhorn(n, k):
+    scores = cosine_scores(n, k).cuda()
+    torch.testing.assert_close(sinkhorn(scores, backend="triton"), sinkhorn_torch(scores), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(sinkhorn(scores.bfloat16(), backend="triton"), sinkhorn_torch(scores.bfloat16()),
+                               atol=1e-5, rtol=1e-4)
+
+
+@cuda
+@pytest.mark.parametrize("n,k,d", SIM_CASES + [(100_000, 500, 384)])
+def test_gpu_similarity_and_nearest(n, k, d):
+    x, p = torch.randn(n, d, device="cuda"), torch.randn(k, d, device="cuda")
+    torch.testing.assert_close(patch_prototype_similarity(x, p), similarity_torch(x, p), atol=2e-3, rtol=0)
+    torch.testing.assert_close(patch_prototype_similarity(x, p, temperature=0.1),
+                               similarity_torch(x, p, temperature=0.1), atol=2e-2, rtol=0)
+    idx, score = nearest_prototype(x, p)
+    ref = similarity_torch(x, p)
+    torch.testing.assert_close(score, ref.max(dim=1).values, atol=2e-3, rtol=0)
+    chosen = ref.gather(1, idx[:, None])[:, 0]
+    assert (ref.max(dim=1).values - chosen).max() < 4e-3  # TF32 may swap near-ties only
+    xb, pb = x.bfloat16(), p.bfloat16()
+    torch.testing.assert_close(patch_prototype_similarity(xb, pb), similarity_torch(xb, pb), atol=1e-3, rtol=0)
+    assert math.isfinite(score.sum().item())
