@@ -1,8 +1,13 @@
 """leopart: dense, part-aware patch features with Leopart Vision Transformers (Ziegler & Asano, CVPR 2022)."""
+from . import metrics
+from .cluster import KMeansResult, cluster
 from .embed import embed
 from .errors import LeopartError
 from .hub import from_pretrained
+from .merge import Segmenter, merge
 from .model import LeopartConfig, LeopartOutput, LeopartViT
+from .segment import segment
 
 __version__ = "0.1.0"
-__all__ = ["LeopartConfig", "LeopartError", "LeopartOutput", "LeopartViT", "embed", "from_pretrained"]
+__all__ = ["KMeansResult", "LeopartConfig", "LeopartError", "LeopartOutput", "LeopartViT", "Segmenter",
+           "cluster", "embed", "from_pretrained", "merge", "metrics", "segment"]

@@ -145,5 +145,165 @@ def convert(checkpoint, out_dir, arch, trust_pickle):
     click.echo(f"wrote {out_dir} ({model.config.arch}, {model.config.num_prototypes} prototypes)")
 
 
+def _fg_option(f):
+    return click.option("--fg-model", default=None,
+                        help="Model whose attention gives the foreground cue (default: MODEL itself; "
+                             "the paper used dino-vits16).")(f)
+
+
+def _check_images(paths: list) -> None:
+    """Fail before any work on inputs that are missing or not images (headers only)."""
+    from PIL import Image, UnidentifiedImageError
+
+    for p in paths:
+        if not Path(p).exists():
+            raise LeopartError(f"no such file: {p}")
+        try:
+            with Image.open(p):
+                pass
+        except (UnidentifiedImageError, OSError) as e:
+            raise LeopartError(f"cannot read image {p}: {e}") from None
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--model", default="vits16", show_default=True, help="Alias, Hub id, folder or checkpoint.")
+@click.option("--k", default=149, show_default=True, type=click.IntRange(min=1), help="Number of part clusters.")
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for centroids, per-image labels and foreground masks.")
+@click.option("--resolution", default=448, show_default=True, type=click.IntRange(min=1))
+@click.option("--iters", default=50, show_default=True, type=click.IntRange(min=0))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default=None)
+@_fg_option
+def cluster(inputs, model, k, output, resolution, iters, seed, batch_size, device, fg_model):
+    """Cluster the patch tokens of INPUTS (files or folders) into K parts."""
+    import torch
+
+    from . import data
+    from .cluster import cluster as kmeans
+    from .hub import from_pretrained
+    from .segment import dense_features
+    from .serialization import save_folder
+
+    paths = list(data.expand_inputs(list(inputs)))
+    _check_images(paths)
+    m = from_pretrained(model, device=device)
+    fg = from_pretrained(fg_model, device=device) if fg_model else None
+    dense = dense_features(paths, m, resolution, batch_size, device, fg_model=fg, progress=True)
+    n_patches = dense.features[..., 0].numel()
+    if k > n_patches:
+        raise LeopartError(f"--k {k} is larger than the number of patches ({n_patches}): use a smaller k or more images")
+    km = kmeans(dense.features, k, iters=iters, seed=seed, device=device, progress=True)
+    config = {"leopart_kind": "clusters", "model": model, "fg_model": fg_model or model, "k": k,
+              "metric": km.metric, "resolution": resolution, "inertia": km.inertia, "seed": seed,
+              "names": [str(p) for p in paths]}
+    tensors = {"centroids": km.centroids, "labels": km.labels.view(dense.features.shape[:3]),
+               "foreground": dense.foreground.to(torch.uint8)}
+    save_folder(output, config, tensors, f"# leopart clusters\n\nk={k} parts of {len(paths)} images, model {model}.\n")
+    click.echo(f"wrote {output} (k={k}, {len(paths)} images, inertia {km.inertia:.4g})")
+
+
+@main.command()
+@click.argument("clusters_dir", metavar="DIR", type=click.Path(path_type=Path))
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the fitted segmenter.")
+@click.option("--bg-share", default=None, type=click.FloatRange(0, 1),
+              help="Share of patches to call background (default: the attention masks' own, within 0.55-0.75).")
+@click.option("--weight-threshold", default=0.07, show_default=True, type=click.FloatRange(min=0))
+@click.option("--resolution", "cd_resolution", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="Louvain resolution: higher gives more, smaller objects.")
+@click.option("--seed", default=0, show_default=True)
+def merge(clusters_dir, output, bg_share, weight_threshold, cd_resolution, seed):
+    """Merge the part clusters in DIR (from `leopart cluster`) into objects: CBFE + community detection."""
+    from .cluster import KMeansResult
+    from .merge import merge as merge_parts
+    from .serialization import load_folder
+
+    config, t = load_folder(clusters_dir, "clusters")
+    km = KMeansResult(t["centroids"], t["labels"].flatten(), config.get("inertia", float("nan")), 0,
+                      config.get("metric", "cosine"))
+    seg = merge_parts(km, t["labels"], t["foreground"].bool(), bg_share=bg_share, weight_threshold=weight_threshold,
+                      resolution=cd_resolution, seed=seed,
+                      params={"model": config.get("model"), "image_resolution": config.get("resolution")})
+    seg.save_pretrained(output)
+    click.echo(f"wrote {output} ({seg.k} parts -> {seg.n_objects} objects, "
+               f"{int(seg.foreground.sum())} foreground parts, background share {seg.params['bg_share_actual']:.2f})")
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--model", default="vits16", show_default=True, help="Alias, Hub id, folder or checkpoint.")
+@click.option("--segmenter", default=None, help="Folder or Hub id of a fitted segmenter (from `leopart merge`).")
+@click.option("--k", default=None, type=click.IntRange(min=1),
+              help="Parts per image when no segmenter is given (default 8).")
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for <stem>_mask.png and <stem>_overlay.png.")
+@click.option("--resolution", default=448, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default=None)
+@_fg_option
+def segment(inputs, model, segmenter, k, output, resolution, device, fg_model):
+    """Segment images into objects without labels; writes VOC-coloured masks and overlays."""
+    from tqdm.auto import tqdm
+
+    from . import data
+    from .hub import from_pretrained
+    from .merge import Segmenter
+    from .segment import mask_image, overlay_image, save_png, segment as segment_image
+
+    paths = list(data.expand_inputs(list(inputs)))
+    _check_images(paths)
+    stems = [Path(p).stem for p in paths]
+    dupes = sorted({s for s in stems if stems.count(s) > 1})
+    if dupes:
+        raise LeopartError(f"several inputs share the name {dupes[0]!r}: their output files would collide")
+    m = from_pretrained(model, device=device)
+    seg = Segmenter.from_pretrained(segmenter) if segmenter else None
+    fg = from_pretrained(fg_model, device=device) if fg_model else None
+    for path in tqdm(paths, desc="segment", unit="img", disable=None if len(paths) > 1 else True):
+        mask = segment_image(path, model=m, segmenter=seg, k=k, resolution=resolution, fg_model=fg, device=device)
+        image = data.load_image(path)
+        save_png(mask_image(mask), output / f"{Path(path).stem}_mask.png")
+        save_png(overlay_image(image, mask), output / f"{Path(path).stem}_overlay.png")
+    click.echo(f"wrote {2 * len(paths)} files to {output}")
+
+
+@main.command(name="eval")
+@click.argument("data_dir", metavar="DATA", type=click.Path(path_type=Path))
+@click.option("--model", default="vits16", show_default=True, help="Alias, Hub id, folder or checkpoint.")
+@click.option("--k", "ks", multiple=True, type=click.IntRange(min=1), help="k-means k to score (repeatable; default 500 and 21).")
+@click.option("--fully-unsupervised", is_flag=True, help="Also run CBFE + CD fully unsupervised segmentation.")
+@click.option("--fu-k", default=None, type=click.IntRange(min=1), help="Parts for --fully-unsupervised (default 149 for /16, 109 for /8).")
+@click.option("--num-classes", default=None, type=click.IntRange(min=1), help="Default: read from the masks.")
+@click.option("--split", default="val", show_default=True, help="ImageSets/Segmentation/<split>.txt, if present.")
+@click.option("--resolution", default=448, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the results as JSON.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default=None)
+@_fg_option
+def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, num_classes, split, resolution, json_path, seed,
+             batch_size, device, fg_model):
+    """Score MODEL on a PASCAL-VOC-layout folder DATA with the paper's unsupervised protocol."""
+    from .evaluate import evaluate as run_eval, format_table
+    from .hub import from_pretrained
+    from .serialization import write_json
+
+    if json_path is not None and json_path.suffix.lower() != ".json":
+        raise LeopartError(f"--json must name a .json file, not '{json_path.name}'")
+    m = from_pretrained(model, device=device)
+    fg = from_pretrained(fg_model, device=device) if fg_model else None
+    results = run_eval(data_dir, m, ks=ks or (500, 21), fully_unsupervised=fully_unsupervised,
+                       num_classes=num_classes, split=split, resolution=resolution, fg_model=fg, fu_k=fu_k,
+                       seed=seed, batch_size=batch_size, device=device, progress=True)
+    results["model"] = model
+    click.echo(format_table(results, model))
+    if json_path is not None:
+        write_json(json_path, results)
+        click.echo(f"wrote {json_path}")
+
+
 if __name__ == "__main__":
     main()

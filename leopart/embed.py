@@ -49,6 +49,27 @@ def _count(images: Any) -> int | None:
 
 
 @torch.no_grad()
+def iter_batches(images: Any, model: LeopartViT, resolution: int | None, batch_size: int, device: torch.device,
+                 attention: bool = False, progress: bool | None = None, desc: str = "embed"):
+    """Yield (names, patch tokens [b, h, w, D], attention [b, heads, h, w] or None) per batch, on ``device``.
+
+    Ragged sizes (resolution=None) go one image at a time.
+    """
+    if resolution is not None and (resolution < model.patch_size or resolution % model.patch_size):
+        raise LeopartError(f"resolution {resolution} is not a positive multiple of the patch size {model.patch_size}")
+    stream = iter_preprocessed(images, resolution, model.patch_size)
+    total = _count(images)
+    per_call = batch_size if resolution is not None else 1
+    with tqdm(total=total, unit="img", desc=desc, disable=_quiet(progress, total, batch_size)) as bar:
+        while batch := list(itertools.islice(stream, per_call)):
+            x = torch.stack([t for _, t in batch]).to(device)
+            with autocast(device):
+                out = model(x, heads=False, attention=attention)
+            attn = out.attention.float() if attention else None
+            yield [name for name, _ in batch], out.patch_tokens.float(), attn
+            bar.update(len(batch))
+
+
 def embed(images: Any, model: str | LeopartViT = "vits16", resolution: int | None = 224, batch_size: int = 32,
           device=None, progress: bool | None = None) -> torch.Tensor | list[torch.Tensor]:
     """Backbone patch tokens of ``images``.
@@ -61,19 +82,9 @@ def embed(images: Any, model: str | LeopartViT = "vits16", resolution: int | Non
     """
     device = default_device(device)
     model = from_pretrained(model, device=device)
-    if resolution is not None and (resolution < model.patch_size or resolution % model.patch_size):
-        raise LeopartError(f"resolution {resolution} is not a positive multiple of the patch size {model.patch_size}")
-    stream = iter_preprocessed(images, resolution, model.patch_size)
-    total = _count(images)
-    per_call = batch_size if resolution is not None else 1  # ragged sizes go one at a time
     outputs: list[torch.Tensor] = []
-    with tqdm(total=total, unit="img", desc="embed", disable=_quiet(progress, total, batch_size)) as bar:
-        while batch := list(itertools.islice(stream, per_call)):
-            x = torch.stack([t for _, t in batch]).to(device)
-            with autocast(device):
-                tokens = model.patch_tokens(x)
-            outputs.extend(tokens.float().cpu().unbind(0))
-            bar.update(len(batch))
+    for _, tokens, _ in iter_batches(images, model, resolution, batch_size, device, progress=progress):
+        outputs.extend(tokens.cpu().unbind(0))
     if resolution is None:
         return outputs
     if not outputs:

@@ -1,0 +1,181 @@
+"""The paper's unsupervised evaluation on a PASCAL-VOC-layout folder: ``leopart eval``.
+
+Protocol (Ziegler & Asano, CVPR 2022, and its reference code): 448 x 448 inputs; k-means over the backbone
+patch tokens of the whole split; predictions (part scores upsampled, then argmax) and masks compared at
+100 x 100 (masks resized nearest); label 255 ignored. Over-clustering (k > number of classes) maps clusters
+to classes many-to-one; k <= classes uses one-to-one Hungarian matching. Fully unsupervised: k-means with
+K parts, CBFE + CD into objects, Hungarian matching of objects (and background) to classes; the background
+share of CBFE is swept over 0.55..0.75 and the best is reported, as the paper tuned it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from .errors import LeopartError
+from .merge import merge
+from .metrics import Confusion
+from .model import LeopartViT
+from .segment import DEFAULT_RESOLUTION, dense_features, predict_objects, upsample_argmax
+from .cluster import cluster
+
+PUBLISHED = {  # PASCAL VOC 2012 val mIoU (%) from the paper
+    "vits16": {"overclustering": {"500": 53.5}, "fully_unsupervised": 41.7, "linear": 69.3, "fcn": 71.4},
+    "vitb8": {"overclustering": {"500": 59.7}, "fully_unsupervised": 47.2, "fcn": 76.3},
+}
+BG_SHARES = (0.55, 0.60, 0.65, 0.70, 0.75)
+
+
+@dataclass
+class VOCSplit:
+    root: Path
+    names: list[str]
+    images: list[Path]
+    masks: list[Path]
+
+
+def read_voc(root: str | Path, split: str = "val") -> VOCSplit:
+    """Image and mask paths of a VOC-layout folder: JPEGImages/, SegmentationClass/ and, if present,
+    ImageSets/Segmentation/<split>.txt (otherwise every image that has a mask)."""
+    root = Path(root)
+    img_dir, mask_dir = root / "JPEGImages", root / "SegmentationClass"
+    for d in (img_dir, mask_dir):
+        if not d.is_dir():
+            raise LeopartError(f"{root} is not a VOC-layout folder: {d.name}/ is missing")
+    split_file = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+    if split_file.is_file():
+        names = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
+    else:
+        names = sorted(p.stem for p in mask_dir.glob("*.png"))
+    if not names:
+        raise LeopartError(f"no images to evaluate in {root}" + (f" ({split_file} is empty)" if split_file.is_file() else ""))
+    images, masks = [], []
+    for name in names:
+        image = next((img_dir / f"{name}{ext}" for ext in (".jpg", ".jpeg", ".png") if (img_dir / f"{name}{ext}").is_file()), None)
+        if image is None:
+            raise LeopartError(f"no image JPEGImages/{name}.jpg for listed name '{name}'")
+        if not (mask_dir / f"{name}.png").is_file():
+            raise LeopartError(f"no mask SegmentationClass/{name}.png for image {image.name}")
+        images.append(image)
+        masks.append(mask_dir / f"{name}.png")
+    return VOCSplit(root, names, images, masks)
+
+
+def load_mask(path: Path, image_size: tuple[int, int] | None = None) -> np.ndarray:
+    """Class-id mask [H, W] from a palette or grayscale PNG (values are class ids, 255 = ignore)."""
+    try:
+        with Image.open(path) as m:
+            if m.mode not in ("P", "L", "I", "I;16"):
+                raise LeopartError(f"mask {path} is a {m.mode} image: expected a palette or index PNG of class ids")
+            if image_size is not None and m.size != image_size:
+                raise LeopartError(f"mask {path} is {m.size[0]}x{m.size[1]} but its image is "
+                                   f"{image_size[0]}x{image_size[1]}")
+            return np.asarray(m).astype(np.int64)
+    except (UnidentifiedImageError, OSError) as e:
+        raise LeopartError(f"cannot read mask {path}: {e}") from None
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError) as e:
+        raise LeopartError(f"cannot read image {path}: {e}") from None
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((size, size), Image.NEAREST), dtype=np.int64)
+
+
+def evaluate(data_root: str | Path, model: LeopartViT, ks=(500, 21), fully_unsupervised: bool = False,
+             num_classes: int | None = None, split: str = "val", resolution: int = DEFAULT_RESOLUTION,
+             mask_size: int = 100, fg_model: LeopartViT | None = None, fu_k: int | None = None,
+             weight_threshold: float | None = None, cd_resolution: float = 1.0, bg_shares=BG_SHARES,
+             iters: int = 50, seed: int = 0, batch_size: int = 16, device=None,
+             progress: bool | None = None) -> dict:
+    """Run the protocol; returns {"overclustering": {k: miou}, "fully_unsupervised": miou, "n_images": n, ...}
+    with mIoU in percent."""
+    voc = read_voc(data_root, split)
+    targets = []
+    for img_path, mask_path in zip(voc.images, voc.masks):
+        targets.append(resize_mask(load_mask(mask_path, image_size(img_path)), mask_size))
+    n_found = max(int(t[t != 255].max(initial=-1)) for t in targets) + 1
+    if num_classes is None:
+        num_classes = n_found
+    elif n_found > num_classes:
+        raise LeopartError(f"masks hold class id {n_found - 1}, more than --num-classes {num_classes}")
+    if num_classes < 1:
+        raise LeopartError("the masks hold no class ids (every pixel is 255)")
+    dense = dense_features(voc.images, model, resolution, batch_size, device, fg_model=fg_model, progress=progress)
+    grid = dense.features.shape[1:3]
+    n_patches = dense.features.shape[0] * grid[0] * grid[1]
+    results: dict = {"n_images": len(voc.names), "num_classes": num_classes, "resolution": resolution,
+                     "mask_size": mask_size, "overclustering": {}}
+
+    def score(predict, n_images_desc: str, many_to_one: bool) -> float:
+        confusion = Confusion()
+        for i in tqdm(range(len(targets)), desc=n_images_desc, leave=False,
+                      disable=(not progress) if progress is not None else None):
+            confusion.update(predict(i), targets[i])
+        return 100.0 * confusion.miou(many_to_one=many_to_one, n_classes=num_classes)[0]
+
+    for k in ks:
+        if k > n_patches:
+            raise LeopartError(f"k={k} is larger than the number of patches ({n_patches})")
+        km = cluster(dense.features, k, iters=iters, seed=seed, device=device, progress=progress)
+        centroids = km.centroids.to(dense.features.device)
+
+        def predict(i, centroids=centroids):
+            s = torch.nn.functional.normalize(dense.features[i], dim=-1) @ centroids.T
+            return upsample_argmax(s, (mask_size, mask_size)).numpy()
+
+        results["overclustering"][str(k)] = score(predict, f"score k={k}", many_to_one=k > num_classes)
+
+    if fully_unsupervised:
+        fu_k = fu_k or (109 if model.patch_size == 8 else 149)
+        if weight_threshold is None:
+            weight_threshold = 0.07 if model.patch_size == 8 else 0.09
+        km = cluster(dense.features, min(fu_k, n_patches), iters=iters, seed=seed, device=device, progress=progress)
+        labels = km.labels.view(dense.features.shape[:3])
+        best = None
+        for share in bg_shares:
+            seg = merge(km, labels, dense.foreground, bg_share=share, weight_threshold=weight_threshold,
+                        resolution=cd_resolution, seed=seed)
+            miou = score(lambda i, seg=seg: predict_objects(seg, dense.features[i], (mask_size, mask_size)).numpy(),
+                         f"score bg={share:.2f}", many_to_one=False)
+            if best is None or miou > best[0]:
+                best = (miou, share, seg.n_objects)
+        results["fully_unsupervised"] = best[0]
+        results["fully_unsupervised_details"] = {"k": fu_k, "bg_share": best[1], "n_objects": best[2],
+                                                 "weight_threshold": weight_threshold, "cd_resolution": cd_resolution,
+                                                 "bg_share_sweep": list(bg_shares)}
+    return results
+
+
+def format_table(results: dict, model_name: str) -> str:
+    paper = PUBLISHED.get(model_name, {})
+    rows = [("protocol", "mIoU (%)", "paper")]
+    for k, miou in results.get("overclustering", {}).items():
+        kind = "over-clustering, many-to-one" if int(k) > results["num_classes"] else "Hungarian, one-to-one"
+        rows.append((f"k-means k={k} ({kind})", f"{miou:.1f}", _fmt(paper.get("overclustering", {}).get(k))))
+    if "fully_unsupervised" in results:
+        d = results["fully_unsupervised_details"]
+        rows.append((f"fully unsupervised (k={d['k']}, CBFE+CD, bg {d['bg_share']:.2f}, {d['n_objects']} objects)",
+                     f"{results['fully_unsupervised']:.1f}", _fmt(paper.get("fully_unsupervised"))))
+    for key in ("linear", "fcn"):
+        if key in results:
+            rows.append((f"{key} probe", f"{results[key]:.1f}", _fmt(paper.get(key))))
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"{r[0]:<{width[0]}}  {r[1]:>{width[1]}}  {r[2]:>{width[2]}}" for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines) + f"\n{results['n_images']} images, {results['num_classes']} classes"
+
+
+def _fmt(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}"

@@ -1,0 +1,172 @@
+"""Fully unsupervised segmentation of images: ``leopart.segment`` and the pieces it shares with eval.
+
+Pipeline: patch tokens (and the last layer's attention) -> part clusters -> CBFE + CD -> objects.
+With a fitted ``Segmenter`` the part centroids and part -> object map are fixed, so object ids mean the
+same thing in every image. Part scores, not ids, are upsampled (bilinear) to the input size before the
+argmax, so boundaries fall between patches where the scores cross.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from . import data
+from .cluster import KMeansResult, cluster
+from .embed import default_device, iter_batches
+from .errors import LeopartError
+from .foreground import foreground_mask
+from .hub import from_pretrained
+from .merge import Segmenter, merge
+from .model import LeopartViT
+from .serialization import atomic_path
+
+DEFAULT_RESOLUTION = 448  # the paper's evaluation input size
+
+
+@dataclass
+class DenseFeatures:
+    names: list[str]
+    features: torch.Tensor    # [B, h, w, D] fp32, CPU
+    foreground: torch.Tensor  # [B, h, w] bool, CPU
+
+
+def dense_features(images: Any, model: LeopartViT, resolution: int = DEFAULT_RESOLUTION, batch_size: int = 16,
+                   device=None, fg_model: LeopartViT | None = None, progress: bool | None = None) -> DenseFeatures:
+    """Patch tokens of every image plus a foreground mask on the same grid.
+
+    The mask comes from ``fg_model``'s last-layer attention (Leopart used a DINO ViT-S/16), or from the
+    model's own attention when ``fg_model`` is None.
+    """
+    device = default_device(device)
+    images = list(data.expand_inputs(images)) if not isinstance(images, torch.Tensor) else images
+    names, feats, masks = [], [], []
+    for batch_names, tokens, attn in iter_batches(images, model, resolution, batch_size, device,
+                                                  attention=fg_model is None, progress=progress, desc="features"):
+        names += batch_names
+        feats.append(tokens.cpu())
+        if attn is not None:
+            masks.append(foreground_mask(attn).cpu())
+    if not names:
+        raise LeopartError("no images given")
+    features = torch.cat(feats)
+    if fg_model is not None:
+        for _, _, attn in iter_batches(images, fg_model, resolution, batch_size, device, attention=True,
+                                       progress=progress, desc="foreground"):
+            masks.append(foreground_mask(attn).cpu())
+    foreground = torch.cat(masks)
+    if foreground.shape[1:] != features.shape[1:3]:  # fg model with another patch size: resample the mask
+        foreground = F.interpolate(foreground[:, None].float(), size=features.shape[1:3], mode="bilinear",
+                                   align_corners=False)[:, 0] > 0.5
+    return DenseFeatures(names, features, foreground)
+
+
+def fit_segmenter(dense: DenseFeatures, k: int, *, iters: int = 50, seed: int = 0, bg_share: float | None = None,
+                  weight_threshold: float = 0.07, resolution: float = 1.0, device=None,
+                  params: dict | None = None, progress: bool | None = None) -> tuple[Segmenter, KMeansResult]:
+    """Cluster the patch tokens into ``k`` parts and merge them into objects."""
+    n_patches = dense.features.shape[0] * dense.features.shape[1] * dense.features.shape[2]
+    if k > n_patches:
+        raise LeopartError(f"k={k} is larger than the number of patches ({n_patches}): use a smaller k or more images")
+    km = cluster(dense.features, k, iters=iters, seed=seed, device=device, progress=progress)
+    labels = km.labels.view(dense.features.shape[:3])
+    segmenter = merge(km, labels, dense.foreground, bg_share=bg_share, weight_threshold=weight_threshold,
+                      resolution=resolution, seed=seed, params=params)
+    return segmenter, km
+
+
+def upsample_argmax(scores: torch.Tensor, size: tuple[int, int], max_elements: int = 1 << 25) -> torch.Tensor:
+    """scores [h, w, C] -> argmax over C of the bilinearly upsampled scores, [H, W] int64.
+
+    Channels are upsampled a slice at a time with a running max, so a large image never holds all C maps.
+    """
+    h, w, c = scores.shape
+    maps = scores.permute(2, 0, 1)[None].float()
+    step = max(1, max_elements // max(1, size[0] * size[1]))
+    best = best_idx = None
+    for start in range(0, c, step):
+        up = F.interpolate(maps[:, start:start + step], size=size, mode="bilinear", align_corners=False)[0]
+        val, idx = up.max(dim=0)
+        if best is None:
+            best, best_idx = val, idx
+        else:
+            better = val > best
+            best = torch.where(better, val, best)
+            best_idx = torch.where(better, idx + start, best_idx)
+    return best_idx
+
+
+def predict_objects(segmenter: Segmenter, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Patch tokens [h, w, D] -> object ids [H, W] (0 = background) at ``size``."""
+    parts = upsample_argmax(segmenter.part_scores(features), size)
+    return segmenter.objects(parts)
+
+
+def segment(image: Any, model: str | LeopartViT = "vits16", segmenter: str | Path | Segmenter | None = None,
+            k: int | None = None, resolution: int = DEFAULT_RESOLUTION, fg_model: str | LeopartViT | None = None,
+            device=None, seed: int = 0) -> np.ndarray:
+    """Object ids (0 = background) of one image, [H, W] int64 at the image's own size.
+
+    Without a segmenter the image's own patches are clustered into ``k`` parts (default 8) and merged by
+    CBFE + CD on that image alone; with one (a Segmenter, or a folder / Hub id of a saved one) the parts and
+    objects are the segmenter's, so ids are consistent across images.
+    """
+    device = default_device(device)
+    model = from_pretrained(model, device=device)
+    img = data.load_image(image, data.describe(image, 0))
+    data.check_size(img, model.patch_size, data.describe(image, 0))
+    if segmenter is not None and not isinstance(segmenter, Segmenter):
+        segmenter = Segmenter.from_pretrained(segmenter)
+    fg = from_pretrained(fg_model, device=device) if fg_model is not None else None
+    dense = dense_features([img], model, resolution, device=device, fg_model=fg, progress=False)
+    if segmenter is None:
+        segmenter, _ = fit_segmenter(dense, k or 8, seed=seed, device=device, progress=False)
+    elif k is not None and k != segmenter.k:
+        raise LeopartError(f"k={k} disagrees with the segmenter's {segmenter.k} parts: leave k out")
+    if segmenter.centroids.shape[1] != dense.features.shape[-1]:
+        raise LeopartError(f"the segmenter was fitted on {segmenter.centroids.shape[1]}-dim features, but this "
+                           f"model gives {dense.features.shape[-1]}-dim ones: use the segmenter's own model")
+    return predict_objects(segmenter, dense.features[0], (img.height, img.width)).numpy()
+
+
+# ------------------------------------------------------------------ outputs
+def voc_palette() -> list[int]:
+    """PASCAL VOC's colour map: the bits of the class id spread over the high bits of R, G, B."""
+    palette = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+def mask_image(mask: np.ndarray) -> Image.Image:
+    if mask.max(initial=0) > 255 or mask.min(initial=0) < 0:
+        raise LeopartError("mask ids must lie in 0..255 to be written as a palette PNG")
+    m = np.ascontiguousarray(mask, dtype=np.uint8)
+    img = Image.frombytes("P", (m.shape[1], m.shape[0]), m.tobytes())
+    img.putpalette(voc_palette())
+    return img
+
+
+def overlay_image(image: Image.Image, mask: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    colours = np.array(voc_palette(), dtype=np.float32).reshape(256, 3)[np.clip(mask, 0, 255)]
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    blend = np.where(mask[..., None] > 0, (1 - alpha) * base + alpha * colours, base)
+    return Image.fromarray(blend.round().astype(np.uint8))
+
+
+def save_png(img: Image.Image, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")

@@ -1,0 +1,190 @@
+"""k-means, matching metrics, CBFE + community detection, and the Segmenter."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from conftest import populate_hf_cache
+from sklearn.metrics import adjusted_rand_score
+
+import leopart
+from leopart.errors import LeopartError
+from leopart.merge import Segmenter, cbfe, communities, cooccurrence
+from leopart.metrics import Confusion, hungarian_miou
+
+
+# ------------------------------------------------------------------- metrics
+def brute_force_one_to_one(pred, target, n_clusters, n_classes):
+    """Try every assignment of clusters to distinct classes (or to nothing); return the mIoUs of all the
+    assignments with the most correctly labelled pixels."""
+    best, mious = -1, set()
+    for perm in itertools.permutations(range(max(n_clusters, n_classes)), n_clusters):
+        mapped = np.array([perm[p] if perm[p] < n_classes else -1 for p in pred.ravel()])
+        correct = int((mapped == target.ravel()).sum())
+        if correct < best:
+            continue
+        ious = []
+        for c in range(n_classes):
+            denom = np.sum((mapped == c) | (target.ravel() == c))
+            if denom:
+                ious.append(np.sum((mapped == c) & (target.ravel() == c)) / denom)
+        miou = round(float(np.mean(ious)), 9)
+        if correct > best:
+            best, mious = correct, {miou}
+        else:
+            mious.add(miou)
+    return mious
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_hungarian_equals_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    n_clusters, n_classes = int(rng.integers(2, 6)), int(rng.integers(2, 5))
+    target = rng.integers(0, n_classes, size=(9, 7))
+    pred = np.where(rng.random((9, 7)) < 0.6, (target + 1) % n_clusters, rng.integers(0, n_clusters, (9, 7)))
+    optimal = brute_force_one_to_one(pred, target, n_clusters, n_classes)
+    miou, per_class = hungarian_miou(pred, target, n_classes=n_classes)
+    assert round(miou, 9) in optimal
+    assert per_class.shape == (n_classes,)
+
+
+def test_many_to_one_by_hand():
+    target = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 2, 255]])
+    pred = np.array([[0, 1, 2, 2], [0, 1, 3, 2], [4, 4, 0, 4]])
+    # clusters 0,1 -> class 0 (cluster 0 overlaps class 0 twice, class 2 once); 2,3 -> 1; 4 -> 2
+    miou, iou = hungarian_miou(pred, target, many_to_one=True)
+    # class 0: TP 4 (0,0 1,0 0,1 1,1), FP 1 (cluster 0 at (2,2)); class 1: TP 4; class 2: TP 2, FN 1
+    np.testing.assert_allclose(iou, [4 / 5, 4 / 4, 2 / 3])
+    assert miou == pytest.approx((0.8 + 1 + 2 / 3) / 3)
+    one_to_one, _ = hungarian_miou(pred, target)
+    assert one_to_one < miou
+
+
+def test_streaming_equals_concatenated_and_ignore_index():
+    rng = np.random.default_rng(1)
+    preds = [rng.integers(0, 6, (5, 8)) for _ in range(4)]
+    targets = [rng.integers(0, 4, (5, 8)) for _ in range(4)]
+    targets[2][0] = 255
+    whole = hungarian_miou(np.concatenate(preds), np.concatenate(targets), many_to_one=True)
+    streamed = hungarian_miou(iter(preds), (t for t in targets), many_to_one=True)
+    assert whole[0] == pytest.approx(streamed[0])
+    assert Confusion().update(np.array([[3]]), np.array([[255]])).counts.size == 0
+
+
+def test_metric_errors():
+    with pytest.raises(LeopartError, match="does not match"):
+        hungarian_miou(np.zeros((2, 3), int), np.zeros((3, 2), int))
+    with pytest.raises(LeopartError, match="different numbers"):
+        hungarian_miou([np.zeros(3, int)], [np.zeros(3, int)] * 2)
+    with pytest.raises(LeopartError, match="integer ids"):
+        hungarian_miou(np.zeros(3), np.zeros(3, int))
+    with pytest.raises(LeopartError, match="n_classes=2"):
+        hungarian_miou(np.zeros(3, int), np.array([0, 1, 4]), n_classes=2)
+
+
+# ------------------------------------------------------------------- k-means
+def planted_mixture(n_per=400, k=6, d=16, seed=0, spread=0.05):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.nn.functional.normalize(torch.randn(k, d, generator=g), dim=1) * 3
+    labels = torch.arange(k).repeat_interleave(n_per)
+    x = centers[labels] + spread * 3 * torch.randn(len(labels), d, generator=g)
+    perm = torch.randperm(len(labels), generator=g)
+    return x[perm], labels[perm]
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_kmeans_recovers_planted_mixture(metric):
+    x, truth = planted_mixture()
+    km = leopart.cluster(x, 6, metric=metric, seed=0)
+    assert adjusted_rand_score(truth.numpy(), km.labels.numpy()) >= 0.99
+    assert km.centroids.shape == (6, 16) and km.labels.shape == (2400,)
+    again = leopart.cluster(x, 6, metric=metric, seed=0)
+    assert torch.equal(km.labels, again.labels) and torch.equal(km.centroids, again.centroids)
+    assert km.inertia == again.inertia
+    assert torch.equal(km.predict(x), km.labels)
+
+
+def test_kmeans_input_forms_and_errors():
+    x, _ = planted_mixture(n_per=50, k=3, d=8)
+    grid = x[:144].reshape(4, 6, 6, 8)
+    a = leopart.cluster(grid, 3, seed=1)
+    b = leopart.cluster(iter(x[:144].split(50)), 3, seed=1)
+    assert a.labels.shape == (144,) and torch.equal(a.labels, b.labels)
+    with pytest.raises(LeopartError, match="larger than the number of feature vectors"):
+        leopart.cluster(x[:5], 6)
+    with pytest.raises(LeopartError, match="NaN"):
+        leopart.cluster(torch.full((10, 2), float("nan")), 2)
+    with pytest.raises(LeopartError, match="metric"):
+        leopart.cluster(x, 2, metric="manhattan")
+
+
+def test_empty_clusters_are_reseeded():
+    x, _ = planted_mixture(n_per=100, k=4, d=8)
+    init = x[:1].repeat(4, 1) + torch.arange(4)[:, None] * 1e-6  # all centroids on one point
+    km = leopart.cluster(x, 4, init=init, metric="euclidean", iters=30)
+    assert torch.bincount(km.labels, minlength=4).min() > 0
+
+
+def test_kmeans_inertia_matches_faiss():
+    faiss = pytest.importorskip("faiss")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(20000, 32, generator=g) + 4 * torch.randn(40, 32, generator=g)[torch.randint(0, 40, (20000,), generator=g)]
+    k, iters = 50, 25
+    km = leopart.cluster(x, k, iters=iters, metric="euclidean", seed=0)
+    fk = faiss.Kmeans(32, k, niter=iters, seed=1, max_points_per_centroid=10**6)
+    fk.train(x.numpy())
+    distances, _ = fk.index.search(x.numpy(), 1)
+    faiss_inertia = float(distances.astype(np.float64).sum())
+    assert km.inertia <= 1.01 * faiss_inertia, (km.inertia, faiss_inertia)
+
+
+# ---------------------------------------------------------------- CBFE and CD
+def test_cbfe_picks_low_attention_clusters():
+    labels = [torch.tensor([[0, 0, 1, 1], [0, 2, 2, 1], [3, 3, 3, 3]])]
+    fg = [torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1], [0, 0, 1, 0]], dtype=torch.bool)]
+    flags, chosen = cbfe(labels, fg, 4, bg_share=0.6)  # cluster 0: 0/3 fg, 3: 1/4, 1 and 2: all fg
+    assert flags.tolist() == [False, True, True, False]
+    assert chosen["bg_share_actual"] == pytest.approx(7 / 12)
+
+
+def planted_scene(seed, size=12):
+    """Object A = parts 1,2,3 (stacked bands), object B = parts 4,5 (side by side), background part 0."""
+    rng = np.random.default_rng(seed)
+    grid = np.zeros((size, size), dtype=np.int64)
+    y, x = rng.integers(0, 3, 2)
+    grid[y:y + 2, x:x + 4], grid[y + 2:y + 4, x:x + 4], grid[y + 4:y + 6, x:x + 4] = 1, 2, 3
+    y, x = rng.integers(0, 3), rng.integers(7, 8)
+    grid[y + 6:y + 9, x:x + 2], grid[y + 6:y + 9, x + 2:x + 4] = 4, 5
+    return torch.from_numpy(grid)
+
+
+def test_community_detection_recovers_planted_objects():
+    grids = [planted_scene(s) for s in range(10)]
+    fg = np.array([False, True, True, True, True, True])
+    weights = cooccurrence(grids, fg)
+    assert weights[0].sum() == 0 and weights[1, 4] == 0  # background and cross-object pairs never count
+    p2o = communities(weights, fg, weight_threshold=0.05, seed=0)
+    assert p2o[0] == 0
+    assert p2o[1] == p2o[2] == p2o[3] and p2o[4] == p2o[5] and p2o[1] != p2o[4]
+    assert sorted(set(p2o.tolist())) == [0, 1, 2]
+
+
+def test_merge_end_to_end_and_segmenter_round_trip(tmp_path):
+    grids = [planted_scene(s) for s in range(10)]
+    fg_masks = [g > 0 for g in grids]
+    centroids = torch.randn(6, 8)
+    seg = leopart.merge(centroids, grids, fg_masks, bg_share=None, weight_threshold=0.05)
+    assert seg.part_to_object[0] == 0 and seg.n_objects == 2
+    assert not seg.foreground[0] and seg.foreground[1:].all()
+    folder = seg.save_pretrained(tmp_path / "seg")
+    loaded = Segmenter.from_pretrained(folder)
+    assert torch.equal(loaded.part_to_object, seg.part_to_object) and torch.equal(loaded.centroids, seg.centroids)
+    assert loaded.params["weight_threshold"] == 0.05
+    files = {n: (folder / n).read_bytes() for n in ("config.json", "model.safetensors")}
+    populate_hf_cache("someone/tiny-segmenter", files)
+    hub_seg = Segmenter.from_pretrained("someone/tiny-segmenter")
+    assert torch.equal(hub_seg.foreground, seg.foreground)
+    with pytest.raises(LeopartError, match="part id 5 but there are only 3 centroids"):
+        leopart.merge(centroids[:3], grids, fg_masks)
+    with pytest.raises(LeopartError, match="not a saved leopart segmenter"):
+        Segmenter.from_pretrained(tmp_path)

@@ -1,0 +1,157 @@
+"""segment / cluster / merge / eval, through the API and the CLI, on generated images and masks."""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import random_image
+from PIL import Image
+
+import leopart
+from leopart.cli import main
+from leopart.errors import LeopartError
+from leopart.segment import upsample_argmax, voc_palette
+
+
+def scene(h, w, seed):
+    """An image with a few flat-coloured rectangles, and its class mask (255 on a 1-pixel border)."""
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 40, (h, w, 3), dtype=np.uint8)
+    mask = np.zeros((h, w), dtype=np.uint8)
+    for cls in (1, 2):
+        y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
+        img[y:y + h // 3, x:x + w // 3] = (200, 60, 60) if cls == 1 else (60, 200, 60)
+        mask[y:y + h // 3, x:x + w // 3] = cls
+    mask[0, :] = 255
+    return img, mask
+
+
+@pytest.fixture()
+def voc_dir(tmp_path):
+    root = tmp_path / "voc"
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "SegmentationClass").mkdir()
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    names = []
+    for i, (h, w) in enumerate([(48, 64), (64, 64), (80, 60), (50, 70), (64, 48), (40, 40)]):
+        img, mask = scene(h, w, i)
+        name = f"2007_{i:06d}"
+        Image.fromarray(img).save(root / "JPEGImages" / f"{name}.jpg")
+        m = Image.fromarray(mask)
+        if i % 2:
+            m = m.convert("P")
+            m.putpalette(voc_palette())
+        m.save(root / "SegmentationClass" / f"{name}.png")
+        names.append(name)
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(names[:5]) + "\n")
+    return root
+
+
+def test_upsample_argmax_slices_channels_like_whole():
+    import torch
+
+    scores = torch.randn(4, 5, 37)
+    whole = torch.nn.functional.interpolate(scores.permute(2, 0, 1)[None], size=(30, 41), mode="bilinear",
+                                            align_corners=False)[0].argmax(0)
+    assert torch.equal(upsample_argmax(scores, (30, 41), max_elements=30 * 41 * 4), whole)
+
+
+def test_segment_api_without_and_with_segmenter(tiny_model):
+    img = scene(70, 90, 0)[0]
+    mask = leopart.segment(img, model=tiny_model, k=4, resolution=64)
+    assert mask.shape == (70, 90) and mask.dtype == np.int64 and mask.min() >= 0
+    with pytest.raises(LeopartError, match="larger than the number of patches"):
+        leopart.segment(img, model=tiny_model, k=17, resolution=64)
+
+
+def test_segment_cli_writes_mask_and_overlay(tiny_model_dir, tmp_path):
+    Image.fromarray(scene(70, 90, 1)[0]).save(tmp_path / "a.jpg")
+    Image.fromarray(random_image(50, 40)).convert("L").save(tmp_path / "b.png")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["segment", str(tmp_path / "a.jpg"), str(tmp_path / "b.png"), "--model",
+                                  str(tiny_model_dir), "--k", "3", "--resolution", "64", "--output", str(out)])
+    assert r.exit_code == 0, r.output
+    for stem, size in (("a", (90, 70)), ("b", (40, 50))):
+        m = Image.open(out / f"{stem}_mask.png")
+        assert m.mode == "P" and m.size == size
+        assert m.getpalette()[3:6] == [128, 0, 0]  # VOC colour of id 1
+        o = Image.open(out / f"{stem}_overlay.png")
+        assert o.mode == "RGB" and o.size == size
+
+
+def test_cluster_merge_segment_chain(tiny_model_dir, voc_dir, tmp_path):
+    runner = CliRunner()
+    images = voc_dir / "JPEGImages"
+    r = runner.invoke(main, ["cluster", str(images), "--model", str(tiny_model_dir), "--k", "6",
+                             "--resolution", "64", "--output", str(tmp_path / "clusters")])
+    assert r.exit_code == 0, r.output
+    config = json.loads((tmp_path / "clusters" / "config.json").read_text())
+    assert config["k"] == 6 and len(config["names"]) == 6
+    r = runner.invoke(main, ["merge", str(tmp_path / "clusters"), "--output", str(tmp_path / "seg"),
+                             "--weight-threshold", "0.01"])
+    assert r.exit_code == 0, r.output
+    seg = leopart.Segmenter.from_pretrained(tmp_path / "seg")
+    assert seg.k == 6 and seg.part_to_object.shape == (6,)
+    r = runner.invoke(main, ["segment", str(images / "2007_000002.jpg"), "--model", str(tiny_model_dir),
+                             "--segmenter", str(tmp_path / "seg"), "--resolution", "64", "-o", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    mask = np.asarray(Image.open(tmp_path / "m" / "2007_000002_mask.png"))
+    assert mask.shape == (80, 60) and mask.max() <= seg.n_objects
+    r = runner.invoke(main, ["cluster", str(images), "--model", str(tiny_model_dir), "--k", "500",
+                             "--resolution", "64", "--output", str(tmp_path / "too_many")])
+    assert r.exit_code == 1 and "larger than the number of patches" in r.output
+    assert not (tmp_path / "too_many").exists()
+
+
+def test_eval_cli_json(tiny_model_dir, voc_dir, tmp_path):
+    out = tmp_path / "res.json"
+    r = CliRunner().invoke(main, ["eval", str(voc_dir), "--model", str(tiny_model_dir), "--k", "8", "--k", "3",
+                                  "--fully-unsupervised", "--fu-k", "6", "--resolution", "64", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["n_images"] == 5 and res["num_classes"] == 3
+    assert set(res["overclustering"]) == {"8", "3"}
+    for v in [*res["overclustering"].values(), res["fully_unsupervised"]]:
+        assert 0.0 <= v <= 100.0
+    assert res["fully_unsupervised_details"]["bg_share"] in res["fully_unsupervised_details"]["bg_share_sweep"]
+    assert "k-means k=8 (over-clustering, many-to-one)" in r.output
+    assert "k-means k=3 (Hungarian, one-to-one)" in r.output
+
+
+def test_eval_num_classes_and_bad_layouts(tiny_model_dir, voc_dir, tmp_path):
+    runner = CliRunner()
+    base = ["--model", str(tiny_model_dir), "--k", "4", "--resolution", "64"]
+    r = runner.invoke(main, ["eval", str(voc_dir), *base, "--num-classes", "21", "--json", str(tmp_path / "a.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "a.json").read_text())["num_classes"] == 21
+    # a mask whose size does not match its image
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(voc_dir / "SegmentationClass" / "2007_000001.png")
+    r = runner.invoke(main, ["eval", str(voc_dir), *base, "--json", str(tmp_path / "b.json")])
+    assert r.exit_code == 1 and "is 10x10 but its image is 64x64" in r.output
+    assert not (tmp_path / "b.json").exists()
+    empty = tmp_path / "empty"
+    (empty / "JPEGImages").mkdir(parents=True)
+    (empty / "SegmentationClass").mkdir()
+    r = runner.invoke(main, ["eval", str(empty), *base])
+    assert r.exit_code == 1 and "no images to evaluate" in r.output
+    r = runner.invoke(main, ["eval", str(tmp_path / "nowhere"), *base])
+    assert r.exit_code == 1 and "not a VOC-layout folder" in r.output
+    r = runner.invoke(main, ["eval", str(voc_dir), *base, "--json", str(tmp_path / "x.txt")])
+    assert r.exit_code == 1 and "--json must name a .json file" in r.output
+
+
+def test_segment_cli_bad_inputs(tiny_model_dir, tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    for d in ("x", "y"):
+        Image.fromarray(random_image(64, 64)).save(tmp_path / d / "same.png")
+    (tmp_path / "text.jpg").write_text("no image")
+    runner = CliRunner()
+    base = ["--model", str(tiny_model_dir), "--resolution", "64", "--output", str(tmp_path / "out")]
+    r = runner.invoke(main, ["segment", str(tmp_path / "x"), str(tmp_path / "y"), *base])
+    assert r.exit_code == 1 and "share the name 'same'" in r.output
+    r = runner.invoke(main, ["segment", str(tmp_path / "text.jpg"), *base])
+    assert r.exit_code == 1 and "cannot read image" in r.output
+    r = runner.invoke(main, ["segment", str(tmp_path / "x"), *base, "--segmenter", str(tmp_path / "nope")])
+    assert r.exit_code == 1 and "no segmenter folder" in r.output
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
