@@ -7,7 +7,8 @@ from .hub import from_pretrained
 from .merge import Segmenter, merge
 from .model import LeopartConfig, LeopartOutput, LeopartViT
 from .segment import segment
+from .train import TrainConfig, train
 
 __version__ = "0.1.0"
-__all__ = ["KMeansResult", "LeopartConfig", "LeopartError", "LeopartOutput", "LeopartViT", "Segmenter",
-           "cluster", "embed", "from_pretrained", "merge", "metrics", "segment"]
+__all__ = ["KMeansResult", "LeopartConfig", "LeopartError", "LeopartOutput", "LeopartViT", "Segmenter", "TrainConfig",
+           "cluster", "embed", "from_pretrained", "merge", "metrics", "segment", "train"]

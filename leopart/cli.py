@@ -305,5 +305,45 @@ def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, num_classes, split, 
         click.echo(f"wrote {json_path}")
 
 
+
+@main.command()
+@click.argument("data_dir", metavar="DATA")
+@click.option("--output", "-o", default="runs/leopart", show_default=True, help="Run folder: checkpoints, metrics, model.")
+@click.option("--init", default="dino-vits16", show_default=True, help="Alias, org/repo, folder, checkpoint, or 'random'.")
+@click.option("--arch", default="vit_small_patch16_224", show_default=True, help="timm ViT name for --init random.")
+@click.option("--steps", default=None, type=click.IntRange(min=1), help="Total steps of the run (default: --epochs).")
+@click.option("--epochs", default=50, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Global batch.")
+@click.option("--global-size", default=224, show_default=True, type=click.IntRange(min=16))
+@click.option("--local-size", default=96, show_default=True, type=click.IntRange(min=16))
+@click.option("--num-prototypes", default=300, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr-backbone", default=1e-5, show_default=True, type=float)
+@click.option("--lr-heads", default=1e-4, show_default=True, type=float)
+@click.option("--queue-length", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Past teacher patch embeddings per global crop prepended before Sinkhorn (paper: 8192).")
+@click.option("--loss-mask", default="fg", show_default=True, type=click.Choice(["all", "fg", "bg"]))
+@click.option("--train-last-blocks", default=None, type=click.IntRange(min=0), help="Train only the last N blocks.")
+@click.option("--save-every", default=500, show_default=True, type=click.IntRange(min=1))
+@click.option("--resume", is_flag=True, help="Continue the run in --output from its checkpoint.")
+@click.option("--device", default=None)
+@click.option("--workers", default=4, show_default=True, type=click.IntRange(min=0))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--eval-data", default=None, help="VOC-layout folder for k-means mIoU during training.")
+@click.option("--eval-every", default=1000, show_default=True, type=click.IntRange(min=1))
+@click.option("--eval-k", default=100, show_default=True, type=click.IntRange(min=1))
+@click.pass_context
+def train(ctx, data_dir, output, resume, **options):
+    """Fine-tune a ViT with the Leopart objective on DATA (an image folder or a text file of paths)."""
+    from .train import train as run_training
+
+    # Only what the user set explicitly overrides a resumed run's settings.
+    explicit = {k: v for k, v in options.items()
+                if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
+    if not resume:
+        explicit = options
+    run_training(data_dir, output, resume=resume, **explicit)
+    click.echo(f"wrote {Path(output) / 'model'}")
+
+
 if __name__ == "__main__":
     main()

@@ -137,3 +137,86 @@ def to_tensor(img: Image.Image, size: tuple[int, int] | None) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return (x - mean) / std
+
+
+# ------------------------------------------------------------------ training
+def list_training_images(source: str | os.PathLike) -> list[Path]:
+    """Images for training: a folder (recursive) or a text file with one path per line (relative paths are
+    taken from the file's folder)."""
+    source = Path(source)
+    if source.is_dir():
+        files = list_images(source)
+        if not files:
+            raise LeopartError(f"no images found in folder {source}")
+        return files
+    if source.is_file():
+        lines = [line.strip() for line in source.read_text(errors="replace").splitlines()]
+        files = [(source.parent / line) if not Path(line).is_absolute() else Path(line)
+                 for line in lines if line and not line.startswith("#")]
+        if not files:
+            raise LeopartError(f"{source} lists no images")
+        return files
+    raise LeopartError(f"no such folder or file list: {source}")
+
+
+class MultiCropDataset(torch.utils.data.Dataset):
+    """Leopart views of training images, indexed by (epoch, index) so augmentations are reproducible.
+
+    An unreadable file is skipped: the next image takes its place (deterministically) and the bad path is
+    reported with the sample, so batches keep their size and a resumed run stays in step.
+    """
+
+    def __init__(self, files: list[Path], crop_config, seed: int = 0):
+        self.files = files
+        self.cfg = crop_config
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key: tuple[int, int]):
+        from .augment import make_views
+
+        epoch, index = key
+        skipped = []
+        for attempt in range(len(self.files)):
+            i = (index + attempt) % len(self.files)
+            try:
+                img = load_image(self.files[i])
+            except LeopartError:
+                skipped.append(str(self.files[i]))
+                continue
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_003 + index)
+            views = make_views(img, self.cfg, g)
+            return views.crops, views.boxes, skipped
+        raise LeopartError("none of the training images can be read")
+
+
+def collate_views(samples):
+    crops = [torch.stack([s[0][v] for s in samples]) for v in range(len(samples[0][0]))]
+    boxes = torch.stack([s[1] for s in samples])
+    skipped = [p for s in samples for p in s[2]]
+    return crops, boxes, skipped
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Endless (epoch, index) keys: a seeded permutation per epoch, whole global batches only, this rank's
+    share of each, starting at global step ``start_step`` (for resuming mid-epoch)."""
+
+    def __init__(self, n: int, global_batch: int, rank: int = 0, world: int = 1, seed: int = 0, start_step: int = 0):
+        if n < global_batch:
+            raise LeopartError(f"need at least {global_batch} images for a global batch of {global_batch}, found {n}")
+        self.n, self.global_batch, self.rank, self.world = n, global_batch, rank, world
+        self.seed, self.start_step = seed, start_step
+        self.steps_per_epoch = n // global_batch
+
+    def __iter__(self):
+        per_rank = self.global_batch // self.world
+        epoch, offset = divmod(self.start_step, self.steps_per_epoch)
+        while True:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            for step in range(offset, self.steps_per_epoch):
+                batch = order[step * self.global_batch: (step + 1) * self.global_batch]
+                for i in batch[self.rank * per_rank: (self.rank + 1) * per_rank].tolist():
+                    yield epoch, i
+            epoch, offset = epoch + 1, 0

@@ -114,16 +114,16 @@ class LeopartViT(nn.Module):
 
     @staticmethod
     def _attention(block: nn.Module, t: torch.Tensor) -> torch.Tensor:
-        """Softmax attention weights [B, heads, T, T] of ``block`` on input tokens ``t``.
+        """The CLS token's softmax attention weights [B, heads, T] in ``block``, on input tokens ``t``.
 
-        timm's fused attention never materialises the weights, so recompute them from the block's
-        own qkv projection (one extra qkv matmul on the last layer only).
+        timm's fused attention never materialises the weights, so recompute them from the block's own qkv
+        projection: one extra qkv matmul on the last layer, and only the CLS query row of q k^T.
         """
         attn = block.attn
         B, T, _ = t.shape
         qkv = attn.qkv(block.norm1(t)).reshape(B, T, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-        return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        q, k = attn.q_norm(qkv[0][:, :, :1]), attn.k_norm(qkv[1])
+        return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)[:, :, 0]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """All tokens [B, prefix + h*w, D], as timm's ``forward_features``."""
@@ -151,8 +151,8 @@ class LeopartViT(nn.Module):
         patches = t[:, self.num_prefix_tokens:].reshape(x.shape[0], h, w, -1)
         emb, scores = self.project(patches) if heads else (None, None)
         if attn is not None:
-            # Row 0 is the CLS token's attention; keep its weights on the patch tokens.
-            attn = attn[:, :, 0, self.num_prefix_tokens:].reshape(x.shape[0], -1, h, w)
+            # Keep the CLS token's weights on the patch tokens.
+            attn = attn[:, :, self.num_prefix_tokens:].reshape(x.shape[0], -1, h, w)
         return LeopartOutput(patches, emb, scores, attn)
 
     # ------------------------------------------------------- save / load / push

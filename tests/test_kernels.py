@@ -4,6 +4,10 @@ set in conftest before triton is imported); the torch Sinkhorn against a literal
 Tolerances: fp32 results agree to 1e-5 absolute (assignments and cosine scores are O(1) quantities, the
 differences are summation order); bf16 inputs are compared against the reference on the same bf16 values,
 so the tolerance stays 1e-5. On a real GPU, fp32 matmuls run in TF32: those tests allow 2e-3.
+
+On a GPU machine the compiled kernels are checked with
+    TRITON_INTERPRET=0 python -m pytest tests/test_kernels.py -k gpu
+(the interpreter tests need TRITON_INTERPRET=1 and are the default everywhere else).
 """
 import math
 import os
@@ -18,7 +22,8 @@ from leopart.kernels import nearest_prototype, patch_prototype_similarity, sinkh
 from leopart.kernels.similarity import nearest_torch, similarity_torch
 from leopart.kernels.sinkhorn import sinkhorn_torch
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+cuda = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                          reason="needs a CUDA GPU and TRITON_INTERPRET=0 (compiled kernels)")
 
 
 def swav_float64(scores, eps=0.05, n_iters=3):

@@ -1,0 +1,149 @@
+"""Leopart's multi-crop views and the overlap boxes that tie them together.
+
+Per image: ``n_global`` crops (scale 0.25-1 of the image area, resized to ``global_size``) and ``n_local``
+crops (scale 0.05-0.25, resized to ``local_size``), each with colour jitter, grayscale, blur and a flip.
+Crops are resampled until the global crops overlap each other by >= 2% of the image area and every local
+crop overlaps every global crop by >= 1%. For each (global crop g, crop v) pair we return the overlap
+rectangle in g's own pixel coordinates and in v's (flips included), which is where the loss RoI-aligns
+g's targets and v's predictions.
+
+All randomness comes from an explicit ``torch.Generator``, seeded per (seed, epoch, image index) by the
+dataset, so a resumed run sees exactly the views an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from .data import to_tensor
+
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1
+
+
+@dataclass
+class CropConfig:
+    global_size: int = 224
+    local_size: int = 96
+    n_global: int = 2
+    n_local: int = 4
+    global_scale: tuple[float, float] = (0.25, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.25)
+    min_overlap_global: float = 0.02  # of the image area, between the global crops
+    min_overlap_local: float = 0.01   # of the image area, between each local crop and each global crop
+    max_tries: int = 50
+    jitter: bool = True               # colour jitter, grayscale and blur (flips always)
+
+    @property
+    def n_crops(self) -> int:
+        return self.n_global + self.n_local
+
+    def size(self, i: int) -> int:
+        return self.global_size if i < self.n_global else self.local_size
+
+
+def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
+    return lo + (hi - lo) * float(torch.rand((), generator=g))
+
+
+def sample_box(width: int, height: int, scale: tuple[float, float], g: torch.Generator,
+               ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """A RandomResizedCrop-style integer box (x0, y0, x1, y1) inside a width x height image."""
+    area = width * height
+    for _ in range(10):
+        target = area * _uniform(g, *scale)
+        aspect = math.exp(_uniform(g, math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            x0 = int(torch.randint(0, width - w + 1, (), generator=g))
+            y0 = int(torch.randint(0, height - h + 1, (), generator=g))
+            return x0, y0, x0 + w, y0 + h
+    side = max(1, min(width, height, round(math.sqrt(area * scale[1]))))  # fallback: a centred square
+    x0, y0 = (width - side) // 2, (height - side) // 2
+    return x0, y0, x0 + side, y0 + side
+
+
+def intersection(a: Box, b: Box) -> Box | None:
+    x0, y0, x1, y1 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
+
+
+def area(box: Box | None) -> float:
+    return 0.0 if box is None else (box[2] - box[0]) * (box[3] - box[1])
+
+
+def to_crop_coords(box: Box, crop: Box, size: int, flipped: bool) -> Box:
+    """An image-space box in the pixel coordinates of ``crop`` resized to size x size (and maybe flipped)."""
+    sx, sy = size / (crop[2] - crop[0]), size / (crop[3] - crop[1])
+    x0, x1 = (box[0] - crop[0]) * sx, (box[2] - crop[0]) * sx
+    y0, y1 = (box[1] - crop[1]) * sy, (box[3] - crop[1]) * sy
+    if flipped:
+        x0, x1 = size - x1, size - x0
+    return x0, y0, x1, y1
+
+
+def sample_crop_boxes(width: int, height: int, cfg: CropConfig, g: torch.Generator) -> list[tuple[int, int, int, int]]:
+    """Crop boxes satisfying the overlap rules (the last draw is kept if none does within max_tries)."""
+    image_area = width * height
+    boxes = []
+    for _ in range(cfg.max_tries):
+        boxes = [sample_box(width, height, cfg.global_scale, g) for _ in range(cfg.n_global)]
+        boxes += [sample_box(width, height, cfg.local_scale, g) for _ in range(cfg.n_local)]
+        globals_ok = all(area(intersection(boxes[i], boxes[j])) >= cfg.min_overlap_global * image_area
+                         for i in range(cfg.n_global) for j in range(i + 1, cfg.n_global))
+        locals_ok = all(area(intersection(boxes[gi], boxes[v])) >= cfg.min_overlap_local * image_area
+                        for gi in range(cfg.n_global) for v in range(cfg.n_global, cfg.n_crops))
+        if globals_ok and locals_ok:
+            return boxes
+    # Rare (tiny or extreme aspect images): every crop becomes the whole image, which always overlaps.
+    return [(0, 0, width, height)] * cfg.n_crops
+
+
+def photometric(img: Image.Image, g: torch.Generator, blur_p: float) -> Image.Image:
+    """DINO-style colour augmentation with parameters drawn from ``g``."""
+    if float(torch.rand((), generator=g)) < 0.8:
+        img = TF.adjust_brightness(img, _uniform(g, 0.6, 1.4))
+        img = TF.adjust_contrast(img, _uniform(g, 0.6, 1.4))
+        img = TF.adjust_saturation(img, _uniform(g, 0.8, 1.2))
+        img = TF.adjust_hue(img, _uniform(g, -0.1, 0.1))
+    if float(torch.rand((), generator=g)) < 0.2:
+        img = TF.rgb_to_grayscale(img, num_output_channels=3)
+    if float(torch.rand((), generator=g)) < blur_p:
+        sigma = _uniform(g, 0.1, 2.0)
+        img = TF.gaussian_blur(img, kernel_size=2 * math.ceil(3 * sigma) + 1, sigma=sigma)
+    return img
+
+
+@dataclass
+class Views:
+    crops: list[torch.Tensor]  # n_crops normalised tensors [3, size_i, size_i]
+    boxes: torch.Tensor        # [n_global, n_crops, 2, 4]: overlap of (g, v) in g's and in v's pixels
+    image_boxes: list[Box]     # the crops in image coordinates (for inspection and tests)
+
+
+def make_views(img: Image.Image, cfg: CropConfig, g: torch.Generator) -> Views:
+    width, height = img.size
+    boxes = sample_crop_boxes(width, height, cfg, g)
+    flips = [bool(torch.rand((), generator=g) < 0.5) for _ in boxes]
+    crops = []
+    for i, (box, flip) in enumerate(zip(boxes, flips)):
+        size = cfg.size(i)
+        crop = img.resize((size, size), Image.BICUBIC, box=box)
+        if flip:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        if cfg.jitter:
+            blur_p = (1.0, 0.1)[i] if i < min(cfg.n_global, 2) else 0.5
+            crop = photometric(crop, g, blur_p)
+        crops.append(to_tensor(crop, None))
+    overlap = torch.zeros(cfg.n_global, cfg.n_crops, 2, 4)
+    for gi in range(cfg.n_global):
+        for v in range(cfg.n_crops):
+            inter = intersection(boxes[gi], boxes[v])
+            if inter is None:
+                continue  # zero box: the loss skips pairs without overlap
+            overlap[gi, v, 0] = torch.tensor(to_crop_coords(inter, boxes[gi], cfg.size(gi), flips[gi]))
+            overlap[gi, v, 1] = torch.tensor(to_crop_coords(inter, boxes[v], cfg.size(v), flips[v]))
+    return Views(crops, overlap, [tuple(map(float, b)) for b in boxes])

@@ -1,0 +1,543 @@
+"""Fine-tune a ViT with the Leopart objective: ``leopart.train`` / ``leopart train``.
+
+The story of one step (Ziegler & Asano, CVPR 2022; every default below is the paper's):
+  1. renormalise the prototypes of student and teacher;
+  2. the teacher (an EMA of the student) scores the global crops' patches against its prototypes;
+     Sinkhorn-Knopp turns each global crop's scores (optionally after a queue of past teacher patch
+     embeddings) into balanced soft assignments, the targets;
+  3. the student scores every crop; for every (global crop g, other crop v) pair, g's targets and v's
+     scores are RoI-aligned (7x7) onto their overlap box, and the loss is the cross-entropy between the
+     targets and softmax(scores / 0.1), over positions the teacher's attention marks as foreground;
+  4. AdamW step (cosine lr and weight decay per step, gradient clipping), then the EMA teacher update.
+
+Checkpoints (model, teacher, optimizer, queue, RNG, step) are written atomically every ``save_every`` steps
+and on Ctrl-C; ``resume=True`` continues exactly where a run stopped, data order included.
+Under ``torchrun`` it trains with DistributedDataParallel and distributed Sinkhorn: the loss equals the
+single-process loss on the same global batch.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import roi_align
+from tqdm.auto import tqdm
+
+from . import data
+from .augment import CropConfig
+from .embed import autocast
+from .errors import LeopartError
+from .foreground import foreground_mask
+from .hub import from_pretrained
+from .kernels import sinkhorn
+from .model import LeopartConfig, LeopartViT
+from .serialization import atomic_path, write_text
+
+LOSS_MASKS = ("all", "fg", "bg")
+# Settings a resumed run may change; everything else must match the checkpoint.
+RESUMABLE_OVERRIDES = {"steps", "epochs", "save_every", "workers", "device", "eval_data", "eval_every", "eval_k",
+                       "output", "data", "progress"}
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""
+    output: str = "runs/leopart"
+    init: str = "dino-vits16"            # alias | org/repo | path | "random"
+    arch: str = "vit_small_patch16_224"  # timm name, used with init="random"
+    steps: int | None = None             # total steps of the run; default: epochs
+    epochs: int = 50
+    batch_size: int = 32                 # global batch (split over processes)
+    global_size: int = 224
+    local_size: int = 96
+    n_global: int = 2
+    n_local: int = 4
+    num_prototypes: int = 300
+    lr_backbone: float = 1e-5
+    lr_heads: float = 1e-4
+    final_lr: float = 0.0
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.5
+    momentum_teacher: float = 0.9995
+    momentum_teacher_end: float = 1.0
+    epsilon: float = 0.05
+    sinkhorn_iters: int = 3
+    temperature: float = 0.1
+    queue_length: int = 0                # patch embeddings per global crop; 0 = no queue
+    loss_mask: str = "fg"                # all | fg | bg
+    roi_size: int = 7
+    drop_path: float = 0.1
+    train_last_blocks: int | None = None
+    grad_clip: float | None = 3.0
+    save_every: int = 500
+    workers: int = 4
+    device: str | None = None
+    seed: int = 0
+    eval_data: str | None = None
+    eval_every: int = 1000
+    eval_k: int = 100
+    progress: bool | None = None
+
+    def crops(self) -> CropConfig:
+        return CropConfig(global_size=self.global_size, local_size=self.local_size, n_global=self.n_global,
+                          n_local=self.n_local)
+
+    def check(self):
+        if self.loss_mask not in LOSS_MASKS:
+            raise LeopartError(f"loss_mask must be one of {', '.join(LOSS_MASKS)}, not '{self.loss_mask}'")
+        for name in ("batch_size", "global_size", "local_size", "n_global", "num_prototypes", "save_every"):
+            if getattr(self, name) < 1:
+                raise LeopartError(f"{name} must be positive")
+        if self.n_local < 0 or (self.steps is not None and self.steps < 1) or self.epochs < 1:
+            raise LeopartError("need n_local >= 0 and a positive number of steps or epochs")
+
+
+# ------------------------------------------------------------------- schedules
+def cosine(start: float, end: float, step: int, total: int) -> float:
+    """Cosine from ``start`` at step 0 to ``end`` at step ``total``."""
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(1, total)))
+
+
+# ---------------------------------------------------------------------- model
+def build_model(cfg: TrainConfig) -> LeopartViT:
+    if cfg.init == "random":
+        model = LeopartViT(LeopartConfig(arch=cfg.arch, img_size=cfg.global_size, num_prototypes=cfg.num_prototypes))
+    else:
+        model = from_pretrained(cfg.init)
+        if model.config.num_prototypes != cfg.num_prototypes:
+            model.config.num_prototypes = cfg.num_prototypes
+            model.prototypes = nn.Linear(model.config.proj_dim, cfg.num_prototypes, bias=False)
+            nn.init.trunc_normal_(model.prototypes.weight, std=0.02)
+    set_drop_path(model, cfg.drop_path)
+    if cfg.train_last_blocks is not None:
+        n = cfg.train_last_blocks
+        blocks = model.backbone.blocks
+        if not 0 <= n <= len(blocks):
+            raise LeopartError(f"train_last_blocks must lie in 0..{len(blocks)}")
+        for name, p in model.backbone.named_parameters():
+            trainable = name.startswith("norm.") or any(name.startswith(f"blocks.{i}.")
+                                                        for i in range(len(blocks) - n, len(blocks)))
+            p.requires_grad_(trainable)
+    model.normalize_prototypes()
+    return model
+
+
+def set_drop_path(model: LeopartViT, rate: float):
+    """Stochastic depth, linearly increasing over the blocks (as timm builds it), on a built model."""
+    from timm.layers import DropPath
+
+    blocks = model.backbone.blocks
+    for i, blk in enumerate(blocks):
+        p = rate * i / max(1, len(blocks) - 1)
+        for attr in ("drop_path1", "drop_path2"):
+            if hasattr(blk, attr):
+                setattr(blk, attr, DropPath(p) if p > 0 else nn.Identity())
+
+
+def param_groups(model: LeopartViT, cfg: TrainConfig) -> list[dict]:
+    """Backbone and heads get their own lr; biases and norms (1-d parameters) get no weight decay."""
+    groups = {(part, decay): [] for part in ("backbone", "heads") for decay in (True, False)}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        part = "backbone" if name.startswith("backbone.") else "heads"
+        groups[(part, p.ndim > 1 and not name.endswith(".bias"))].append(p)
+    lr = {"backbone": cfg.lr_backbone, "heads": cfg.lr_heads}
+    return [{"params": ps, "base_lr": lr[part], "lr": lr[part], "decay": decay,
+             "weight_decay": cfg.weight_decay if decay else 0.0}
+            for (part, decay), ps in groups.items() if ps]
+
+
+class MultiCrop(nn.Module):
+    """Runs the model once per crop size, so DistributedDataParallel sees one forward per step.
+
+    Returns the prototype scores [B, h, w, K] of every crop, in the order of ``crops``.
+    """
+
+    def __init__(self, model: LeopartViT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:
+        sizes = [c.shape[-1] for c in crops]
+        scores: list[torch.Tensor] = [None] * len(crops)
+        for size in dict.fromkeys(sizes):
+            idx = [i for i, s in enumerate(sizes) if s == size]
+            out = self.model(torch.cat([crops[i] for i in idx])).scores
+            for j, chunk in zip(idx, out.chunk(len(idx))):
+                scores[j] = chunk
+        return scores
+
+
+# ----------------------------------------------------------------------- loss
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _rois(boxes: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """[B, 4] pixel boxes -> roi_align's [B, 5] (batch index, x0, y0, x1, y1) in patch units."""
+    idx = torch.arange(boxes.shape[0], device=boxes.device, dtype=boxes.dtype)[:, None]
+    return torch.cat([idx, boxes / patch_size], dim=1)
+
+
+def leopart_loss(student: nn.Module, teacher: LeopartViT, crops: list[torch.Tensor], boxes: torch.Tensor,
+                 cfg: TrainConfig, queue: torch.Tensor | None = None):
+    """The Leopart objective on one (per-process) batch.
+
+    student: a MultiCrop (optionally DDP-wrapped); teacher: the EMA model; crops: n_crops tensors [B, 3, S, S];
+    boxes: [B, n_global, n_crops, 2, 4] from augment.make_views; queue: [n_global, L, proj_dim] or None.
+    Returns (loss to backpropagate, loss value as the single-process loss on the global batch,
+    teacher embeddings per global crop for the queue).
+    """
+    rank, world_size = world()
+    ng, n_crops = cfg.n_global, len(crops)
+    b = crops[0].shape[0]
+    p = teacher.patch_size
+    k = teacher.config.num_prototypes
+    with torch.no_grad():
+        t_out = teacher(torch.cat(crops[:ng]), attention=cfg.loss_mask != "all")
+        h, w = t_out.scores.shape[1:3]
+        targets, new_embeddings = [], []
+        for gi in range(ng):
+            scores = t_out.scores[gi * b:(gi + 1) * b].reshape(-1, k).float()
+            emb = t_out.embeddings[gi * b:(gi + 1) * b].reshape(-1, t_out.embeddings.shape[-1])
+            new_embeddings.append(emb.float())
+            if queue is not None:
+                scores = torch.cat([queue[gi].to(scores) @ teacher.prototypes.weight.float().T, scores])
+            q = sinkhorn(scores, cfg.epsilon, cfg.sinkhorn_iters, distributed=world_size > 1)[-b * h * w:]
+            targets.append(q.view(b, h, w, k).permute(0, 3, 1, 2))
+        masks = None
+        if cfg.loss_mask != "all":
+            masks = foreground_mask(t_out.attention).float().to(crops[0].device)
+            if cfg.loss_mask == "bg":
+                masks = 1.0 - masks
+            masks = masks[:, None]
+
+    outputs = student(crops)
+    maps = [o.float().permute(0, 3, 1, 2) for o in outputs]  # [B, K, h_v, w_v]
+    terms = []
+    for gi in range(ng):
+        for v in range(n_crops):
+            if v == gi:
+                continue
+            box_g, box_v = boxes[:, gi, v, 0], boxes[:, gi, v, 1]
+            has_overlap = ((box_g[:, 2] - box_g[:, 0]) > 0) & ((box_g[:, 3] - box_g[:, 1]) > 0)
+            rois_g, rois_v = _rois(box_g, p), _rois(box_v, p)
+            target = roi_align(targets[gi], rois_g, cfg.roi_size, aligned=True)
+            pred = roi_align(maps[v], rois_v, cfg.roi_size, aligned=True)
+            ce = -(target * F.log_softmax(pred / cfg.temperature, dim=1)).sum(dim=1)  # [B, 7, 7]
+            weight = has_overlap[:, None, None].float().expand_as(ce)
+            if masks is not None:
+                aligned = roi_align(masks[gi * b:(gi + 1) * b], rois_g, cfg.roi_size, aligned=True)[:, 0]
+                weight = weight * (aligned >= 1.0 - 1e-6).float()  # positions fully inside the mask
+            count = weight.sum().detach()
+            if world_size > 1:
+                dist.all_reduce(count)
+            if count > 0:
+                terms.append((ce * weight).sum() / count)
+    if not terms:
+        zero = sum(m.sum() for m in maps) * 0.0  # keeps DDP's graph intact
+        return zero, 0.0, new_embeddings
+    local = torch.stack(terms).mean()
+    value = local.detach().clone()
+    if world_size > 1:
+        dist.all_reduce(value)  # per-pair terms already divide by the global count: their sum is the loss
+    # DDP averages gradients over processes; scale so the average is the gradient of the global loss.
+    return local * world_size, float(value), new_embeddings
+
+
+# ------------------------------------------------------------------- training
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, **state):
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is the same problem for the user
+        raise LeopartError(f"cannot read checkpoint {path}: {e}") from None
+
+
+def _resolve_config(cfg: TrainConfig, ckpt: dict | None, overrides: dict) -> TrainConfig:
+    if ckpt is None:
+        return cfg
+    saved = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
+    clash = {k: (getattr(saved, k), v) for k, v in overrides.items()
+             if k not in RESUMABLE_OVERRIDES and getattr(saved, k) != v}
+    if clash:
+        desc = ", ".join(f"{k}={new!r} (checkpoint: {old!r})" for k, (old, new) in clash.items())
+        raise LeopartError(f"cannot resume with changed settings: {desc}")
+    return dataclasses.replace(saved, **{k: v for k, v in overrides.items() if k in RESUMABLE_OVERRIDES})
+
+
+def _trim_metrics(path: Path, last_step: int):
+    """Keep metrics lines up to ``last_step`` so a resumed run never logs a step twice."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+def _setup_distributed(cfg: TrainConfig) -> torch.device:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+        dist.init_process_group(backend)
+    rank, world_size = world()
+    if cfg.batch_size % world_size:
+        raise LeopartError(f"batch size {cfg.batch_size} does not split evenly over {world_size} processes")
+    if cfg.device is not None:
+        return torch.device(cfg.device)
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+class Learner:
+    """Everything one training step changes: student, EMA teacher, optimiser and queue.
+
+    ``step(crops, boxes, step, total)`` is one optimisation step (sections 1-4 of the module docstring);
+    train() calls it in its loop and benchmarks/train.py times it.
+    """
+
+    def __init__(self, model: LeopartViT, cfg: TrainConfig, device: torch.device):
+        self.cfg = cfg
+        self.model = model.to(device).train()
+        self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr_heads)
+        self.queue = (torch.zeros(cfg.n_global, cfg.queue_length, model.config.proj_dim, device=device)
+                      if cfg.queue_length else None)
+        self.queue_filled = 0
+        self.student = MultiCrop(model)
+        if world()[1] > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.student = nn.parallel.DistributedDataParallel(self.student, device_ids=ids)
+        self.device = device
+
+    def state_dict(self) -> dict:
+        return {"student": self.model.state_dict(), "teacher": self.teacher.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "queue_filled": self.queue_filled,
+                "queue": self.queue.cpu() if self.queue is not None else None}
+
+    def load_state_dict(self, state: dict):
+        self.model.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.queue is not None and state.get("queue") is not None:
+            self.queue.copy_(state["queue"])
+            self.queue_filled = int(state["queue_filled"])
+
+    def step(self, crops: list[torch.Tensor], boxes: torch.Tensor, step: int, total: int) -> float:
+        cfg, optimizer = self.cfg, self.optimizer
+        crops = [c.to(self.device, non_blocking=True) for c in crops]
+        boxes = boxes.to(self.device)
+        # 1. schedules and normalised prototypes
+        lr_scale = cosine(1.0, 0.0, step, total)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.final_lr + (group["base_lr"] - cfg.final_lr) * lr_scale
+            if group["decay"]:
+                group["weight_decay"] = cosine(cfg.weight_decay, cfg.weight_decay_end, step, total)
+        self.model.normalize_prototypes()
+        self.teacher.normalize_prototypes()
+        # 2-3. targets from the teacher, predictions from the student, the loss
+        full = self.queue is not None and self.queue_filled >= cfg.queue_length
+        with autocast(self.device):
+            loss, loss_value, embeddings = leopart_loss(self.student, self.teacher, crops, boxes, cfg,
+                                                        self.queue if full else None)
+        if not math.isfinite(loss_value):
+            raise LeopartError(f"the loss became {loss_value} at step {step}: lower the learning rates")
+        # 4. optimiser step, then the EMA teacher
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip)
+        optimizer.step()
+        with torch.no_grad():
+            m = cosine(cfg.momentum_teacher, cfg.momentum_teacher_end, step, total)
+            t_params, s_params = list(self.teacher.parameters()), list(self.model.parameters())
+            torch._foreach_mul_(t_params, m)
+            torch._foreach_add_(t_params, s_params, alpha=1 - m)
+        if self.queue is not None:  # newest embeddings first, oldest fall off the end
+            for gi, emb in enumerate(embeddings):
+                n = min(len(emb), cfg.queue_length)
+                self.queue[gi] = torch.cat([emb[-n:].to(self.queue), self.queue[gi, :cfg.queue_length - n]])
+            self.queue_filled = min(cfg.queue_length, self.queue_filled + len(embeddings[0]))
+        return loss_value
+
+
+def train(data_source: str | os.PathLike = "", output: str | os.PathLike = "runs/leopart", resume: bool = False,
+          **overrides) -> LeopartViT:
+    """Fine-tune with the Leopart objective on a folder of images (or a text file of paths).
+
+    Keyword overrides are TrainConfig fields (init, arch, steps, epochs, batch_size, ...). Returns the trained
+    student; the final model is also saved to ``<output>/model`` (load it with ``leopart.from_pretrained``).
+    """
+    explicit = {**overrides, "data": str(data_source), "output": str(output)}
+    unknown = set(explicit) - {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise LeopartError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+    out = Path(output)
+    ckpt_path = out / "checkpoint.pt"
+    ckpt = None
+    if ckpt_path.is_file():
+        if not resume:
+            raise LeopartError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --output")
+        ckpt = load_checkpoint(ckpt_path)
+    cfg = _resolve_config(TrainConfig(**explicit), ckpt, explicit)
+    cfg.check()
+    device = _setup_distributed(cfg)
+    rank, world_size = world()
+    is_main = rank == 0
+    torch.manual_seed(cfg.seed)
+
+    files = data.list_training_images(cfg.data)
+    dataset = data.MultiCropDataset(files, cfg.crops(), seed=cfg.seed)
+    sampler = data.EpochSampler(len(files), cfg.batch_size, rank, world_size, cfg.seed, start_step=0)
+    total = cfg.steps or cfg.epochs * sampler.steps_per_epoch
+
+    learner = Learner(build_model(cfg), cfg, device)
+    step, skipped = 0, set()
+    if ckpt is not None:
+        learner.load_state_dict(ckpt)
+        step, skipped = int(ckpt["step"]), set(ckpt.get("skipped", []))
+        _set_rng_state(ckpt["rng"])
+        if step >= total:
+            raise LeopartError(f"the checkpoint is already at step {step} of {total}: raise --steps to go on")
+
+    sampler.start_step = step
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size // world_size, sampler=sampler,
+                                         num_workers=cfg.workers, collate_fn=data.collate_views,
+                                         pin_memory=device.type == "cuda", persistent_workers=False,
+                                         # its own generator: creating the iterator must not draw from the
+                                         # global RNG, or a resumed run's dropout would drift from the original
+                                         generator=torch.Generator().manual_seed(cfg.seed))
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _trim_metrics(out / "metrics.jsonl", step)
+        write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+
+    def checkpoint():
+        if is_main:
+            save_checkpoint(ckpt_path, config=dataclasses.asdict(cfg), step=step, rng=_rng_state(),
+                            skipped=sorted(skipped), **learner.state_dict())
+
+    bar = tqdm(total=total, initial=step, desc="train", unit="step",
+               disable=not is_main or ((not cfg.progress) if cfg.progress is not None else None))
+    batches = iter(loader)
+    stop = _GracefulStop()
+    try:
+        while step < total:
+            t0 = time.perf_counter()
+            crops, boxes, bad = next(batches)
+            skipped.update(bad)
+            loss_value = learner.step(crops, boxes, step, total)
+            step += 1
+            seconds = time.perf_counter() - t0
+            if is_main:
+                groups = learner.optimizer.param_groups
+                record = {"step": step, "loss": loss_value, "lr": groups[0]["lr"],
+                          "wd": next(g["weight_decay"] for g in groups if g["decay"]),
+                          "images_per_s": cfg.batch_size / seconds}
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix(loss=f"{loss_value:.4f}", skipped=len(skipped), refresh=False)
+                bar.update(1)
+            if step % cfg.save_every == 0 or step == total:
+                checkpoint()
+            if cfg.eval_data and is_main and (step % cfg.eval_every == 0 or step == total):
+                _evaluate_during_training(learner.model, cfg, step, out, device)
+            if stop.requested(device) and step < total:
+                checkpoint()
+                bar.close()
+                if is_main:
+                    print(f"Interrupted at step {step}: checkpoint saved; continue with --resume")
+                raise KeyboardInterrupt
+    finally:
+        stop.restore()
+        bar.close()
+        del batches
+    model = learner.model
+    if is_main:
+        if skipped:
+            print(f"skipped {len(skipped)} unreadable image(s), e.g. {sorted(skipped)[0]}")
+        from .hub import save_converted
+
+        save_converted(model.cpu(), out / "model")
+    return model
+
+
+class _GracefulStop:
+    """The first Ctrl-C (SIGINT or SIGTERM) asks the loop to stop after the current step, so the checkpoint
+    it writes is consistent; a second one interrupts at once. Processes agree on stopping via all_reduce."""
+
+    def __init__(self):
+        self.flag = False
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.flag:
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def requested(self, device) -> bool:
+        if world()[1] > 1:
+            t = torch.tensor([float(self.flag)], device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            return bool(t.item())
+        return self.flag
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _evaluate_during_training(model: LeopartViT, cfg: TrainConfig, step: int, out: Path, device):
+    from .evaluate import evaluate
+
+    was_training = model.training
+    model.eval()
+    try:
+        res = evaluate(cfg.eval_data, model, ks=(cfg.eval_k,), resolution=cfg.global_size, device=device,
+                       progress=False)
+    finally:
+        model.train(was_training)
+    with open(out / "eval.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "overclustering": res["overclustering"]}) + "\n")

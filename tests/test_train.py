@@ -1,0 +1,262 @@
+"""Multi-crop overlap boxes, the Leopart loss, training runs, resume after SIGKILL, and DDP equivalence."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from click.testing import CliRunner
+from PIL import Image
+from torchvision.ops import roi_align
+
+import leopart
+from leopart.augment import CropConfig, intersection, make_views, to_crop_coords
+from leopart.cli import main
+from leopart.errors import LeopartError
+from leopart.train import MultiCrop, TrainConfig, build_model, leopart_loss
+
+TINY = dict(init="random", arch="test_vit", batch_size=4, global_size=64, local_size=32, num_prototypes=10,
+            workers=0, progress=False, drop_path=0.0)
+
+
+def textured_image(seed, h=80, w=100) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    img = np.zeros((h, w, 3), dtype=np.uint8)
+    img[:] = rng.integers(0, 255, 3)
+    y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
+    img[y:y + h // 2, x:x + w // 2] = rng.integers(0, 255, 3)
+    img = np.clip(img.astype(int) + rng.integers(-20, 20, img.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(img)
+
+
+@pytest.fixture(scope="module")
+def train_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("train_images")
+    for i in range(8):
+        textured_image(i).save(folder / f"{i}.jpg")
+    return folder
+
+
+# -------------------------------------------------------------------- views
+def test_identical_crops_give_identity_boxes():
+    cfg = CropConfig(global_size=64, local_size=32, global_scale=(1.0, 1.0), local_scale=(1.0, 1.0))
+    views = make_views(textured_image(0, 64, 64), cfg, torch.Generator().manual_seed(0))
+    for gi in range(cfg.n_global):
+        for v in range(cfg.n_crops):
+            size_g, size_v = cfg.size(gi), cfg.size(v)
+            torch.testing.assert_close(views.boxes[gi, v, 0], torch.tensor([0.0, 0.0, size_g, size_g]))
+            torch.testing.assert_close(views.boxes[gi, v, 1], torch.tensor([0.0, 0.0, size_v, size_v]))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_overlap_boxes_map_back_to_the_same_image_region(seed):
+    cfg = CropConfig(global_size=64, local_size=32)
+    g = torch.Generator().manual_seed(seed)
+    views = make_views(textured_image(seed, 120, 90), cfg, g)
+    image_area = 120 * 90
+    for gi in range(cfg.n_global):
+        for v in range(cfg.n_crops):
+            inter = intersection(views.image_boxes[gi], views.image_boxes[v])
+            assert inter is not None
+            min_share = cfg.min_overlap_global if v < cfg.n_global else cfg.min_overlap_local
+            assert (inter[2] - inter[0]) * (inter[3] - inter[1]) >= min_share * image_area - 1e-6
+            for side, crop in ((0, gi), (1, v)):
+                box = views.boxes[gi, v, side]
+                size = cfg.size(crop)
+                assert 0 <= box[0] < box[2] <= size + 1e-4 and 0 <= box[1] < box[3] <= size + 1e-4
+                w = box[2] - box[0]
+                expected = to_crop_coords(inter, views.image_boxes[crop], size, flipped=False)
+                assert w == pytest.approx(expected[2] - expected[0], rel=1e-5)
+
+
+def test_roi_aligned_targets_of_a_crop_with_itself_are_its_assignments():
+    q = torch.softmax(torch.randn(3, 10, 7, 7), dim=1)  # 112 px crop, patch 16: a 7x7 grid
+    rois = torch.tensor([[i, 0.0, 0.0, 7.0, 7.0] for i in range(3)])
+    torch.testing.assert_close(roi_align(q, rois, 7, aligned=True), q)
+
+
+# --------------------------------------------------------------------- loss
+def fixed_batch(n=4, cfg=None, seed=0):
+    cfg = cfg or TrainConfig(**TINY)
+    views = [make_views(textured_image(i + 10 * seed), cfg.crops(), torch.Generator().manual_seed(i)) for i in range(n)]
+    crops = [torch.stack([v.crops[c] for v in views]) for c in range(cfg.crops().n_crops)]
+    return crops, torch.stack([v.boxes for v in views])
+
+
+def tiny_pair(cfg):
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    teacher = build_model(cfg).eval().requires_grad_(False)
+    teacher.load_state_dict(model.state_dict())
+    return model, teacher
+
+
+@pytest.mark.parametrize("mask", ["all", "fg", "bg"])
+def test_loss_decreases_on_a_fixed_batch(mask):
+    cfg = TrainConfig(**TINY, loss_mask=mask)
+    model, teacher = tiny_pair(cfg)
+    crops, boxes = fixed_batch(cfg=cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        model.normalize_prototypes()
+        loss, value, _ = leopart_loss(MultiCrop(model), teacher, crops, boxes, cfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        teacher.load_state_dict(model.state_dict())
+        losses.append(value)
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.05, losses
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        cfg = TrainConfig(**TINY, loss_mask="fg")
+        model, teacher = tiny_pair(cfg)
+        crops, boxes = fixed_batch(cfg=cfg)
+        half = slice(rank * 2, rank * 2 + 2)
+        student = torch.nn.parallel.DistributedDataParallel(MultiCrop(model))
+        loss, value, _ = leopart_loss(student, teacher, [c[half] for c in crops], boxes[half], cfg)
+        loss.backward()
+        results[rank] = (value, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_equal_one_on_the_same_global_batch():
+    cfg = TrainConfig(**TINY, loss_mask="fg")
+    model, teacher = tiny_pair(cfg)
+    crops, boxes = fixed_batch(cfg=cfg)
+    loss, value, _ = leopart_loss(MultiCrop(model), teacher, crops, boxes, cfg)
+    loss.backward()
+    manager = mp.get_context("spawn").Manager()
+    results = manager.dict()
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), results), nprocs=2, join=True, start_method="spawn")
+    for rank in range(2):
+        ddp_value, grads = results[rank]
+        assert ddp_value == pytest.approx(value, abs=1e-6)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(grads[name], p.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+# ----------------------------------------------------------------- training
+def test_train_api_run_and_outputs(train_dir, tmp_path):
+    (train_dir / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    try:
+        model = leopart.train(train_dir, tmp_path / "run", steps=20, lr_backbone=1e-3, lr_heads=3e-3,
+                              save_every=10, queue_length=256, **{k: v for k, v in TINY.items()})
+    finally:
+        (train_dir / "broken.jpg").unlink()
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 21))
+    assert set(lines[0]) == {"step", "loss", "lr", "wd", "images_per_s"}
+    losses = [r["loss"] for r in lines]
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]), losses
+    assert lines[0]["wd"] == pytest.approx(0.04) and lines[-1]["lr"] < lines[0]["lr"]
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 20 and any(p.endswith("broken.jpg") for p in ckpt["skipped"])
+    assert ckpt["queue_filled"] == 256
+    loaded = leopart.from_pretrained(tmp_path / "run" / "model")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k])
+
+
+RESUME_SCRIPT = """
+import sys, leopart
+leopart.train(sys.argv[1], sys.argv[2], resume=len(sys.argv) > 3, init="random", arch="test_vit", steps=8,
+              batch_size=4, global_size=64, local_size=32, num_prototypes=10, workers=0, progress=False,
+              save_every=2, lr_backbone=1e-3, lr_heads=3e-3, loss_mask="fg")
+"""
+
+
+def test_sigkill_then_resume_matches_uninterrupted(train_dir, tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(RESUME_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = tmp_path / "full"
+    subprocess.run([sys.executable, str(script), str(train_dir), str(full)], check=True, env=env)
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, str(script), str(train_dir), str(cut)], env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (cut / "checkpoint.pt").exists():
+            try:
+                if torch.load(cut / "checkpoint.pt", weights_only=True)["step"] >= 4:
+                    break
+            except Exception:  # noqa: BLE001 - being renamed into place right now
+                pass
+        if proc.poll() is not None:
+            pytest.fail("the run finished before it could be killed")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(cut / "checkpoint.pt", weights_only=True)["step"]
+    assert 4 <= killed_at < 8
+    subprocess.run([sys.executable, str(script), str(train_dir), str(cut), "--resume"], check=True, env=env)
+
+    a = leopart.from_pretrained(full / "model").state_dict()
+    b = leopart.from_pretrained(cut / "model").state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0, msg=k)
+    full_lines = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    cut_lines = [json.loads(x) for x in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in cut_lines] == list(range(1, 9))
+    for x, y in zip(full_lines, cut_lines):
+        assert y["loss"] == pytest.approx(x["loss"], abs=1e-6)
+
+
+def test_train_cli_guards(train_dir, tmp_path):
+    runner = CliRunner()
+    base = ["train", str(train_dir), "--output", str(tmp_path / "r"), "--init", "random", "--arch", "test_vit",
+            "--batch-size", "4", "--global-size", "64", "--local-size", "32", "--num-prototypes", "10",
+            "--workers", "0", "--save-every", "1"]
+    r = runner.invoke(main, [*base, "--steps", "1"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, [*base, "--steps", "2"])
+    assert r.exit_code == 1 and "pass --resume" in r.output
+    r = runner.invoke(main, ["train", str(train_dir), "--output", str(tmp_path / "r"), "--resume", "--batch-size", "8",
+                             "--steps", "2"])
+    assert r.exit_code == 1 and "batch_size=8 (checkpoint: 4)" in r.output
+    r = runner.invoke(main, ["train", str(train_dir), "--output", str(tmp_path / "r"), "--resume", "--steps", "2",
+                             "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    assert len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 2
+    r = runner.invoke(main, ["train", str(tmp_path / "nothing"), "--output", str(tmp_path / "q")])
+    assert r.exit_code == 1 and "no such folder" in r.output
+    r = runner.invoke(main, [*base[:3], str(tmp_path / "big"), *base[4:], "--batch-size", "64", "--steps", "1"])
+    assert r.exit_code == 1 and "need at least 64 images" in r.output
+
+
+def test_bad_training_options():
+    with pytest.raises(LeopartError, match="unknown training option"):
+        leopart.train("x", "y", learning_rate=1)
+    with pytest.raises(LeopartError, match="loss_mask"):
+        TrainConfig(loss_mask="middle").check()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_train_on_gpu_bf16(train_dir, tmp_path):
+    """A few real steps on CUDA: bf16 autocast, Triton Sinkhorn, pinned-memory loader, queue."""
+    model = leopart.train(train_dir, tmp_path / "gpu", steps=4, save_every=2, queue_length=64,
+                          **{**TINY, "device": "cuda"})
+    lines = [json.loads(x) for x in (tmp_path / "gpu" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4] and all(np.isfinite([r["loss"] for r in lines]))
+    assert next(model.parameters()).device.type == "cpu"  # saved and returned on the CPU
