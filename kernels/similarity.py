@@ -1,9 +1,9 @@
 """Patch-prototype cosine similarity and nearest-prototype search, in torch and as Triton kernels.
 
 ``patch_prototype_similarity(x [N, D], prototypes [K, D])`` -> cosine scores [N, K], optionally
-softmax(scores / temperature) over K, fused: the row norms of both operands are accumulated while their
-tiles stream through the matmul, so neither normalised copy is ever written. Differentiable: the
-backward recomputes the torch reference under autograd (cheap next to a ViT's backward).
+softmax(scores / temperature) over K, fused: the kernel scales each dot-product tile by the inverse row
+norms (two small vectors computed first), so no normalised copy of either operand is ever written.
+Differentiable: the backward recomputes the torch reference under autograd (cheap next to a ViT's backward).
 
 ``nearest_prototype(x, prototypes)`` -> (index [N] int64, score [N]): the argmax over K, streamed over
 tiles of K inside each program, so the N x K matrix never exists. Ties go to the lowest index, as in
@@ -81,14 +81,13 @@ def _configs(interpret: bool):
 if triton is not None:
 
     @triton.jit
-    def _cosine_tile(x_ptr, p_ptr, rows, cols, N, K, D, sxn, sxd, spk, spd,
+    def _cosine_tile(x_ptr, p_ptr, inv_x, inv_p_ptr, rows, cols, N, K, D, sxn, sxd, spk, spd,
                      NORMALIZE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Scores [BLOCK_N, BLOCK_K] of rows x cols, fp32; -inf in columns past K."""
+        """Scores [BLOCK_N, BLOCK_K] of rows x cols, fp32; -inf in columns past K. ``rows`` are int64
+        (N * D can pass 2**31); ``inv_x`` [BLOCK_N] holds the rows' inverse norms when NORMALIZE."""
         offs_d = tl.arange(0, BLOCK_D)
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        x_ss = tl.zeros([BLOCK_N], tl.float32)
-        p_ss = tl.zeros([BLOCK_K], tl.float32)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + offs_d
             xt = tl.load(x_ptr + rows[:, None] * sxn + d[None, :] * sxd,
@@ -99,54 +98,59 @@ if triton is not None:
                 acc = tl.dot(xt.to(tl.float32), tl.trans(pt.to(tl.float32)), acc)
             else:
                 acc = tl.dot(xt, tl.trans(pt), acc)
-            if NORMALIZE:
-                xf = xt.to(tl.float32)
-                pf = pt.to(tl.float32)
-                x_ss += tl.sum(xf * xf, axis=1)
-                p_ss += tl.sum(pf * pf, axis=1)
         if NORMALIZE:
-            acc = acc / tl.maximum(tl.sqrt(x_ss), 1e-12)[:, None] / tl.maximum(tl.sqrt(p_ss), 1e-12)[None, :]
+            inv_p = tl.load(inv_p_ptr + cols, mask=cols < K, other=0.0)
+            acc = acc * inv_x[:, None] * inv_p[None, :]
         return tl.where(cols[None, :] < K, acc, -float("inf"))
 
-    def _scores_kernel(x_ptr, p_ptr, out_ptr, N, K, D, sxn, sxd, spk, spd,
+    @triton.jit
+    def _row_scale(inv_x_ptr, rows, N, NORMALIZE: tl.constexpr):
+        if NORMALIZE:
+            return tl.load(inv_x_ptr + rows, mask=rows < N, other=0.0)
+        return tl.full(rows.shape, 1.0, tl.float32)
+
+    def _scores_kernel(x_ptr, p_ptr, inv_x_ptr, inv_p_ptr, out_ptr, N, K, D, sxn, sxd, spk, spd,
                        NORMALIZE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-        s = _cosine_tile(x_ptr, p_ptr, rows, cols, N, K, D, sxn, sxd, spk, spd,
+        inv_x = _row_scale(inv_x_ptr, rows, N, NORMALIZE)
+        s = _cosine_tile(x_ptr, p_ptr, inv_x, inv_p_ptr, rows, cols, N, K, D, sxn, sxd, spk, spd,
                          NORMALIZE, UPCAST, BLOCK_N, BLOCK_K, BLOCK_D)
         tl.store(out_ptr + rows[:, None] * K + cols[None, :], s, mask=(rows[:, None] < N) & (cols[None, :] < K))
 
-    def _softmax_kernel(x_ptr, p_ptr, out_ptr, N, K, D, sxn, sxd, spk, spd, inv_temp,
+    def _softmax_kernel(x_ptr, p_ptr, inv_x_ptr, inv_p_ptr, out_ptr, N, K, D, sxn, sxd, spk, spd, inv_temp,
                         NORMALIZE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
         """Row softmax over all K: pass 1 streams the row max and sum, pass 2 recomputes and writes."""
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        inv_x = _row_scale(inv_x_ptr, rows, N, NORMALIZE)
         m = tl.full([BLOCK_N], -float("inf"), tl.float32)
         s = tl.zeros([BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
-            t = _cosine_tile(x_ptr, p_ptr, rows, cols, N, K, D, sxn, sxd, spk, spd,
+            t = _cosine_tile(x_ptr, p_ptr, inv_x, inv_p_ptr, rows, cols, N, K, D, sxn, sxd, spk, spd,
                              NORMALIZE, UPCAST, BLOCK_N, BLOCK_K, BLOCK_D) * inv_temp
             m_new = tl.maximum(m, tl.max(t, axis=1))
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(t - m_new[:, None]), axis=1)
             m = m_new
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
-            t = _cosine_tile(x_ptr, p_ptr, rows, cols, N, K, D, sxn, sxd, spk, spd,
+            t = _cosine_tile(x_ptr, p_ptr, inv_x, inv_p_ptr, rows, cols, N, K, D, sxn, sxd, spk, spd,
                              NORMALIZE, UPCAST, BLOCK_N, BLOCK_K, BLOCK_D) * inv_temp
             out = tl.exp(t - m[:, None]) / s[:, None]
             tl.store(out_ptr + rows[:, None] * K + cols[None, :], out, mask=(rows[:, None] < N) & (cols[None, :] < K))
 
-    def _nearest_kernel(x_ptr, p_ptr, idx_ptr, score_ptr, N, K, D, sxn, sxd, spk, spd,
+    def _nearest_kernel(x_ptr, p_ptr, inv_x_ptr, inv_p_ptr, idx_ptr, score_ptr, N, K, D, sxn, sxd, spk, spd,
                         NORMALIZE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        inv_x = _row_scale(inv_x_ptr, rows, N, NORMALIZE)
         best = tl.full([BLOCK_N], -float("inf"), tl.float32)
         best_idx = tl.zeros([BLOCK_N], tl.int32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
-            t = _cosine_tile(x_ptr, p_ptr, rows, cols, N, K, D, sxn, sxd, spk, spd,
+            t = _cosine_tile(x_ptr, p_ptr, inv_x, inv_p_ptr, rows, cols, N, K, D, sxn, sxd, spk, spd,
                              NORMALIZE, UPCAST, BLOCK_N, BLOCK_K, BLOCK_D)
             tile_best = tl.max(t, axis=1)
             tile_idx = tl.argmax(t, axis=1) + k0  # first maximum within the tile
@@ -163,19 +167,24 @@ if triton is not None:
     _nearest_kernel = triton.autotune(_configs(interpreting()), key=_key)(triton.jit(_nearest_kernel))
 
 
-def _operands(x: torch.Tensor, prototypes: torch.Tensor):
-    """tl.dot needs both operands in one type: bf16/fp16 stay, anything else runs in fp32."""
+def _operands(x: torch.Tensor, prototypes: torch.Tensor, normalize: bool):
+    """tl.dot needs both operands in one type: bf16/fp16 stay, anything else runs in fp32. Also returns
+    the fp32 inverse row norms of both (placeholders when not normalising)."""
     dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
-    return x.to(dtype), prototypes.to(device=x.device, dtype=dtype)
+    x, p = x.to(dtype), prototypes.to(device=x.device, dtype=dtype)
+    if not normalize:
+        return x, p, x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
+    inv = [1.0 / torch.linalg.vector_norm(t, dim=1, dtype=torch.float32).clamp_min(NORM_EPS) for t in (x, p)]
+    return x, p, inv[0], inv[1]
 
 
 def similarity_triton(x: torch.Tensor, prototypes: torch.Tensor, normalize: bool = True,
                       temperature: float | None = None) -> torch.Tensor:
-    x, p = _operands(x, prototypes)
+    x, p, inv_x, inv_p = _operands(x, prototypes, normalize)
     n, d = x.shape
     k = p.shape[0]
     out = torch.empty((n, k), device=x.device, dtype=torch.float32)
-    args = (x, p, out, n, k, d, x.stride(0), x.stride(1), p.stride(0), p.stride(1))
+    args = (x, p, inv_x, inv_p, out, n, k, d, x.stride(0), x.stride(1), p.stride(0), p.stride(1))
     if temperature is None:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))  # noqa: E731
         _scores_kernel[grid](*args, NORMALIZE=normalize, UPCAST=interpreting())
@@ -186,13 +195,14 @@ def similarity_triton(x: torch.Tensor, prototypes: torch.Tensor, normalize: bool
 
 
 def nearest_triton(x: torch.Tensor, prototypes: torch.Tensor, normalize: bool = True):
-    x, p = _operands(x, prototypes)
+    x, p, inv_x, inv_p = _operands(x, prototypes, normalize)
     n, d = x.shape
     k = p.shape[0]
     index = torch.empty(n, device=x.device, dtype=torch.int64)
     score = torch.empty(n, device=x.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _nearest_kernel[grid](x, p, index, score, n, k, d, x.stride(0), x.stride(1), p.stride(0), p.stride(1),
+    _nearest_kernel[grid](x, p, inv_x, inv_p, index, score, n, k, d, x.stride(0), x.stride(1), p.stride(0),
+                          p.stride(1),
                           NORMALIZE=normalize, UPCAST=interpreting())
     return index, score
 

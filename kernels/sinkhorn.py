@@ -113,9 +113,13 @@ if triton is not None:
         nprog = tl.num_programs(0)
         offs_n = tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
+        # Single tile: this program's column partials live in registers over its rows, stored once at the end.
+        acc_m = tl.full([BLOCK_K], -float("inf"), tl.float32)
+        acc_s = tl.zeros([BLOCK_K], tl.float32)
         for row0 in range(pid * BLOCK_N, N, nprog * BLOCK_N):
             rows = row0 + offs_n
             rmask = rows < N
+            rows = rows.to(tl.int64)  # N * K can pass 2**31
             if SINGLE_TILE:
                 # The whole row fits in one tile: load it once for both steps.
                 cmask = offs_k < K
@@ -141,11 +145,7 @@ if triton is not None:
                     cm = tl.max(v, axis=0)
                     cm_safe = tl.where(cm == -float("inf"), 0.0, cm)
                     cs = tl.sum(tl.exp(v - cm_safe[None, :]), axis=0)
-                    pm = tl.load(pm_ptr + pid * K + offs_k, mask=cmask, other=-float("inf"))
-                    ps = tl.load(ps_ptr + pid * K + offs_k, mask=cmask, other=0.0)
-                    pm, ps = _merge(pm, ps, cm, cs)
-                    tl.store(pm_ptr + pid * K + offs_k, pm, mask=cmask)
-                    tl.store(ps_ptr + pid * K + offs_k, ps, mask=cmask)
+                    acc_m, acc_s = _merge(acc_m, acc_s, cm, cs)
             else:
                 if UPDATE_B:
                     m = tl.full([BLOCK_N], -float("inf"), tl.float32)
@@ -180,17 +180,24 @@ if triton is not None:
                         cm = tl.max(v, axis=0)
                         cm_safe = tl.where(cm == -float("inf"), 0.0, cm)
                         cs = tl.sum(tl.exp(v - cm_safe[None, :]), axis=0)
+                        # Read-modify-write of this program's partials: the barrier makes the previous
+                        # row block's stores (possibly by other threads of this program) visible.
+                        tl.debug_barrier()
                         pm = tl.load(pm_ptr + pid * K + cols, mask=cmask, other=-float("inf"))
                         ps = tl.load(ps_ptr + pid * K + cols, mask=cmask, other=0.0)
                         pm, ps = _merge(pm, ps, cm, cs)
                         tl.store(pm_ptr + pid * K + cols, pm, mask=cmask)
                         tl.store(ps_ptr + pid * K + cols, ps, mask=cmask)
+        if SINGLE_TILE and not WRITE_OUT:
+            cmask = offs_k < K
+            tl.store(pm_ptr + pid * K + offs_k, acc_m, mask=cmask)
+            tl.store(ps_ptr + pid * K + offs_k, acc_s, mask=cmask)
 
     @triton.jit
     def _combine(pm_ptr, ps_ptr, out_m_ptr, out_s_ptr, a_ptr, P, K, log_k,
                 FINAL: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Reduce the [P, K] partials per column (and reset them for the next pass). FINAL: write
-        a = -log K - lse; otherwise write (max, sum) for an all-reduce across processes."""
+        """Reduce the [P, K] partials per column. FINAL: write a = -log K - lse; otherwise write (max, sum)
+        for an all-reduce across processes."""
         cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
         cmask = cols < K
         m = tl.full([BLOCK_K], -float("inf"), tl.float32)
@@ -199,8 +206,6 @@ if triton is not None:
             pm = tl.load(pm_ptr + p * K + cols, mask=cmask, other=-float("inf"))
             ps = tl.load(ps_ptr + p * K + cols, mask=cmask, other=0.0)
             m, s = _merge(m, s, pm, ps)
-            tl.store(pm_ptr + p * K + cols, tl.full([BLOCK_K], -float("inf"), tl.float32), mask=cmask)
-            tl.store(ps_ptr + p * K + cols, tl.zeros([BLOCK_K], tl.float32), mask=cmask)
         m_safe = tl.where(m == -float("inf"), 0.0, m)
         if FINAL:
             tl.store(a_ptr + cols, -log_k - (m_safe + tl.log(tl.maximum(s, 1.0))), mask=cmask)
@@ -210,14 +215,15 @@ if triton is not None:
 
 
 
-def _block_sizes(k: int) -> tuple[int, int, bool]:
-    """Memory-bound kernel: tiles of ~8K elements; one tile per row block when K fits (read once)."""
+def _block_sizes(k: int) -> tuple[int, int, bool, int]:
+    """(BLOCK_N, BLOCK_K, SINGLE_TILE, num_warps). Memory-bound: tiles of ~8K elements; while K fits one
+    tile (K <= 1024) each row block is read once per pass, beyond that twice in the sample-step passes."""
     if interpreting():
-        return 64, min(next_pow2(k), 1024), k <= 1024  # big tiles: fewer interpreted steps
-    block_k = next_pow2(k)
-    if block_k <= 1024:
-        return max(1, min(64, 8192 // block_k)), max(block_k, 16), True
-    return 16, 512, False
+        return 64, min(next_pow2(k), 1024), k <= 1024, 4  # big tiles: fewer interpreted steps
+    block_k = max(next_pow2(k), 16)
+    if block_k <= 1024:  # measured on an H200: one 4096-wide tile of 2 rows was slower at K = 3000
+        return max(1, min(64, 8192 // block_k)), block_k, True, 4
+    return 16, 512, False, 4
 
 
 def sinkhorn_triton(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 3,
@@ -225,17 +231,26 @@ def sinkhorn_triton(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 
     n, k = scores.shape
     device = scores.device
     n_total = _global_count(n, device, distributed)
-    block_n, block_k, single = _block_sizes(k)
+    block_n, block_k, single, warps = _block_sizes(k)
     programs = max(1, min(-(-n // block_n), num_programs_cap(device)))
     a = torch.zeros(k, device=device, dtype=torch.float32)
     b = torch.zeros(n, device=device, dtype=torch.float32)
-    pm = torch.full((programs, k), -math.inf, device=device, dtype=torch.float32)
-    ps = torch.zeros((programs, k), device=device, dtype=torch.float32)
+    # Per-program column partials (max, sum of exp): programs x K, a few hundred rows at most.
+    pm = torch.empty((programs, k), device=device, dtype=torch.float32)
+    ps = torch.empty((programs, k), device=device, dtype=torch.float32)
     col_m = torch.empty(k, device=device, dtype=torch.float32)
     col_s = torch.empty(k, device=device, dtype=torch.float32)
     out = torch.empty((n, k), device=device, dtype=torch.float32)
     combine_grid = (-(-k // 256),)
-    common = dict(BLOCK_N=block_n, BLOCK_K=block_k, SINGLE_TILE=single)
+    common = dict(BLOCK_N=block_n, BLOCK_K=block_k, SINGLE_TILE=single, num_warps=warps)
+
+    def accumulate(update_b: bool):
+        # One pass over the rows that folds lse_n(x + b) into fresh partials (after the sample step if update_b).
+        if not single:  # a single tile's partials are stored whole; multi-tile ones are read-modify-written
+            pm.fill_(-math.inf)
+            ps.zero_()
+        _row_pass[(programs,)](scores, scores.stride(0), scores.stride(1), a, b, out, pm, ps, n, k, inv_eps, log_n,
+                              UPDATE_B=update_b, WRITE_OUT=False, **common)
 
     def prototype_step():
         # Partials in pm/ps -> new a (all-reduced first when distributed).
@@ -248,13 +263,12 @@ def sinkhorn_triton(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 
     inv_eps = 1.0 / epsilon
     log_n = math.log(n_total)
     # First prototype step with b = 0: fold lse_n(x) into the partials without touching b.
-    _row_pass[(programs,)](scores, scores.stride(0), scores.stride(1), a, b, out, pm, ps, n, k, inv_eps, log_n,
-                          UPDATE_B=False, WRITE_OUT=False, **common)
+    accumulate(update_b=False)
     prototype_step()
-    for it in range(n_iters):
-        last = it == n_iters - 1
-        _row_pass[(programs,)](scores, scores.stride(0), scores.stride(1), a, b, out, pm, ps, n, k, inv_eps, log_n,
-                              UPDATE_B=True, WRITE_OUT=last, **common)
-        if not last:
-            prototype_step()
+    for _ in range(n_iters - 1):
+        accumulate(update_b=True)
+        prototype_step()
+    # Last sample step, fused with writing the output.
+    _row_pass[(programs,)](scores, scores.stride(0), scores.stride(1), a, b, out, pm, ps, n, k, inv_eps, log_n,
+                          UPDATE_B=True, WRITE_OUT=True, **common)
     return out

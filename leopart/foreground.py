@@ -37,10 +37,30 @@ def keep_mass(maps: torch.Tensor, share: float) -> torch.Tensor:
     return keep.view_as(maps)
 
 
+def _neighbour_count(masks: torch.Tensor) -> torch.Tensor:
+    """Number of 8-neighbours set, per cell of boolean [B, h, w] masks (as float)."""
+    x = masks.float()[:, None]
+    ones = torch.ones(1, 1, 3, 3, dtype=x.dtype, device=x.device)
+    return (F.conv2d(x, ones, padding=1) - x)[:, 0]
+
+
 def remove_small_components(masks: torch.Tensor, max_size: int) -> torch.Tensor:
-    """Drop 8-connected components of at most ``max_size`` cells from boolean [B, h, w] masks."""
+    """Drop 8-connected components of at most ``max_size`` cells from boolean [B, h, w] masks.
+
+    Sizes 1 and 2 (the only ones Leopart uses) need no labelling and stay on the masks' device, so the
+    training step never waits for the host: a set cell is alone if it has no set neighbour, and in a pair
+    if it has exactly one set neighbour that in turn has exactly one (which can only be the cell itself).
+    Larger sizes are labelled with scipy on the CPU.
+    """
     if max_size <= 0:
         return masks
+    if max_size <= 2:
+        n = _neighbour_count(masks)
+        small = masks & (n == 0)
+        if max_size == 2:
+            single_link = masks & (n == 1)
+            small |= single_link & (_neighbour_count(single_link) >= 1)
+        return masks & ~small
     out = masks.cpu().numpy().copy()
     structure = np.ones((3, 3), dtype=bool)
     for m in out:

@@ -200,7 +200,7 @@ def leopart_loss(student: nn.Module, teacher: LeopartViT, crops: list[torch.Tens
 
     student: a MultiCrop (optionally DDP-wrapped); teacher: the EMA model; crops: n_crops tensors [B, 3, S, S];
     boxes: [B, n_global, n_crops, 2, 4] from augment.make_views; queue: [n_global, L, proj_dim] or None.
-    Returns (loss to backpropagate, loss value as the single-process loss on the global batch,
+    Returns (loss to backpropagate, the single-process loss on the global batch as a 0-d tensor,
     teacher embeddings per global crop for the queue).
     """
     rank, world_size = world()
@@ -229,7 +229,7 @@ def leopart_loss(student: nn.Module, teacher: LeopartViT, crops: list[torch.Tens
 
     outputs = student(crops)
     maps = [o.float().permute(0, 3, 1, 2) for o in outputs]  # [B, K, h_v, w_v]
-    terms = []
+    sums, counts = [], []
     for gi in range(ng):
         for v in range(n_crops):
             if v == gi:
@@ -244,20 +244,22 @@ def leopart_loss(student: nn.Module, teacher: LeopartViT, crops: list[torch.Tens
             if masks is not None:
                 aligned = roi_align(masks[gi * b:(gi + 1) * b], rois_g, cfg.roi_size, aligned=True)[:, 0]
                 weight = weight * (aligned >= 1.0 - 1e-6).float()  # positions fully inside the mask
-            count = weight.sum().detach()
-            if world_size > 1:
-                dist.all_reduce(count)
-            if count > 0:
-                terms.append((ce * weight).sum() / count)
-    if not terms:
-        zero = sum(m.sum() for m in maps) * 0.0  # keeps DDP's graph intact
-        return zero, 0.0, new_embeddings
-    local = torch.stack(terms).mean()
+            sums.append((ce * weight).sum())
+            counts.append(weight.sum().detach())
+    # Each (g, v) pair's term is its mean over the counted positions of the *global* batch; the loss is the
+    # mean over pairs that count any position. All on the device: no host sync before the backward.
+    counts = torch.stack(counts)
+    if world_size > 1:
+        dist.all_reduce(counts)
+    valid = (counts > 0).float()
+    terms = torch.stack(sums) / counts.clamp_min(1.0)
+    n_valid = valid.sum().clamp_min(1.0)
+    local = (terms * valid).sum() / n_valid
     value = local.detach().clone()
     if world_size > 1:
         dist.all_reduce(value)  # per-pair terms already divide by the global count: their sum is the loss
     # DDP averages gradients over processes; scale so the average is the gradient of the global loss.
-    return local * world_size, float(value), new_embeddings
+    return local * world_size, value, new_embeddings
 
 
 # ------------------------------------------------------------------- training
@@ -379,8 +381,6 @@ class Learner:
         with autocast(self.device):
             loss, loss_value, embeddings = leopart_loss(self.student, self.teacher, crops, boxes, cfg,
                                                         self.queue if full else None)
-        if not math.isfinite(loss_value):
-            raise LeopartError(f"the loss became {loss_value} at step {step}: lower the learning rates")
         # 4. optimiser step, then the EMA teacher
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -397,6 +397,9 @@ class Learner:
                 n = min(len(emb), cfg.queue_length)
                 self.queue[gi] = torch.cat([emb[-n:].to(self.queue), self.queue[gi, :cfg.queue_length - n]])
             self.queue_filled = min(cfg.queue_length, self.queue_filled + len(embeddings[0]))
+        loss_value = float(loss_value)  # the step's only host sync, after all its work is queued
+        if not math.isfinite(loss_value):
+            raise LeopartError(f"the loss became {loss_value} at step {step}: lower the learning rates")
         return loss_value
 
 

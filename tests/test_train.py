@@ -111,7 +111,7 @@ def test_loss_decreases_on_a_fixed_batch(mask):
         loss.backward()
         opt.step()
         teacher.load_state_dict(model.state_dict())
-        losses.append(value)
+        losses.append(float(value))
     assert all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.05, losses
 
@@ -134,7 +134,7 @@ def _ddp_worker(rank, world, port, results):
         student = torch.nn.parallel.DistributedDataParallel(MultiCrop(model))
         loss, value, _ = leopart_loss(student, teacher, [c[half] for c in crops], boxes[half], cfg)
         loss.backward()
-        results[rank] = (value, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        results[rank] = (float(value), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     finally:
         dist.destroy_process_group()
 
@@ -150,7 +150,7 @@ def test_two_processes_equal_one_on_the_same_global_batch():
     mp.start_processes(_ddp_worker, args=(2, _free_port(), results), nprocs=2, join=True, start_method="spawn")
     for rank in range(2):
         ddp_value, grads = results[rank]
-        assert ddp_value == pytest.approx(value, abs=1e-6)
+        assert ddp_value == pytest.approx(float(value), abs=1e-6)
         for name, p in model.named_parameters():
             torch.testing.assert_close(grads[name], p.grad, atol=1e-6, rtol=1e-4, msg=name)
 
@@ -260,3 +260,21 @@ def test_train_on_gpu_bf16(train_dir, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "gpu" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3, 4] and all(np.isfinite([r["loss"] for r in lines]))
     assert next(model.parameters()).device.type == "cpu"  # saved and returned on the CPU
+
+
+@pytest.mark.parametrize("max_size", [1, 2, 3])
+def test_small_component_removal_matches_scipy_labelling(max_size):
+    """Sizes <= 2 use a labelling-free rule on the device; it must equal scipy's connected components."""
+    from scipy import ndimage
+
+    from leopart.foreground import remove_small_components
+
+    g = torch.Generator().manual_seed(max_size)
+    masks = torch.cat([torch.rand(100, 9, 11, generator=g) < p for p in (0.1, 0.25, 0.4, 0.6)])
+    expected = masks.numpy().copy()
+    for m in expected:
+        labels, _ = ndimage.label(m, structure=np.ones((3, 3), dtype=bool))
+        small = np.bincount(labels.ravel()) <= max_size
+        small[0] = False
+        m[small[labels]] = False
+    assert np.array_equal(remove_small_components(masks, max_size).numpy(), expected)
