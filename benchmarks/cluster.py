@@ -1,7 +1,7 @@
 """k-means vs faiss-cpu and scikit-learn, and community detection (networkx Louvain) vs Infomap.
 
     pip install -e ".[bench]"
-    python -m benchmarks.cluster [--iters 10] [--sizes 100000 1100000] [--skip-sklearn-large]
+    python -m benchmarks.cluster [--iters 10] [--sizes 100000 1100000] [--skip-sklearn-large] [--cd-only]
 
 k-means: the same Gaussian-mixture features (D = 384, 1,000 true centres) for every library, K = 500, the
 same number of Lloyd iterations, one init each, euclidean metric (the one all three share). Each run is a
@@ -163,20 +163,26 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_100_000])
     ap.add_argument("--skip-sklearn-large", action="store_true")
+    ap.add_argument("--cd-only", action="store_true", help="only the community-detection comparison")
     args = ap.parse_args()
     if args.child:
         lib, n, iters = args.child
         print(json.dumps(run_one(lib, int(n), int(iters))))
         return
+    if not args.cd_only:
+        write_kmeans(args)
+    write_results("cd_cpu", "cpu", cd_rows(),
+                  ["task", "impl", "seconds", "objects found", "objects planted", "ARI vs planted"],
+                  note="400 synthetic 28x28 label grids, 40 planted objects of 3-5 parts; edges under 0.05 dropped.")
+
+
+def write_kmeans(args):
     rows = kmeans_rows(args.sizes, args.iters, args.skip_sklearn_large)
     write_results("cluster_cpu", "cpu", rows,
                   ["task", "impl", "seconds", "iters", "s/iter", "inertia", "peak RSS GiB", "time vs faiss",
                    "inertia vs faiss"],
                   note=f"{args.iters} Lloyd iterations, one random init each, euclidean; features of "
                        f"{TRUE_CENTRES} Gaussian centres; faiss without subsampling.")
-    write_results("cd_cpu", "cpu", cd_rows(),
-                  ["task", "impl", "seconds", "objects found", "objects planted", "ARI vs planted"],
-                  note="400 synthetic 28x28 label grids, 40 planted objects of 3-5 parts; edges under 0.05 dropped.")
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ from .errors import LeopartError
 from .hub import from_pretrained
 from .merge import Segmenter, merge
 from .model import LeopartConfig, LeopartOutput, LeopartViT
+from .probe import ProbeHead, probe
 from .segment import segment
 from .train import TrainConfig, train
 
 __version__ = "0.1.0"
-__all__ = ["KMeansResult", "LeopartConfig", "LeopartError", "LeopartOutput", "LeopartViT", "Segmenter", "TrainConfig",
-           "cluster", "embed", "from_pretrained", "merge", "metrics", "segment", "train"]
+__all__ = ["KMeansResult", "LeopartConfig", "LeopartError", "LeopartOutput", "LeopartViT", "ProbeHead", "Segmenter",
+           "TrainConfig", "cluster", "embed", "from_pretrained", "merge", "metrics", "probe", "segment", "train"]

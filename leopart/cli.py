@@ -242,9 +242,12 @@ def merge(clusters_dir, output, bg_share, weight_threshold, cd_resolution, seed)
               help="Folder for <stem>_mask.png and <stem>_overlay.png.")
 @click.option("--resolution", default=448, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default=None)
+@click.option("--head", default=None,
+              help="A trained probe head (folder, Hub id or released .ckpt): supervised class masks instead.")
 @_fg_option
-def segment(inputs, model, segmenter, k, output, resolution, device, fg_model):
-    """Segment images into objects without labels; writes VOC-coloured masks and overlays."""
+def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_model):
+    """Segment images into objects without labels (or into classes with --head); writes VOC-coloured masks
+    and overlays."""
     from tqdm.auto import tqdm
 
     from . import data
@@ -258,11 +261,22 @@ def segment(inputs, model, segmenter, k, output, resolution, device, fg_model):
     dupes = sorted({s for s in stems if stems.count(s) > 1})
     if dupes:
         raise LeopartError(f"several inputs share the name {dupes[0]!r}: their output files would collide")
+    if head and (segmenter or k):
+        raise LeopartError("--head gives supervised class masks: leave out --segmenter and --k")
     m = from_pretrained(model, device=device)
     seg = Segmenter.from_pretrained(segmenter) if segmenter else None
     fg = from_pretrained(fg_model, device=device) if fg_model else None
+    probe_head = None
+    if head:
+        from .probe import load_head, segment_with_head
+
+        probe_head = load_head(head)
     for path in tqdm(paths, desc="segment", unit="img", disable=None if len(paths) > 1 else True):
-        mask = segment_image(path, model=m, segmenter=seg, k=k, resolution=resolution, fg_model=fg, device=device)
+        if probe_head is not None:
+            mask = segment_with_head(path, m, probe_head, device=device)
+        else:
+            mask = segment_image(path, model=m, segmenter=seg, k=k, resolution=resolution, fg_model=fg,
+                                 device=device)
         image = data.load_image(path)
         save_png(mask_image(mask), output / f"{Path(path).stem}_mask.png")
         save_png(overlay_image(image, mask), output / f"{Path(path).stem}_overlay.png")
@@ -283,11 +297,24 @@ def segment(inputs, model, segmenter, k, output, resolution, device, fg_model):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default=None)
+@click.option("--linear", is_flag=True, help="Train a linear probe on the train split and report its val mIoU.")
+@click.option("--fcn", is_flag=True, help="Train an FCN probe on the train split and report its val mIoU.")
+@click.option("--train-split", default="train", show_default=True,
+              help="Probe training split: ImageSets/Segmentation/<name>.txt or a file listing image names.")
+@click.option("--probe-epochs", default=None, type=click.IntRange(min=1), help="Default: 25 (linear), 30 (FCN).")
+@click.option("--probe-mask-size", default=100, show_default=True, type=click.IntRange(min=1),
+              help="Tokens are upsampled to this size for the probe head, and masks resized to it.")
+@click.option("--probe-dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Token cache, per-epoch checkpoints (resumable) and trained heads: <dir>/<linear|fcn>/head.")
 @_fg_option
 def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, num_classes, split, resolution, json_path, seed,
-             batch_size, device, fg_model):
-    """Score MODEL on a PASCAL-VOC-layout folder DATA with the paper's unsupervised protocol."""
-    from .evaluate import evaluate as run_eval, format_table
+             batch_size, device, linear, fcn, train_split, probe_epochs, probe_mask_size, probe_dir, fg_model):
+    """Score MODEL on a PASCAL-VOC-layout folder DATA with the paper's protocols.
+
+    k-means over-clustering (default k = 500 and 21) and, with --fully-unsupervised, CBFE + CD; with
+    --linear / --fcn, supervised probes trained on the train split (then k-means runs only if --k is given).
+    """
+    from .evaluate import evaluate as run_eval, format_table, read_voc
     from .hub import from_pretrained
     from .serialization import write_json
 
@@ -295,9 +322,25 @@ def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, num_classes, split, 
         raise LeopartError(f"--json must name a .json file, not '{json_path.name}'")
     m = from_pretrained(model, device=device)
     fg = from_pretrained(fg_model, device=device) if fg_model else None
-    results = run_eval(data_dir, m, ks=ks or (500, 21), fully_unsupervised=fully_unsupervised,
-                       num_classes=num_classes, split=split, resolution=resolution, fg_model=fg, fu_k=fu_k,
-                       seed=seed, batch_size=batch_size, device=device, progress=True)
+    heads = [h for h, on in (("linear", linear), ("fcn", fcn)) if on]
+    ks = ks or (() if heads else (500, 21))
+    if ks or fully_unsupervised:
+        results = run_eval(data_dir, m, ks=ks, fully_unsupervised=fully_unsupervised,
+                           num_classes=num_classes, split=split, resolution=resolution, fg_model=fg, fu_k=fu_k,
+                           seed=seed, batch_size=batch_size, device=device, progress=True)
+    else:
+        results = {"n_images": len(read_voc(data_dir, split).names), "overclustering": {}}
+    if heads:
+        from .probe import evaluate_probe, probe
+
+        for head in heads:
+            out = probe_dir / head if probe_dir else None
+            trained = probe(m, data_dir, head=head, split=train_split, epochs=probe_epochs, num_classes=num_classes,
+                            resolution=resolution, mask_size=probe_mask_size, output=str(out) if out else None,
+                            seed=seed, device=device, progress=True)
+            results[head], _ = evaluate_probe(trained, m, data_dir, split=split, device=device,
+                                              batch_size=batch_size, progress=True)
+            results.setdefault("num_classes", trained.config.num_classes)
     results["model"] = model
     click.echo(format_table(results, model))
     if json_path is not None:
@@ -343,6 +386,20 @@ def train(ctx, data_dir, output, resume, **options):
         explicit = options
     run_training(data_dir, output, resume=resume, **explicit)
     click.echo(f"wrote {Path(output) / 'model'}")
+
+@main.command()
+@click.option("--output", "-o", default="leopart-demo", show_default=True, help="Folder for data, run, results.")
+@click.option("--minutes", default=8.0, show_default=True, type=click.FloatRange(min=0.5),
+              help="Time budget for the whole demo; training gets what the rest leaves.")
+@click.option("--steps", default=None, type=click.IntRange(min=1), help="Train this many steps instead.")
+@click.option("--n-train", default=400, show_default=True, type=click.IntRange(min=16))
+@click.option("--n-val", default=60, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=0, show_default=True)
+def demo(output, minutes, steps, n_train, n_val, seed):
+    """Train, cluster, merge and evaluate on a synthetic parts dataset, offline (about --minutes)."""
+    from .demo import run_demo
+
+    run_demo(output=output, minutes=minutes, steps=steps, n_train=n_train, n_val=n_val, seed=seed)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ class LeopartConfig:
     proj_hidden_dim: int = 2048
     proj_dim: int = 256
     proj_layers: int = 3
+    backbone_kwargs: dict = dataclasses.field(default_factory=dict)  # timm overrides, e.g. {"patch_size": 8}
 
     @classmethod
     def from_dict(cls, d: dict) -> "LeopartConfig":
@@ -61,7 +62,8 @@ class LeopartViT(nn.Module):
         self.config = config
         try:
             self.backbone = timm.create_model(
-                config.arch, pretrained=False, num_classes=0, img_size=config.img_size, dynamic_img_size=True
+                config.arch, pretrained=False, num_classes=0, img_size=config.img_size, dynamic_img_size=True,
+                **config.backbone_kwargs,
             )
         except (RuntimeError, TypeError) as e:  # unknown name, or a timm model that is not a ViT
             raise LeopartError(f"cannot build backbone '{config.arch}': {e}") from None

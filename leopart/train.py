@@ -57,6 +57,9 @@ class TrainConfig:
     output: str = "runs/leopart"
     init: str = "dino-vits16"            # alias | org/repo | path | "random"
     arch: str = "vit_small_patch16_224"  # timm name, used with init="random"
+    backbone_kwargs: dict = dataclasses.field(default_factory=dict)  # timm overrides for init="random"
+    proj_hidden_dim: int = 2048          # projection head, for init="random"
+    proj_dim: int = 256
     steps: int | None = None             # total steps of the run; default: epochs
     epochs: int = 50
     batch_size: int = 32                 # global batch (split over processes)
@@ -64,6 +67,9 @@ class TrainConfig:
     local_size: int = 96
     n_global: int = 2
     n_local: int = 4
+    global_scale: tuple[float, float] = (0.25, 1.0)  # crop area as a share of the image
+    local_scale: tuple[float, float] = (0.05, 0.25)
+    jitter: bool = True                  # colour jitter, grayscale and blur (flips always)
     num_prototypes: int = 300
     lr_backbone: float = 1e-5
     lr_heads: float = 1e-4
@@ -90,9 +96,14 @@ class TrainConfig:
     eval_k: int = 100
     progress: bool | None = None
 
+    def __post_init__(self):
+        # JSON (config.json, checkpoints) turns tuples into lists: keep one form so resumed configs compare equal.
+        self.global_scale, self.local_scale = tuple(self.global_scale), tuple(self.local_scale)
+
     def crops(self) -> CropConfig:
         return CropConfig(global_size=self.global_size, local_size=self.local_size, n_global=self.n_global,
-                          n_local=self.n_local)
+                          n_local=self.n_local, global_scale=self.global_scale, local_scale=self.local_scale,
+                          jitter=self.jitter)
 
     def check(self):
         if self.loss_mask not in LOSS_MASKS:
@@ -113,7 +124,9 @@ def cosine(start: float, end: float, step: int, total: int) -> float:
 # ---------------------------------------------------------------------- model
 def build_model(cfg: TrainConfig) -> LeopartViT:
     if cfg.init == "random":
-        model = LeopartViT(LeopartConfig(arch=cfg.arch, img_size=cfg.global_size, num_prototypes=cfg.num_prototypes))
+        model = LeopartViT(LeopartConfig(arch=cfg.arch, img_size=cfg.global_size, num_prototypes=cfg.num_prototypes,
+                                         proj_hidden_dim=cfg.proj_hidden_dim, proj_dim=cfg.proj_dim,
+                                         backbone_kwargs=dict(cfg.backbone_kwargs)))
     else:
         model = from_pretrained(cfg.init)
         if model.config.num_prototypes != cfg.num_prototypes:

@@ -1,0 +1,411 @@
+"""Linear and FCN probes: the paper's supervised read-outs on frozen patch tokens (``leopart.probe``).
+
+Protocol of the reference implementation (every default here): the backbone is frozen in eval mode; inputs
+448 x 448; patch tokens bilinearly upsampled to 100 x 100; a 1x1 conv (linear) or an FCN head (two 3x3
+conv + ReLU with 512 channels, the input concatenated back and fused by a third 3x3 conv + ReLU, dropout
+0.1, a 1x1 conv to the classes); cross-entropy ignoring 255 against masks resized (nearest) to 100 x 100;
+SGD lr 0.1, momentum 0.9, weight decay 1e-4, lr x 0.1 at epoch 20; 25 epochs (linear) or 30 (FCN); batch
+12; evaluation at 100 x 100 with Hungarian-free (identity) matching, i.e. plain mIoU.
+One deviation: the reference trained on random 0.8-1.0 resized crops; we train on the resized images
+without augmentation, so the backbone's tokens can be computed once and cached (``cache_dir``): every
+epoch after the first reads them from disk instead of running the ViT.
+
+Heads save and load like models (config.json + model.safetensors) and the released Lightning checkpoints
+(leopart_vits16_pvoc_lin_head.ckpt, leopart_vits16_fcn_head.ckpt, leopart_vitb8_pvoc_fcn_head.ckpt) convert
+by key name.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import serialization
+from .embed import autocast, default_device, iter_batches
+from .errors import LeopartError
+from .evaluate import image_size, load_mask, read_voc, resize_mask
+from .metrics import Confusion
+from .model import LeopartViT
+
+HEADS = ("linear", "fcn")
+DEFAULT_EPOCHS = {"linear": 25, "fcn": 30}
+
+
+# ---------------------------------------------------------------------- heads
+def conv_relu(in_ch: int, out_ch: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 3, padding=1), nn.ReLU(inplace=True))
+
+
+class FCNHead(nn.Module):
+    """Two 3x3 conv + ReLU, the input concatenated back and fused by a third, dropout, 1x1 classifier."""
+
+    def __init__(self, in_dim: int, num_classes: int, channels: int = 512, dropout: float = 0.1):
+        super().__init__()
+        self.convs = nn.Sequential(conv_relu(in_dim, channels), conv_relu(channels, channels))
+        self.conv_cat = conv_relu(in_dim + channels, channels)
+        self.dropout = nn.Dropout2d(dropout)
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv_cat(torch.cat([x, self.convs(x)], dim=1))
+        return self.conv_seg(self.dropout(out))
+
+
+@dataclass
+class ProbeConfig:
+    head: str = "linear"
+    in_dim: int = 384
+    num_classes: int = 21
+    channels: int = 512       # FCN width
+    dropout: float = 0.1
+    mask_size: int = 100      # tokens are upsampled to mask_size x mask_size before the head
+    resolution: int = 448     # input size the head was trained at
+
+
+class ProbeHead(nn.Module):
+    """A trained read-out: patch tokens [B, h, w, D] -> class logits [B, C, mask_size, mask_size]."""
+
+    def __init__(self, config: ProbeConfig):
+        super().__init__()
+        if config.head not in HEADS:
+            raise LeopartError(f"head must be one of {', '.join(HEADS)}, not '{config.head}'")
+        self.config = config
+        if config.head == "linear":
+            self.head = nn.Conv2d(config.in_dim, config.num_classes, 1)
+        else:
+            self.head = FCNHead(config.in_dim, config.num_classes, config.channels, config.dropout)
+
+    def forward(self, tokens: torch.Tensor, size: int | tuple[int, int] | None = None) -> torch.Tensor:
+        size = size or self.config.mask_size
+        x = tokens.permute(0, 3, 1, 2).float()
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return self.head(x)
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        config = {"leopart_kind": "probe_head", **asdict(self.config)}
+        card = (f"# leopart {self.config.head} probe head\n\n{self.config.num_classes} classes on "
+                f"{self.config.in_dim}-dim patch tokens at {self.config.resolution} px. Load with "
+                f"`from leopart.probe import load_head; load_head(folder)`; use with `leopart segment --head folder`.\n")
+        state = {k: v.contiguous() for k, v in self.state_dict().items()}
+        return serialization.save_folder(folder, config, state, card)
+
+    @classmethod
+    def from_pretrained(cls, name: str | Path) -> "ProbeHead":
+        return load_head(name)
+
+
+def load_head(name: str | Path, num_classes: int | None = None) -> ProbeHead:
+    """A head from a folder written by save_pretrained, an org/repo on the Hub, or a released .ckpt."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return convert_head_checkpoint(path)
+    if not path.is_dir():
+        if not serialization.HUB_ID.match(str(name)):
+            raise LeopartError(f"no probe head folder or checkpoint {name}")
+        path = serialization.download_from_hub(str(name), [serialization.CONFIG_NAME, serialization.WEIGHTS_NAME])
+    config, state = serialization.load_folder(path, "probe_head")
+    names = set(ProbeConfig.__dataclass_fields__)
+    head = ProbeHead(ProbeConfig(**{k: v for k, v in config.items() if k in names}))
+    _load_state(head, state, str(path))
+    return head
+
+
+def _load_state(head: ProbeHead, state: dict, source: str):
+    expected = head.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise LeopartError(f"{source} does not fit a {head.config.head} head: missing {missing[:4]}, "
+                           f"unexpected {unexpected[:4]}")
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise LeopartError(f"{source}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+    head.load_state_dict(state)
+
+
+# Reference (Lightning module attribute finetune_head, mmcv ConvModule without norm) -> ours.
+_FCN_KEYS = {
+    "convs.0.conv.": "head.convs.0.0.", "convs.1.conv.": "head.convs.1.0.",
+    "conv_cat.conv.": "head.conv_cat.0.", "conv_seg.": "head.conv_seg.",
+}
+
+
+def convert_head_checkpoint(path: str | Path, trust_pickle: bool = False) -> ProbeHead:
+    """A released probing checkpoint (Lightning, keys ``finetune_head.*``) -> ProbeHead, by key name."""
+    from .hub import read_checkpoint
+
+    raw = read_checkpoint(Path(path), trust_pickle=trust_pickle)
+    state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
+    if not isinstance(state, dict):
+        raise LeopartError(f"{path} holds no state_dict")
+    head_state = {k[len("finetune_head."):]: v for k, v in state.items() if k.startswith("finetune_head.")}
+    if not head_state:
+        raise LeopartError(f"{path} is not a leopart probing checkpoint: no 'finetune_head.*' keys "
+                           f"(found e.g. {sorted(state)[:3]})")
+    hparams = raw.get("hyper_parameters", {}) if isinstance(raw, dict) else {}
+    if set(head_state) == {"weight", "bias"} and head_state["weight"].ndim == 4:
+        w = head_state["weight"]
+        config = ProbeConfig(head="linear", in_dim=w.shape[1], num_classes=w.shape[0])
+        ours = {"head.weight": w, "head.bias": head_state["bias"]}
+    else:
+        ours = {}
+        for k, v in head_state.items():
+            prefix = next((p for p in _FCN_KEYS if k.startswith(p)), None)
+            if prefix is None:
+                raise LeopartError(f"{path}: unexpected key finetune_head.{k} for an FCN head")
+            ours[_FCN_KEYS[prefix] + k[len(prefix):]] = v
+        try:
+            w0, ws = head_state["convs.0.conv.weight"], head_state["conv_seg.weight"]
+        except KeyError as e:
+            raise LeopartError(f"{path}: the FCN head lacks {e.args[0]}") from None
+        config = ProbeConfig(head="fcn", in_dim=w0.shape[1], num_classes=ws.shape[0], channels=w0.shape[0])
+    if "input_size" in hparams:
+        config.resolution = int(hparams["input_size"])
+    head = ProbeHead(config)
+    _load_state(head, {k: v.float() for k, v in ours.items()}, str(path))
+    return head
+
+
+# ------------------------------------------------------------------- training
+@dataclass
+class ProbeTrainConfig:
+    head: str = "linear"
+    epochs: int | None = None   # default: 25 (linear) / 30 (FCN)
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    drop_at: int = 20           # lr x 0.1 from this epoch on
+    batch_size: int = 12        # total over processes
+    resolution: int = 448
+    mask_size: int = 100
+    split: str = "train"        # ImageSets/Segmentation/<split>.txt, or a path to a list of names
+    num_classes: int | None = None
+    cache_dir: str | None = None  # where token caches live (default: <output>/cache, or none without output)
+    output: str | None = None     # per-epoch checkpoints and the final head; resumes when it holds one
+    seed: int = 0
+    device: str | None = None
+    progress: bool | None = None
+
+
+def _split(data_root, split: str):
+    """read_voc for a split name, or the images of a file listing names."""
+    path = Path(split)
+    if path.is_file():
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        return _voc_for_names(Path(data_root), names)
+    return read_voc(data_root, split)
+
+
+def _voc_for_names(root: Path, names: list[str]):
+    from .evaluate import VOCSplit
+
+    images, masks = [], []
+    for name in names:
+        image = next((root / "JPEGImages" / f"{name}{e}" for e in (".jpg", ".jpeg", ".png")
+                      if (root / "JPEGImages" / f"{name}{e}").is_file()), None)
+        if image is None or not (root / "SegmentationClass" / f"{name}.png").is_file():
+            raise LeopartError(f"listed name '{name}' has no image or mask in {root}")
+        images.append(image)
+        masks.append(root / "SegmentationClass" / f"{name}.png")
+    if not images:
+        raise LeopartError("the split lists no images")
+    return VOCSplit(root, names, images, masks)
+
+
+def _fingerprint(model: LeopartViT, voc, resolution: int, mask_size: int) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([model.config.arch, resolution, mask_size, [str(p) for p in voc.images]]).encode())
+    for name, p in sorted(model.backbone.state_dict().items())[:8]:  # cheap but weight-sensitive
+        h.update(name.encode())
+        h.update(p.float().flatten()[:64].numpy().tobytes() if p.device.type == "cpu"
+                 else p.float().flatten()[:64].cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class TokenCache:
+    """Frozen-backbone tokens (fp16) and resized masks of a split, in safetensors shards written atomically.
+
+    A shard that exists is complete, so an interrupted caching pass resumes where it stopped."""
+
+    SHARD = 256
+
+    def __init__(self, folder: Path | None, model: LeopartViT, voc, resolution: int, mask_size: int, device,
+                 progress):
+        self.model, self.voc, self.resolution, self.mask_size = model, voc, resolution, mask_size
+        self.device, self.progress = device, progress
+        self.n = len(voc.images)
+        self.folder = None if folder is None else Path(folder) / _fingerprint(model, voc, resolution, mask_size)
+        self.memory: dict[int, dict[str, torch.Tensor]] = {}
+
+    def shard(self, s: int) -> dict[str, torch.Tensor]:
+        if s in self.memory:
+            return self.memory[s]
+        path = None if self.folder is None else self.folder / f"shard_{s:05d}.safetensors"
+        if path is not None and path.is_file():
+            tensors = serialization.load_tensors(path)
+        else:
+            tensors = self._compute(s)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                serialization.save_tensors(path, tensors)
+        if self.folder is None or len(self.memory) < 2:
+            self.memory[s] = tensors
+        return tensors
+
+    def _compute(self, s: int) -> dict[str, torch.Tensor]:
+        lo, hi = s * self.SHARD, min(self.n, (s + 1) * self.SHARD)
+        tokens = [t.half().cpu() for _, t, _ in iter_batches(self.voc.images[lo:hi], self.model, self.resolution,
+                                                              16, self.device, progress=self.progress,
+                                                              desc=f"tokens {lo}-{hi}")]
+        masks = [resize_mask(load_mask(m, image_size(i)), self.mask_size)
+                 for i, m in zip(self.voc.images[lo:hi], self.voc.masks[lo:hi])]
+        return {"tokens": torch.cat(tokens), "masks": torch.from_numpy(np.stack(masks)).to(torch.uint8)}
+
+    def batches(self, batch_size: int, generator: torch.Generator | None, rank: int = 0, world: int = 1):
+        """(tokens [b, h, w, D], masks [b, S, S] int64) batches; shuffled shard by shard when a generator is given."""
+        n_shards = math.ceil(self.n / self.SHARD)
+        order = torch.randperm(n_shards, generator=generator).tolist() if generator is not None else range(n_shards)
+        for s in order:
+            t = self.shard(s)
+            idx = torch.randperm(len(t["tokens"]), generator=generator) if generator is not None \
+                else torch.arange(len(t["tokens"]))
+            per_rank = max(1, batch_size // world)
+            for start in range(0, len(idx), batch_size):
+                chunk = idx[start:start + batch_size][rank * per_rank:(rank + 1) * per_rank]
+                if len(chunk):
+                    yield t["tokens"][chunk], t["masks"][chunk].long()
+
+
+def probe(model: LeopartViT | str, train_data: str | os.PathLike, head: str = "linear", **overrides) -> ProbeHead:
+    """Train a linear or FCN head on frozen patch tokens of a VOC-layout folder's train split.
+
+    Keyword overrides are ProbeTrainConfig fields. With ``output`` set, a checkpoint is written after every
+    epoch and an interrupted run resumes from it; the final head is saved to ``<output>/head``.
+    """
+    from .hub import from_pretrained
+
+    unknown = set(overrides) - set(ProbeTrainConfig.__dataclass_fields__)
+    if unknown:
+        raise LeopartError(f"unknown probe option(s): {', '.join(sorted(unknown))}")
+    cfg = ProbeTrainConfig(head=head, **overrides)
+    if cfg.head not in HEADS:
+        raise LeopartError(f"head must be one of {', '.join(HEADS)}, not '{cfg.head}'")
+    epochs = cfg.epochs or DEFAULT_EPOCHS[cfg.head]
+    device = default_device(cfg.device)
+    model = from_pretrained(model, device=device).eval().requires_grad_(False)
+    voc = _split(train_data, cfg.split)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+    output = Path(cfg.output) if cfg.output else None
+    cache_dir = cfg.cache_dir or (str(output / "cache") if output else None)
+    cache = TokenCache(Path(cache_dir) if cache_dir else None, model, voc, cfg.resolution, cfg.mask_size, device,
+                       cfg.progress)
+    num_classes = cfg.num_classes or _count_classes(voc)
+    torch.manual_seed(cfg.seed)
+    probe_head = ProbeHead(ProbeConfig(head=cfg.head, in_dim=model.embed_dim, num_classes=num_classes,
+                                       mask_size=cfg.mask_size, resolution=cfg.resolution))
+    probe_head.to(device).train()
+    trained = probe_head if world == 1 else nn.parallel.DistributedDataParallel(
+        probe_head, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.SGD(probe_head.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    start_epoch = 0
+    ckpt_path = output / "checkpoint.pt" if output else None
+    if ckpt_path is not None and ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        probe_head.load_state_dict(state["head"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = int(state["epoch"])
+        torch.set_rng_state(state["rng"])  # dropout continues as if never stopped
+    criterion = nn.CrossEntropyLoss(ignore_index=255)
+    n_batches = math.ceil(cache.n / cfg.batch_size)
+    for epoch in range(start_epoch, epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * (0.1 if epoch >= cfg.drop_at else 1.0)
+        generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # data order per epoch
+        bar = tqdm(cache.batches(cfg.batch_size, generator, rank, world), total=n_batches,
+                   desc=f"{cfg.head} probe epoch {epoch + 1}/{epochs}", unit="batch",
+                   disable=rank != 0 or ((not cfg.progress) if cfg.progress is not None else None))
+        for tokens, masks in bar:
+            tokens, masks = tokens.to(device), masks.to(device)
+            with autocast(device):
+                logits = trained(tokens)
+            loss = criterion(logits.float(), masks)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        if ckpt_path is not None and rank == 0:
+            with serialization.atomic_path(ckpt_path) as tmp:
+                torch.save({"head": probe_head.state_dict(), "optimizer": optimizer.state_dict(),
+                            "epoch": epoch + 1, "config": asdict(cfg), "rng": torch.get_rng_state()}, tmp)
+    probe_head.eval().cpu()
+    if output is not None and rank == 0:
+        probe_head.save_pretrained(output / "head")
+    return probe_head
+
+
+def _count_classes(voc) -> int:
+    top = 0
+    for m in voc.masks:
+        mask = load_mask(m)
+        valid = mask[mask != 255]
+        if valid.size:
+            top = max(top, int(valid.max()))
+    return top + 1
+
+
+@torch.no_grad()
+def evaluate_probe(head: ProbeHead, model: LeopartViT, data_root: str | os.PathLike, split: str = "val",
+                   device=None, batch_size: int = 16, progress: bool | None = None) -> tuple[float, np.ndarray]:
+    """Plain mIoU (%) of the head's predictions at its mask size on a VOC-layout split, and per-class IoU."""
+    device = default_device(device)
+    voc = _split(data_root, split)
+    head = head.to(device).eval()
+    n_classes = head.config.num_classes
+    confusion = Confusion(n_classes, n_classes)  # rows: predicted class, columns: true class
+    i = 0
+    for _, tokens, _ in iter_batches(voc.images, model.to(device).eval(), head.config.resolution, batch_size, device,
+                                     progress=progress, desc=f"{head.config.head} probe eval"):
+        with autocast(device):
+            pred = head(tokens).argmax(dim=1).cpu().numpy()
+        for p in pred:
+            target = resize_mask(load_mask(voc.masks[i], image_size(voc.images[i])), head.config.mask_size)
+            confusion.update(p, target)
+            i += 1
+    counts = confusion.counts
+    if counts.shape[1] > n_classes:
+        raise LeopartError(f"the masks hold class ids up to {counts.shape[1] - 1}, but the head has {n_classes} classes")
+    tp = np.diag(counts).astype(np.float64)
+    denom = counts.sum(axis=1) + counts.sum(axis=0) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(denom > 0, tp / denom, np.nan)
+    present = denom > 0
+    return (100.0 * float(np.mean(iou[present])) if present.any() else float("nan")), iou
+
+
+@torch.no_grad()
+def segment_with_head(image, model: LeopartViT, head: ProbeHead, device=None) -> np.ndarray:
+    """Class ids [H, W] of one image from a trained probe head, at the image's own size."""
+    from . import data
+
+    device = default_device(device)
+    img = data.load_image(image, data.describe(image, 0))
+    data.check_size(img, model.patch_size, data.describe(image, 0))
+    if head.config.in_dim != model.embed_dim:
+        raise LeopartError(f"the head reads {head.config.in_dim}-dim tokens but the model gives {model.embed_dim}: "
+                           "use the head's own backbone")
+    (_, tokens, _), = iter_batches([img], model.to(device).eval(), head.config.resolution, 1, device, progress=False)
+    with autocast(device):
+        logits = head.to(device).eval()(tokens, size=(img.height, img.width))
+    return logits.float().argmax(dim=1)[0].cpu().numpy()

@@ -1,0 +1,64 @@
+"""The synthetic parts dataset and a short end-to-end ``leopart demo`` run."""
+import json
+import math
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from leopart.cli import main
+from leopart.demo import METHODS, run_demo
+from leopart.errors import LeopartError
+from leopart.evaluate import load_mask, read_voc
+from leopart.synthetic import CLASSES, make_scene, write_voc_dataset
+
+
+def test_scenes_are_seeded_and_hold_textured_objects():
+    a_img, a_mask = make_scene(np.random.default_rng(3), 96)
+    b_img, b_mask = make_scene(np.random.default_rng(3), 96)
+    assert np.array_equal(a_img, b_img) and np.array_equal(a_mask, b_mask)
+    assert a_img.shape == (96, 96, 3) and a_img.dtype == np.uint8 and a_mask.dtype == np.uint8
+    masks = [make_scene(np.random.default_rng(s), 96)[1] for s in range(30)]
+    assert set(np.unique(np.stack(masks))) == set(range(len(CLASSES)))
+    # objects are textured: more local contrast inside objects than in the smooth (but grainy) backgrounds
+    ratios = []
+    for seed in range(6):
+        img, mask = make_scene(np.random.default_rng(seed), 96)
+        grad = np.abs(np.diff(img.astype(float), axis=1)).sum(axis=2)
+        inside = mask[:, 1:] > 0
+        ratios.append(grad[inside].mean() / grad[~inside].mean())
+    assert np.mean(ratios) > 1.4, ratios
+
+
+def test_voc_layout(tmp_path):
+    root = write_voc_dataset(tmp_path / "syn", n_train=5, n_val=3, size=48, seed=1)
+    voc = read_voc(root, "val")
+    assert len(voc.names) == 3 and len(read_voc(root, "train").names) == 5
+    with Image.open(voc.masks[0]) as m:
+        assert m.mode == "P" and m.size == (48, 48)
+    assert load_mask(voc.masks[0]).max() < len(CLASSES)
+    assert len((root / "train_images.txt").read_text().split()) == 5
+
+
+def test_short_demo_run_writes_everything(tmp_path):
+    out = tmp_path / "demo"
+    res = run_demo(output=str(out), steps=4, n_train=32, n_val=4, image_size=48, k_over=8, fu_k=6, progress=False)
+    for name in ("results.json", "loss_curve.png", "grid.png", "segmenter/config.json", "run/model/config.json",
+                 "run/metrics.jsonl", "data/ImageSets/Segmentation/val.txt"):
+        assert (out / name).is_file(), name
+    assert len(list((out / "examples").glob("*_mask.png"))) == 4
+    assert len(list((out / "examples").glob("*_overlay.png"))) == 4
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["train_steps"] == 4 and set(saved["methods"]) == set(METHODS)
+    for r in saved["methods"].values():
+        assert all(math.isfinite(v) and 0 <= v <= 100 for v in r["overclustering"].values())
+    assert math.isfinite(saved["methods"][METHODS[2]]["fully_unsupervised"])
+    assert isinstance(saved["trained_beats_baselines"], bool) and res["train_steps"] == 4
+    with pytest.raises(LeopartError, match="already holds a finished demo"):
+        run_demo(output=str(out), steps=4, n_train=32, n_val=4, image_size=48)
+
+
+def test_demo_cli_rejects_bad_options(tmp_path):
+    r = CliRunner().invoke(main, ["demo", "--output", str(tmp_path / "d"), "--n-train", "3"])
+    assert r.exit_code == 2 and "n-train" in r.output

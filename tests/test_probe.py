@@ -1,0 +1,161 @@
+"""Linear and FCN probes: learning on separable data, the FCN layout, save/load, checkpoint conversion, CLI."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from PIL import Image
+
+import leopart
+from leopart.cli import main
+from leopart.errors import LeopartError
+from leopart.probe import FCNHead, ProbeConfig, ProbeHead, convert_head_checkpoint, evaluate_probe, load_head
+from leopart.synthetic import voc_palette_image
+
+COLOURS = np.array([(20, 20, 20), (230, 40, 40), (40, 200, 60), (50, 80, 230)], dtype=np.uint8)
+
+
+def write_block_voc(root, n_train=24, n_val=8, seed=0):
+    """64x64 images made of 16x16 blocks (one token each for a /16 ViT), one flat colour per class."""
+    rng = np.random.default_rng(seed)
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("val", n_val)):
+        names = []
+        for i in range(n):
+            labels = rng.integers(0, len(COLOURS), size=(4, 4)).astype(np.uint8)
+            mask = np.kron(labels, np.ones((16, 16), dtype=np.uint8))
+            name = f"{split}{i:03d}"
+            Image.fromarray(COLOURS[mask]).save(root / "JPEGImages" / f"{name}.png")
+            voc_palette_image(mask).save(root / "SegmentationClass" / f"{name}.png")
+            names.append(name)
+        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(names) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def block_voc(tmp_path_factory):
+    return write_block_voc(tmp_path_factory.mktemp("blocks"))
+
+
+def test_linear_probe_learns_separable_classes(block_voc, tiny_model, tmp_path):
+    head = leopart.probe(tiny_model, block_voc, head="linear", epochs=12, lr=0.5, drop_at=10, resolution=64,
+                         mask_size=4, batch_size=6, output=str(tmp_path / "lin"), progress=False)
+    assert isinstance(head, ProbeHead) and head.config.num_classes == 4
+    miou, per_class = evaluate_probe(head, tiny_model, block_voc, "val")
+    assert miou >= 95.0, per_class
+    # the token cache and the per-epoch checkpoint were written; the final head loads back
+    assert list((tmp_path / "lin" / "cache").rglob("shard_*.safetensors"))
+    assert torch.load(tmp_path / "lin" / "checkpoint.pt", weights_only=True)["epoch"] == 12
+    again = load_head(tmp_path / "lin" / "head")
+    x = torch.randn(2, 4, 4, tiny_model.embed_dim)
+    torch.testing.assert_close(again(x), head(x))
+
+
+def test_probe_resumes_from_its_checkpoint(block_voc, tiny_model, tmp_path):
+    args = dict(head="linear", lr=0.5, resolution=64, mask_size=4, batch_size=6, output=str(tmp_path / "r"),
+                progress=False)
+    full = leopart.probe(tiny_model, block_voc, epochs=4, **{**args, "output": str(tmp_path / "full")})
+    leopart.probe(tiny_model, block_voc, epochs=2, **args)
+    resumed = leopart.probe(tiny_model, block_voc, epochs=4, **args)
+    for k, v in full.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v, atol=1e-6, rtol=0)
+
+
+def test_fcn_head_layout_and_parameter_count():
+    head = ProbeHead(ProbeConfig(head="fcn", in_dim=384, num_classes=21))
+    assert isinstance(head.head, FCNHead)
+    convs = [head.head.convs[0][0], head.head.convs[1][0], head.head.conv_cat[0]]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
+        (384, 512, (3, 3)), (512, 512, (3, 3)), (384 + 512, 512, (3, 3))]
+    assert head.head.conv_seg.kernel_size == (1, 1) and head.head.dropout.p == 0.1
+    expected = (384 * 512 * 9 + 512) + (512 * 512 * 9 + 512) + ((384 + 512) * 512 * 9 + 512) + (512 * 21 + 21)
+    assert sum(p.numel() for p in head.parameters()) == expected
+    out = head.eval()(torch.randn(2, 28, 28, 384))
+    assert out.shape == (2, 21, 100, 100)
+    lin = ProbeHead(ProbeConfig(head="linear", in_dim=384, num_classes=21))
+    assert sum(p.numel() for p in lin.parameters()) == 384 * 21 + 21
+
+
+def test_save_load_round_trip(tmp_path):
+    head = ProbeHead(ProbeConfig(head="fcn", in_dim=32, num_classes=5, channels=16)).eval()
+    folder = head.save_pretrained(tmp_path / "fcn")
+    assert {p.name for p in folder.iterdir()} >= {"config.json", "model.safetensors", "README.md"}
+    loaded = ProbeHead.from_pretrained(folder).eval()
+    x = torch.randn(1, 3, 3, 32)
+    torch.testing.assert_close(loaded(x), head(x))
+    (tmp_path / "model").mkdir()
+    leopart.LeopartViT(leopart.LeopartConfig(arch="test_vit", img_size=64)).save_pretrained(tmp_path / "model")
+    with pytest.raises(LeopartError, match="not a probe_head"):
+        load_head(tmp_path / "model")
+
+
+def _reference_fcn(state, x):
+    """The reference head (mmcv ConvModule without norm: conv + bias, ReLU) written out functionally."""
+    def conv_relu(t, prefix):
+        return F.relu(F.conv2d(t, state[f"{prefix}.conv.weight"], state[f"{prefix}.conv.bias"], padding=1))
+
+    out = conv_relu(conv_relu(x, "finetune_head.convs.0"), "finetune_head.convs.1")
+    out = conv_relu(torch.cat([x, out], dim=1), "finetune_head.conv_cat")
+    return F.conv2d(out, state["finetune_head.conv_seg.weight"], state["finetune_head.conv_seg.bias"])
+
+
+def test_convert_released_checkpoint_layouts(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    d, c, ch = 24, 6, 16
+    fcn_state = {
+        "model.cls_token": torch.zeros(1, 1, d),  # the frozen backbone rides along in the released files
+        "finetune_head.convs.0.conv.weight": torch.randn(ch, d, 3, 3, generator=g) * 0.1,
+        "finetune_head.convs.0.conv.bias": torch.randn(ch, generator=g),
+        "finetune_head.convs.1.conv.weight": torch.randn(ch, ch, 3, 3, generator=g) * 0.1,
+        "finetune_head.convs.1.conv.bias": torch.randn(ch, generator=g),
+        "finetune_head.conv_cat.conv.weight": torch.randn(ch, d + ch, 3, 3, generator=g) * 0.1,
+        "finetune_head.conv_cat.conv.bias": torch.randn(ch, generator=g),
+        "finetune_head.conv_seg.weight": torch.randn(c, ch, 1, 1, generator=g),
+        "finetune_head.conv_seg.bias": torch.randn(c, generator=g),
+    }
+    torch.save({"state_dict": fcn_state, "hyper_parameters": {"input_size": 448}}, tmp_path / "fcn.ckpt")
+    head = convert_head_checkpoint(tmp_path / "fcn.ckpt").eval()
+    assert head.config.head == "fcn" and head.config.num_classes == c and head.config.channels == ch
+    tokens = torch.randn(2, 7, 7, d, generator=g)
+    x = F.interpolate(tokens.permute(0, 3, 1, 2), size=100, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(head(tokens), _reference_fcn(fcn_state, x), atol=1e-4, rtol=1e-4)
+
+    lin_state = {"finetune_head.weight": torch.randn(c, d, 1, 1, generator=g), "finetune_head.bias": torch.randn(c)}
+    torch.save({"state_dict": lin_state}, tmp_path / "lin.ckpt")
+    lin = load_head(tmp_path / "lin.ckpt")
+    assert lin.config.head == "linear"
+    ref = F.conv2d(x, lin_state["finetune_head.weight"], lin_state["finetune_head.bias"])
+    torch.testing.assert_close(lin(tokens), ref, atol=1e-4, rtol=1e-4)
+
+    torch.save({"state_dict": {"backbone.weight": torch.zeros(2)}}, tmp_path / "other.ckpt")
+    with pytest.raises(LeopartError, match="not a leopart probing checkpoint"):
+        convert_head_checkpoint(tmp_path / "other.ckpt")
+    broken = {k: v for k, v in fcn_state.items() if "conv_cat" not in k}
+    torch.save({"state_dict": broken}, tmp_path / "broken.ckpt")
+    with pytest.raises(LeopartError, match="does not fit"):
+        convert_head_checkpoint(tmp_path / "broken.ckpt")
+
+
+def test_eval_cli_probes_json_and_segment_head(block_voc, tiny_model_dir, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "r.json"
+    r = runner.invoke(main, ["eval", str(block_voc), "--model", str(tiny_model_dir), "--linear", "--fcn",
+                             "--probe-epochs", "2", "--resolution", "64", "--probe-mask-size", "8", "--probe-dir", str(tmp_path / "p"),
+                             "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert set(res) >= {"linear", "fcn", "n_images"} and all(np.isfinite([res["linear"], res["fcn"]]))
+    assert "linear probe" in r.output and "fcn probe" in r.output
+    seg_out = tmp_path / "seg"
+    r = runner.invoke(main, ["segment", str(block_voc / "JPEGImages" / "val000.png"), "--model",
+                             str(tiny_model_dir), "--head", str(tmp_path / "p" / "linear" / "head"),
+                             "--output", str(seg_out)])
+    assert r.exit_code == 0, r.output
+    with Image.open(seg_out / "val000_mask.png") as m:
+        assert m.mode == "P" and m.size == (64, 64) and np.asarray(m).max() < 4
+    r = runner.invoke(main, ["segment", str(block_voc / "JPEGImages" / "val000.png"), "--model",
+                             str(tiny_model_dir), "--head", str(tmp_path / "nothing"), "--output", str(seg_out)])
+    assert r.exit_code == 1 and "no probe head" in r.output
