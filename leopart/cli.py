@@ -385,7 +385,8 @@ def train(ctx, data_dir, output, resume, **options):
     if not resume:
         explicit = options
     run_training(data_dir, output, resume=resume, **explicit)
-    click.echo(f"wrote {Path(output) / 'model'}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only the first process reports
+        click.echo(f"wrote {Path(output) / 'model'}")
 
 @main.command()
 @click.option("--output", "-o", default="leopart-demo", show_default=True, help="Folder for data, run, results.")

@@ -1,8 +1,11 @@
 """Images in, dense patch features out: ``leopart.embed``."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
 import torch
@@ -27,17 +30,42 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def iter_preprocessed(images: Any, resolution: int | None, patch_size: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, normalised tensor [3, H, W]) one image at a time, decoding lazily."""
-    for i, item in enumerate(data.expand_inputs(images)):
-        name = data.describe(item, i)
-        img = data.load_image(item, name)
-        data.check_size(img, patch_size, name)
-        if resolution is None:
-            size = (img.height // patch_size * patch_size, img.width // patch_size * patch_size)
-        else:
-            size = (resolution, resolution)
-        yield name, data.to_tensor(img, size)
+def _preprocess(i: int, item: Any, resolution: int | None, patch_size: int) -> tuple[str, torch.Tensor]:
+    name = data.describe(item, i)
+    img = data.load_image(item, name)
+    data.check_size(img, patch_size, name)
+    if resolution is None:
+        size = (img.height // patch_size * patch_size, img.width // patch_size * patch_size)
+    else:
+        size = (resolution, resolution)
+    return name, data.to_tensor(img, size)
+
+
+def iter_preprocessed(images: Any, resolution: int | None, patch_size: int,
+                      threads: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, normalised tensor [3, H, W]) in input order, decoding lazily.
+
+    Decoding and resizing run in a few threads (PIL releases the GIL), at most ``2 * threads`` images
+    ahead of the consumer, so a GPU is not left waiting on one CPU core and memory stays bounded.
+    """
+    threads = threads if threads is not None else min(8, os.cpu_count() or 1)
+    items = enumerate(data.expand_inputs(images))
+    if threads <= 1:
+        for i, item in items:
+            yield _preprocess(i, item, resolution, patch_size)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        pending: collections.deque = collections.deque()
+        try:
+            for i, item in items:
+                pending.append(pool.submit(_preprocess, i, item, resolution, patch_size))
+                if len(pending) >= 2 * threads:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 def _count(images: Any) -> int | None:

@@ -278,3 +278,19 @@ def test_small_component_removal_matches_scipy_labelling(max_size):
         small[0] = False
         m[small[labels]] = False
     assert np.array_equal(remove_small_components(masks, max_size).numpy(), expected)
+
+
+def test_torchrun_two_cpu_processes(train_dir, tmp_path):
+    """The documented multi-process entry point, with gloo on CPU: one metrics line per step, one model."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "leopart",
+                           "train", str(train_dir), "--init", "random", "--arch", "test_vit", "--batch-size", "4",
+                           "--global-size", "64", "--local-size", "32", "--num-prototypes", "10", "--workers", "0",
+                           "--steps", "2", "--device", "cpu", "--output", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2] and all(np.isfinite([r["loss"] for r in lines]))
+    assert proc.stdout.count("wrote") == 1
+    leopart.from_pretrained(out / "model")
