@@ -140,7 +140,7 @@ def cd_rows() -> list[dict]:
         return rows
     for markov_time in (0.4, 2.0):
         t0 = time.perf_counter()
-        im = infomap.Infomap(f"--two-level --silent --markov-time {markov_time} --seed 0")
+        im = infomap.Infomap(f"--two-level --silent --markov-time {markov_time} --seed 1")
         sym = (weights + weights.T) / 2
         for i, j in zip(*np.nonzero(np.triu(sym, 1) >= 0.05)):
             im.add_link(int(i), int(j), float(sym[i, j]))

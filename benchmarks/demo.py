@@ -1,13 +1,15 @@
 """The demo's quality table as a benchmark row set: ``leopart demo`` in a temporary folder.
 
-    python -m benchmarks.demo [--minutes 8]
+    python -m benchmarks.demo [--minutes 8] [--from-results leopart-demo/results.json]
 
 Writes results/demo_<device>.md with the three methods' mIoU (%) from one run.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
+from pathlib import Path
 
 import torch
 
@@ -18,9 +20,13 @@ from leopart.demo import METHODS, run_demo
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=8.0)
+    ap.add_argument("--from-results", default=None, help="tabulate a finished demo's results.json instead of running")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        res = run_demo(output=f"{tmp}/demo", minutes=args.minutes, progress=False)
+    if args.from_results:
+        res = json.loads(Path(args.from_results).read_text())
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            res = run_demo(output=f"{tmp}/demo", minutes=args.minutes, progress=False)
     k_over, k_cls = str(res["k_over"]), str(res["num_classes"])
     rows = [{"method": m, f"k={k_over} many-to-one": r["overclustering"][k_over],
              f"k={k_cls} Hungarian": r["overclustering"][k_cls],
