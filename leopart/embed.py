@@ -85,7 +85,9 @@ def iter_batches(images: Any, model: LeopartViT, resolution: int | None, batch_s
     """
     if resolution is not None and (resolution < model.patch_size or resolution % model.patch_size):
         raise LeopartError(f"resolution {resolution} is not a positive multiple of the patch size {model.patch_size}")
-    stream = iter_preprocessed(images, resolution, model.patch_size)
+    # On a GPU, decode in threads so the model is not left waiting; on the CPU the model already uses every
+    # core, and decoding threads would only compete with it.
+    stream = iter_preprocessed(images, resolution, model.patch_size, threads=1 if device.type == "cpu" else None)
     total = _count(images)
     per_call = batch_size if resolution is not None else 1
     with tqdm(total=total, unit="img", desc=desc, disable=_quiet(progress, total, batch_size)) as bar:

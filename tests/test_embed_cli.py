@@ -204,3 +204,19 @@ def test_console_script_one_line_error_without_traceback(tmp_path):
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = subprocess.run([sys.executable, "-m", "leopart", "embed", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--resolution" in r.stdout
+
+
+def test_threaded_decoding_keeps_order_and_errors(image_dir, tmp_path):
+    """The GPU path decodes in threads: same tensors in the same order, and a bad file still fails."""
+    from leopart.embed import iter_preprocessed
+
+    files = sorted(image_dir.rglob("*.*")) * 3
+    serial = list(iter_preprocessed(files, 32, 16, threads=1))
+    threaded = list(iter_preprocessed(files, 32, 16, threads=3))
+    assert [n for n, _ in threaded] == [n for n, _ in serial]
+    for (_, a), (_, b) in zip(serial, threaded):
+        assert torch.equal(a, b)
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    with pytest.raises(LeopartError, match="bad.jpg"):
+        list(iter_preprocessed([*files, bad, *files], 32, 16, threads=3))
