@@ -4,7 +4,8 @@
     python -m benchmarks.cluster [--iters 10] [--sizes 100000 1100000] [--skip-sklearn-large] [--cd-only]
 
 k-means: the same Gaussian-mixture features (D = 384, 1,000 true centres) for every library, K = 500, the
-same number of Lloyd iterations, one init each, euclidean metric (the one all three share). Each run is a
+same number of Lloyd iterations, one init each (leopart: its default k-means++ on a subsample; faiss: random
+points, its only seeding; scikit-learn: random points), euclidean metric (the one all three share). Each run is a
 fresh subprocess, so "peak RSS" is that library's own high-water mark (features included). Inertia is
 recomputed by one function for every library's centroids, on all points.
 
@@ -58,7 +59,7 @@ def run_one(lib: str, n: int, iters: int) -> dict:
     if lib == "leopart":
         import leopart
 
-        km = leopart.cluster(torch.from_numpy(x), K, iters=iters, metric="euclidean", seed=0, init="random")
+        km = leopart.cluster(torch.from_numpy(x), K, iters=iters, metric="euclidean", seed=0)  # default k-means++
         centroids, done = km.centroids.numpy(), km.n_iter
     elif lib == "faiss":
         import faiss
@@ -181,7 +182,8 @@ def write_kmeans(args):
     write_results("cluster_cpu", "cpu", rows,
                   ["task", "impl", "seconds", "iters", "s/iter", "inertia", "peak RSS GiB", "time vs faiss",
                    "inertia vs faiss"],
-                  note=f"{args.iters} Lloyd iterations, one random init each, euclidean; features of "
+                  note=f"{args.iters} Lloyd iterations, one init each (leopart: its default k-means++ on a subsample; faiss, "
+                       f"scikit-learn: random points), euclidean; features of "
                        f"{TRUE_CENTRES} Gaussian centres; faiss without subsampling.")
 
 
