@@ -42,13 +42,14 @@ class VOCSplit:
 
 def read_voc(root: str | Path, split: str = "val") -> VOCSplit:
     """Image and mask paths of a VOC-layout folder: JPEGImages/, SegmentationClass/ and, if present,
-    ImageSets/Segmentation/<split>.txt (otherwise every image that has a mask)."""
+    ImageSets/Segmentation/<split>.txt (otherwise every image that has a mask). ``split`` may also be the
+    path of a file listing image names."""
     root = Path(root)
     img_dir, mask_dir = root / "JPEGImages", root / "SegmentationClass"
     for d in (img_dir, mask_dir):
         if not d.is_dir():
             raise LeopartError(f"{root} is not a VOC-layout folder: {d.name}/ is missing")
-    split_file = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+    split_file = Path(split) if Path(split).is_file() else root / "ImageSets" / "Segmentation" / f"{split}.txt"
     if split_file.is_file():
         names = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
     else:

@@ -45,22 +45,27 @@ class Confusion:
         self.counts += np.bincount(pred * cols + target, minlength=rows * cols).reshape(rows, cols)
         return self
 
-    def match(self, many_to_one: bool = False, n_classes: int | None = None) -> np.ndarray:
-        """cluster -> class map (-1 for clusters left unmatched)."""
+    def match(self, many_to_one: bool = False, n_classes: int | None = None, identity: bool = False) -> np.ndarray:
+        """cluster -> class map (-1 for clusters left unmatched). ``identity``: predictions already are class
+        ids (supervised read-outs), so cluster i is class i."""
         counts = self._with_classes(n_classes)
         mapping = np.full(counts.shape[0], -1, dtype=np.int64)
         if counts.shape[0] == 0 or counts.shape[1] == 0:
             return mapping
-        if many_to_one:
+        if identity:
+            ids = np.arange(counts.shape[0])
+            mapping[ids < counts.shape[1]] = ids[ids < counts.shape[1]]
+        elif many_to_one:
             mapping[:] = counts.argmax(axis=1)
         else:
             rows, cols = linear_sum_assignment(counts, maximize=True)
             mapping[rows] = cols
         return mapping
 
-    def miou(self, many_to_one: bool = False, n_classes: int | None = None) -> tuple[float, np.ndarray]:
+    def miou(self, many_to_one: bool = False, n_classes: int | None = None,
+             identity: bool = False) -> tuple[float, np.ndarray]:
         counts = self._with_classes(n_classes)
-        mapping = self.match(many_to_one, n_classes)
+        mapping = self.match(many_to_one, n_classes, identity)
         n_cls = counts.shape[1]
         matched = np.zeros((n_cls, n_cls), dtype=np.int64)  # [predicted class, true class]
         for cluster, cls in enumerate(mapping):

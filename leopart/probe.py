@@ -104,7 +104,7 @@ class ProbeHead(nn.Module):
         return load_head(name)
 
 
-def load_head(name: str | Path, num_classes: int | None = None) -> ProbeHead:
+def load_head(name: str | Path) -> ProbeHead:
     """A head from a folder written by save_pretrained, an org/repo on the Hub, or a released .ckpt."""
     path = Path(name).expanduser()
     if path.is_file():
@@ -197,45 +197,20 @@ class ProbeTrainConfig:
     progress: bool | None = None
 
 
-def _split(data_root, split: str):
-    """read_voc for a split name, or the images of a file listing names."""
-    path = Path(split)
-    if path.is_file():
-        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        return _voc_for_names(Path(data_root), names)
-    return read_voc(data_root, split)
-
-
-def _voc_for_names(root: Path, names: list[str]):
-    from .evaluate import VOCSplit
-
-    images, masks = [], []
-    for name in names:
-        image = next((root / "JPEGImages" / f"{name}{e}" for e in (".jpg", ".jpeg", ".png")
-                      if (root / "JPEGImages" / f"{name}{e}").is_file()), None)
-        if image is None or not (root / "SegmentationClass" / f"{name}.png").is_file():
-            raise LeopartError(f"listed name '{name}' has no image or mask in {root}")
-        images.append(image)
-        masks.append(root / "SegmentationClass" / f"{name}.png")
-    if not images:
-        raise LeopartError("the split lists no images")
-    return VOCSplit(root, names, images, masks)
-
-
 def _fingerprint(model: LeopartViT, voc, resolution: int, mask_size: int) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([model.config.arch, resolution, mask_size, [str(p) for p in voc.images]]).encode())
     for name, p in sorted(model.backbone.state_dict().items())[:8]:  # cheap but weight-sensitive
         h.update(name.encode())
-        h.update(p.float().flatten()[:64].numpy().tobytes() if p.device.type == "cpu"
-                 else p.float().flatten()[:64].cpu().numpy().tobytes())
+        h.update(p.float().flatten()[:64].cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
 class TokenCache:
     """Frozen-backbone tokens (fp16) and resized masks of a split, in safetensors shards written atomically.
 
-    A shard that exists is complete, so an interrupted caching pass resumes where it stopped."""
+    A shard that exists is complete, so an interrupted caching pass resumes where it stopped. Without a
+    folder the shards are kept in memory instead."""
 
     SHARD = 256
 
@@ -258,7 +233,7 @@ class TokenCache:
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 serialization.save_tensors(path, tensors)
-        if self.folder is None or len(self.memory) < 2:
+        if self.folder is None:
             self.memory[s] = tensors
         return tensors
 
@@ -303,7 +278,7 @@ def probe(model: LeopartViT | str, train_data: str | os.PathLike, head: str = "l
     epochs = cfg.epochs or DEFAULT_EPOCHS[cfg.head]
     device = default_device(cfg.device)
     model = from_pretrained(model, device=device).eval().requires_grad_(False)
-    voc = _split(train_data, cfg.split)
+    voc = read_voc(train_data, cfg.split)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
     output = Path(cfg.output) if cfg.output else None
@@ -370,7 +345,7 @@ def evaluate_probe(head: ProbeHead, model: LeopartViT, data_root: str | os.PathL
                    device=None, batch_size: int = 16, progress: bool | None = None) -> tuple[float, np.ndarray]:
     """Plain mIoU (%) of the head's predictions at its mask size on a VOC-layout split, and per-class IoU."""
     device = default_device(device)
-    voc = _split(data_root, split)
+    voc = read_voc(data_root, split)
     head = head.to(device).eval()
     n_classes = head.config.num_classes
     confusion = Confusion(n_classes, n_classes)  # rows: predicted class, columns: true class
@@ -383,15 +358,11 @@ def evaluate_probe(head: ProbeHead, model: LeopartViT, data_root: str | os.PathL
             target = resize_mask(load_mask(voc.masks[i], image_size(voc.images[i])), head.config.mask_size)
             confusion.update(p, target)
             i += 1
-    counts = confusion.counts
-    if counts.shape[1] > n_classes:
-        raise LeopartError(f"the masks hold class ids up to {counts.shape[1] - 1}, but the head has {n_classes} classes")
-    tp = np.diag(counts).astype(np.float64)
-    denom = counts.sum(axis=1) + counts.sum(axis=0) - tp
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(denom > 0, tp / denom, np.nan)
-    present = denom > 0
-    return (100.0 * float(np.mean(iou[present])) if present.any() else float("nan")), iou
+    if confusion.counts.shape[1] > n_classes:
+        raise LeopartError(f"the masks hold class ids up to {confusion.counts.shape[1] - 1}, but the head has "
+                           f"{n_classes} classes")
+    miou, iou = confusion.miou(n_classes=n_classes, identity=True)
+    return 100.0 * miou, iou
 
 
 @torch.no_grad()
