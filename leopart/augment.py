@@ -36,6 +36,8 @@ class CropConfig:
     min_overlap_local: float = 0.01   # of the image area, between each local crop and each global crop
     max_tries: int = 50
     jitter: bool = True               # colour jitter, grayscale and blur (flips always)
+    hue: float = 0.1                  # largest hue shift of the colour jitter (0.5 = anywhere on the wheel)
+    blur: bool = True                 # Gaussian blur (sigma 0.1-2 px: it erases textures finer than ~4 px)
 
     @property
     def n_crops(self) -> int:
@@ -102,13 +104,13 @@ def sample_crop_boxes(width: int, height: int, cfg: CropConfig, g: torch.Generat
     return [(0, 0, width, height)] * cfg.n_crops
 
 
-def photometric(img: Image.Image, g: torch.Generator, blur_p: float) -> Image.Image:
+def photometric(img: Image.Image, g: torch.Generator, blur_p: float, hue: float = 0.1) -> Image.Image:
     """DINO-style colour augmentation with parameters drawn from ``g``."""
     if float(torch.rand((), generator=g)) < 0.8:
         img = TF.adjust_brightness(img, _uniform(g, 0.6, 1.4))
         img = TF.adjust_contrast(img, _uniform(g, 0.6, 1.4))
         img = TF.adjust_saturation(img, _uniform(g, 0.8, 1.2))
-        img = TF.adjust_hue(img, _uniform(g, -0.1, 0.1))
+        img = TF.adjust_hue(img, _uniform(g, -hue, hue))
     if float(torch.rand((), generator=g)) < 0.2:
         img = TF.rgb_to_grayscale(img, num_output_channels=3)
     if float(torch.rand((), generator=g)) < blur_p:
@@ -135,8 +137,8 @@ def make_views(img: Image.Image, cfg: CropConfig, g: torch.Generator) -> Views:
         if flip:
             crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
         if cfg.jitter:
-            blur_p = (1.0, 0.1)[i] if i < min(cfg.n_global, 2) else 0.5
-            crop = photometric(crop, g, blur_p)
+            blur_p = 0.0 if not cfg.blur else (1.0, 0.1)[i] if i < min(cfg.n_global, 2) else 0.5
+            crop = photometric(crop, g, blur_p, cfg.hue)
         crops.append(to_tensor(crop, None))
     overlap = torch.zeros(cfg.n_global, cfg.n_crops, 2, 4)
     for gi in range(cfg.n_global):

@@ -70,6 +70,8 @@ class TrainConfig:
     global_scale: tuple[float, float] = (0.25, 1.0)  # crop area as a share of the image
     local_scale: tuple[float, float] = (0.05, 0.25)
     jitter: bool = True                  # colour jitter, grayscale and blur (flips always)
+    hue: float = 0.1                     # largest hue shift of the jitter
+    blur: bool = True                    # Gaussian blur in the jitter
     num_prototypes: int = 300
     lr_backbone: float = 1e-5
     lr_heads: float = 1e-4
@@ -103,7 +105,7 @@ class TrainConfig:
     def crops(self) -> CropConfig:
         return CropConfig(global_size=self.global_size, local_size=self.local_size, n_global=self.n_global,
                           n_local=self.n_local, global_scale=self.global_scale, local_scale=self.local_scale,
-                          jitter=self.jitter)
+                          jitter=self.jitter, hue=self.hue, blur=self.blur)
 
     def check(self):
         if self.loss_mask not in LOSS_MASKS:

@@ -18,6 +18,7 @@ from torchvision.ops import roi_align
 import leopart
 from leopart.augment import CropConfig, intersection, make_views, to_crop_coords
 from leopart.cli import main
+from leopart.data import IMAGENET_MEAN, IMAGENET_STD
 from leopart.errors import LeopartError
 from leopart.train import MultiCrop, TrainConfig, build_model, leopart_loss
 
@@ -52,6 +53,33 @@ def test_identical_crops_give_identity_boxes():
             size_g, size_v = cfg.size(gi), cfg.size(v)
             torch.testing.assert_close(views.boxes[gi, v, 0], torch.tensor([0.0, 0.0, size_g, size_g]))
             torch.testing.assert_close(views.boxes[gi, v, 1], torch.tensor([0.0, 0.0, size_v, size_v]))
+
+
+def test_blur_off_keeps_fine_textures_and_hue_reaches_the_whole_wheel():
+    # A 1-pixel checkerboard: any blur (sigma >= 0.1) flattens it, so its pixel-to-pixel contrast tells.
+    checker = (np.indices((64, 64)).sum(0) % 2 * 255).astype(np.uint8)
+    img = Image.fromarray(np.stack([checker, 255 - checker, np.full_like(checker, 128)], axis=-1))
+    same = dict(global_size=64, local_size=32, global_scale=(1.0, 1.0), local_scale=(1.0, 1.0))
+
+    def contrast(cfg, seed):  # the first global crop, which the paper's recipe always blurs
+        crop = make_views(img, cfg, torch.Generator().manual_seed(seed)).crops[0]
+        return float((crop[:, :, 1:] - crop[:, :, :-1]).abs().mean())
+
+    sharp = [contrast(CropConfig(**same, blur=False), s) for s in range(8)]
+    blurred = [contrast(CropConfig(**same), s) for s in range(8)]
+    # Same seed, same draws (the blur coin is still tossed): only the blur differs.
+    assert all(s >= b - 1e-6 for s, b in zip(sharp, blurred)) and sum(sharp) > 3 * sum(blurred)
+
+    red = Image.new("RGB", (64, 64), (220, 30, 30))
+    def hues(hue):
+        out = []
+        for s in range(40):
+            crop = make_views(red, CropConfig(**same, blur=False, hue=hue), torch.Generator().manual_seed(s)).crops[0]
+            mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+            r, g, b = (crop.mean(dim=(1, 2)) * std + mean).tolist()
+            out.append(max(g, b) > r + 0.1)  # turned green or blue (grey, from the grayscale step, does not count)
+        return sum(out)
+    assert hues(0.1) == 0 and hues(0.5) > 5
 
 
 @pytest.mark.parametrize("seed", range(5))
