@@ -295,6 +295,8 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the results as JSON.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--n-init", default=1, show_default=True, type=click.IntRange(min=1),
+              help="k-means runs per k; the lowest-inertia one is scored.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default=None)
 @click.option("--linear", is_flag=True, help="Train a linear probe on the train split and report its val mIoU.")
@@ -308,7 +310,7 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
               help="Token cache, per-epoch checkpoints (resumable) and trained heads: <dir>/<linear|fcn>/head.")
 @_fg_option
 def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, num_classes, split, resolution, json_path, seed,
-             batch_size, device, linear, fcn, train_split, probe_epochs, probe_mask_size, probe_dir, fg_model):
+             n_init, batch_size, device, linear, fcn, train_split, probe_epochs, probe_mask_size, probe_dir, fg_model):
     """Score MODEL on a PASCAL-VOC-layout folder DATA with the paper's protocols.
 
     k-means over-clustering (default k = 500 and 21) and, with --fully-unsupervised, CBFE + CD; with
@@ -327,7 +329,7 @@ def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, num_classes, split, 
     if ks or fully_unsupervised:
         results = run_eval(data_dir, m, ks=ks, fully_unsupervised=fully_unsupervised,
                            num_classes=num_classes, split=split, resolution=resolution, fg_model=fg, fu_k=fu_k,
-                           seed=seed, batch_size=batch_size, device=device, progress=True)
+                           n_init=n_init, seed=seed, batch_size=batch_size, device=device, progress=True)
     else:
         results = {"n_images": len(read_voc(data_dir, split).names), "overclustering": {}}
     if heads:

@@ -43,6 +43,7 @@ class DemoConfig:
     image_size: int = 96
     k_over: int = 16               # over-clustering k (many-to-one); the one-to-one k is the number of classes
     fu_k: int = 12                 # parts for the fully unsupervised (CBFE + CD) pipeline
+    n_init: int = 5                # k-means runs per k (lowest inertia kept), for every method alike
     steps: int | None = None       # fixed number of training steps instead of the time budget
     max_steps: int = 2000
     n_examples: int = 6            # images written as masks / overlays and shown in the grid
@@ -68,15 +69,15 @@ class DemoConfig:
 METHODS = ("pixel colours (k-means)", "untrained ViT", "Leopart-trained ViT")
 
 
-def pixel_kmeans(data_root: Path, ks: tuple[int, ...], num_classes: int, seed: int = 0) -> dict:
+def pixel_kmeans(data_root: Path, ks: tuple[int, ...], num_classes: int, seed: int = 0, n_init: int = 1) -> dict:
     """The colour baseline: k-means on every val pixel's RGB, scored like the patch features."""
     voc = read_voc(data_root, "val")
     pixels = np.stack([np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255 for p in voc.images])
     targets = [load_mask(p) for p in voc.masks]
     results = {"overclustering": {}}
     for k in ks:
-        km = cluster(torch.from_numpy(pixels.reshape(-1, 3)), k, iters=30, metric="euclidean", seed=seed,
-                     progress=False)
+        km = cluster(torch.from_numpy(pixels.reshape(-1, 3)), k, iters=30, n_init=n_init, metric="euclidean",
+                     seed=seed, progress=False)
         labels = km.labels.view(pixels.shape[:3]).numpy()
         confusion = Confusion()
         for pred, target in zip(labels, targets):
@@ -189,9 +190,9 @@ def run_demo(**overrides) -> dict:
     say("[3/5] evaluating: pixel colours, untrained ViT, Leopart-trained ViT")
     ks = (cfg.k_over, num_classes)
     eval_args = dict(ks=ks, fully_unsupervised=True, fu_k=cfg.fu_k, resolution=cfg.image_size,
-                     mask_size=cfg.image_size, iters=30, seed=cfg.seed, progress=False)
+                     mask_size=cfg.image_size, iters=30, n_init=cfg.n_init, seed=cfg.seed, progress=False)
     methods = {
-        METHODS[0]: pixel_kmeans(data_root, ks, num_classes, cfg.seed),
+        METHODS[0]: pixel_kmeans(data_root, ks, num_classes, cfg.seed, cfg.n_init),
         METHODS[1]: evaluate(data_root, untrained, **eval_args),
         METHODS[2]: evaluate(data_root, model, **eval_args),
     }
@@ -200,7 +201,8 @@ def run_demo(**overrides) -> dict:
     voc = read_voc(data_root, "val")
     dense = dense_features(voc.images, model, cfg.image_size, progress=False)
     best_share = methods[METHODS[2]]["fully_unsupervised_details"]["bg_share"]
-    segmenter, _ = fit_segmenter(dense, cfg.fu_k, iters=30, seed=cfg.seed, bg_share=best_share, progress=False)
+    segmenter, _ = fit_segmenter(dense, cfg.fu_k, iters=30, n_init=cfg.n_init, seed=cfg.seed, bg_share=best_share,
+                                 progress=False)
     segmenter.save_pretrained(out / "segmenter")
     examples = out / "examples"
     examples.mkdir(exist_ok=True)

@@ -67,14 +67,14 @@ def dense_features(images: Any, model: LeopartViT, resolution: int = DEFAULT_RES
     return DenseFeatures(names, features, foreground)
 
 
-def fit_segmenter(dense: DenseFeatures, k: int, *, iters: int = 50, seed: int = 0, bg_share: float | None = None,
-                  weight_threshold: float = 0.07, resolution: float = 1.0, device=None,
+def fit_segmenter(dense: DenseFeatures, k: int, *, iters: int = 50, n_init: int = 1, seed: int = 0,
+                  bg_share: float | None = None, weight_threshold: float = 0.07, resolution: float = 1.0, device=None,
                   params: dict | None = None, progress: bool | None = None) -> tuple[Segmenter, KMeansResult]:
     """Cluster the patch tokens into ``k`` parts and merge them into objects."""
     n_patches = dense.features.shape[0] * dense.features.shape[1] * dense.features.shape[2]
     if k > n_patches:
         raise LeopartError(f"k={k} is larger than the number of patches ({n_patches}): use a smaller k or more images")
-    km = cluster(dense.features, k, iters=iters, seed=seed, device=device, progress=progress)
+    km = cluster(dense.features, k, iters=iters, n_init=n_init, seed=seed, device=device, progress=progress)
     labels = km.labels.view(dense.features.shape[:3])
     segmenter = merge(km, labels, dense.foreground, bg_share=bg_share, weight_threshold=weight_threshold,
                       resolution=resolution, seed=seed, params=params)

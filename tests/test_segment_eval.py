@@ -118,6 +118,25 @@ def test_eval_cli_json(tiny_model_dir, voc_dir, tmp_path):
     assert "k-means k=3 (Hungarian, one-to-one)" in r.output
 
 
+def test_eval_n_init_scores_the_lowest_inertia_run(tiny_model_dir, voc_dir):
+    from leopart.cluster import cluster
+    from leopart.evaluate import evaluate, read_voc
+    from leopart.segment import dense_features
+
+    model = leopart.from_pretrained(str(tiny_model_dir))
+    dense = dense_features(read_voc(voc_dir, "val").images, model, 64, progress=False)
+    # cluster(n_init=3, seed=0) runs seeds 0, 1, 2 and keeps the lowest inertia.
+    inertia = [cluster(dense.features, 3, iters=10, seed=s, progress=False).inertia for s in range(3)]
+    best_seed = int(np.argmin(inertia))
+    args = dict(ks=(3,), resolution=64, mask_size=32, iters=10, progress=False)
+    restarts = evaluate(voc_dir, model, n_init=3, seed=0, **args)["overclustering"]["3"]
+    assert restarts == evaluate(voc_dir, model, seed=best_seed, **args)["overclustering"]["3"]
+    r = CliRunner().invoke(main, ["eval", str(voc_dir), "--model", str(tiny_model_dir), "--k", "3",
+                                  "--resolution", "64", "--n-init", "3"])
+    assert r.exit_code == 0, r.output
+    assert CliRunner().invoke(main, ["eval", str(voc_dir), "--n-init", "0"]).exit_code == 2
+
+
 def test_eval_num_classes_and_bad_layouts(tiny_model_dir, voc_dir, tmp_path):
     runner = CliRunner()
     base = ["--model", str(tiny_model_dir), "--k", "4", "--resolution", "64"]
