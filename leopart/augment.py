@@ -137,8 +137,8 @@ def make_views(img: Image.Image, cfg: CropConfig, g: torch.Generator) -> Views:
         if flip:
             crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
         if cfg.jitter:
-            blur_p = 0.0 if not cfg.blur else (1.0, 0.1)[i] if i < min(cfg.n_global, 2) else 0.5
-            crop = photometric(crop, g, blur_p, cfg.hue)
+            blur_p = (1.0, 0.1)[i] if i < min(cfg.n_global, 2) else 0.5
+            crop = photometric(crop, g, blur_p if cfg.blur else 0.0, cfg.hue)
         crops.append(to_tensor(crop, None))
     overlap = torch.zeros(cfg.n_global, cfg.n_crops, 2, 4)
     for gi in range(cfg.n_global):

@@ -28,7 +28,7 @@ from . import synthetic
 from .cluster import cluster
 from .errors import LeopartError
 from .evaluate import evaluate, load_mask, read_voc
-from .metrics import Confusion
+from .metrics import hungarian_miou
 from .segment import dense_features, fit_segmenter, mask_image, overlay_image, predict_objects, save_png
 from .serialization import write_text
 from .train import Learner, TrainConfig, build_model, train
@@ -79,11 +79,8 @@ def pixel_kmeans(data_root: Path, ks: tuple[int, ...], num_classes: int, seed: i
         km = cluster(torch.from_numpy(pixels.reshape(-1, 3)), k, iters=30, n_init=n_init, metric="euclidean",
                      seed=seed, progress=False)
         labels = km.labels.view(pixels.shape[:3]).numpy()
-        confusion = Confusion()
-        for pred, target in zip(labels, targets):
-            confusion.update(pred, target)
-        results["overclustering"][str(k)] = 100.0 * confusion.miou(many_to_one=k > num_classes,
-                                                                   n_classes=num_classes)[0]
+        miou, _ = hungarian_miou(labels, targets, n_classes=num_classes, many_to_one=k > num_classes)
+        results["overclustering"][str(k)] = 100.0 * miou
     return results
 
 

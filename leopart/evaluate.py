@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .errors import LeopartError
 from .merge import merge
-from .metrics import Confusion
+from .metrics import hungarian_miou
 from .model import LeopartViT
 from .segment import DEFAULT_RESOLUTION, dense_features, predict_objects, upsample_argmax
 from .cluster import cluster
@@ -121,11 +121,9 @@ def evaluate(data_root: str | Path, model: LeopartViT, ks=(500, 21), fully_unsup
                      "mask_size": mask_size, "overclustering": {}}
 
     def score(predict, n_images_desc: str, many_to_one: bool) -> float:
-        confusion = Confusion()
-        for i in tqdm(range(len(targets)), desc=n_images_desc, leave=False,
-                      disable=(not progress) if progress is not None else None):
-            confusion.update(predict(i), targets[i])
-        return 100.0 * confusion.miou(many_to_one=many_to_one, n_classes=num_classes)[0]
+        preds = (predict(i) for i in tqdm(range(len(targets)), desc=n_images_desc, leave=False,
+                                          disable=(not progress) if progress is not None else None))
+        return 100.0 * hungarian_miou(preds, targets, n_classes=num_classes, many_to_one=many_to_one)[0]
 
     for k in ks:
         if k > n_patches:
