@@ -1,19 +1,22 @@
 """Leopart's kernels vs their torch references (eager and torch.compile), measured in the same run.
 
-    python -m benchmarks.kernels [--device cuda] [--skip-compile] [--quick]
+    python -m benchmarks.kernels [--device cuda] [--skip-compile] [--quick] [--profile]
 
 On CPU only the torch paths run (Triton needs a GPU), so the CPU table is the baseline side; on a GPU
 every row compares our Triton kernel with torch eager and torch.compile of the same reference.
 Bandwidth for Sinkhorn counts the minimum traffic of the algorithm: (1 + n_iters) reads of the N x K
 scores and one fp32 write; FLOP/s for the similarity kernels count 2*N*K*D.
+--profile also writes results/sinkhorn_profile_<device>.md: each Sinkhorn implementation's kernels at the
+training size with their GPU time, to tell launch overhead (wall >> kernel total) from slow kernels.
 """
 from __future__ import annotations
 
 import argparse
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.common import timeit, write_results
+from benchmarks.common import RESULTS, device_name, sync, timeit, write_results
 from leopart.kernels import nearest_prototype, patch_prototype_similarity, sinkhorn
 from leopart.kernels.similarity import nearest_torch, similarity_torch
 from leopart.kernels.sinkhorn import sinkhorn_torch
@@ -35,7 +38,8 @@ def bench(name, size, impls, device, work, unit):
     rows, t_base = [], None
     for label, fn in impls.items():
         try:
-            t = timeit(fn, device, warmup=1, repeat=3 if work < 5e11 else 1)
+            # Many repeats of the sub-millisecond sizes: their single-call times scatter.
+            t = timeit(fn, device, warmup=1, repeat=20 if work < 1e10 else 3 if work < 5e11 else 1)
         except Exception as e:  # noqa: BLE001 - e.g. torch.compile unavailable: record, don't abort
             rows.append({"kernel": name, "size": size, "impl": label, "ms": f"failed: {type(e).__name__}"})
             continue
@@ -46,11 +50,29 @@ def bench(name, size, impls, device, work, unit):
     return rows
 
 
+def profile_calls(impls: dict, device: str, title: str) -> str:
+    """One profiled call of each implementation: its operators and kernels, sorted by time."""
+    gpu = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    sections = [f"# {title}", "", f"device: {device_name(device)} · torch {torch.__version__}", ""]
+    for label, fn in impls.items():
+        fn()  # compile / autotune outside the profile
+        sync(device)
+        with profile(activities=activities) as prof:
+            fn()
+            sync(device)
+        table = prof.key_averages().table(sort_by="self_device_time_total" if gpu else "self_cpu_time_total",
+                                          row_limit=12, max_name_column_width=60)
+        sections += [f"## {label}", "", "```", table.rstrip(), "```", ""]
+    return "\n".join(sections)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-compile", action="store_true")
     ap.add_argument("--quick", action="store_true", help="skip the million-row sizes")
+    ap.add_argument("--profile", action="store_true", help="also profile Sinkhorn at the training size")
     args = ap.parse_args()
     dev = args.device
     gpu = dev.startswith("cuda")
@@ -71,6 +93,10 @@ def main():
         if gpu:
             impls["leopart triton"] = lambda: sinkhorn(scores, backend="triton")
         rows += bench("sinkhorn", f"{label}: {n}x{k}", impls, dev, (1 + 3 + 1) * n * k * 4, "GB/s")
+        if args.profile and label == sinkhorn_sizes[0][0]:
+            path = RESULTS / f"sinkhorn_profile_{dev.split(':')[0]}.md"
+            path.write_text(profile_calls(impls, dev, f"Sinkhorn, one call at {label}: {n}x{k}"))
+            print(f"wrote {path}")
         del scores
 
     sim_sizes = [("train ViT-S/16", 32 * 2 * 196, 300, 256)]

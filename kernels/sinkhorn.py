@@ -107,8 +107,9 @@ if triton is not None:
                  N, K, inv_eps, log_n,
                  UPDATE_B: tl.constexpr, WRITE_OUT: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_TILE: tl.constexpr):
-        """For each block of rows: [sample step] b = -log N - lse_k(x + a); then either write the
-        output exp(x + a + b + log N), or fold lse_n(x + b) into this program's per-column partials."""
+        """For each block of rows: [sample step, if UPDATE_B] b = -log N - lse_k(x + a), else b = 0 (the
+        first pass, before any sample step); then either write the output exp(x + a + b + log N), or fold
+        lse_n(x + b) into this program's per-column partials."""
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         offs_n = tl.arange(0, BLOCK_N)
@@ -126,8 +127,8 @@ if triton is not None:
                 mask = rmask[:, None] & cmask[None, :]
                 x = tl.load(x_ptr + rows[:, None] * stride_n + offs_k[None, :] * stride_k, mask=mask, other=0.0)
                 x = tl.where(mask, x.to(tl.float32) * inv_eps, -float("inf"))
-                a = tl.load(a_ptr + offs_k, mask=cmask, other=0.0)
                 if UPDATE_B:
+                    a = tl.load(a_ptr + offs_k, mask=cmask, other=0.0)
                     t = x + a[None, :]
                     m = tl.max(t, axis=1)
                     m_safe = tl.where(m == -float("inf"), 0.0, m)
@@ -136,8 +137,9 @@ if triton is not None:
                     b = -log_n - lse
                     tl.store(b_ptr + rows, b, mask=rmask)
                 else:
-                    b = tl.load(b_ptr + rows, mask=rmask, other=0.0)
+                    b = tl.zeros([BLOCK_N], tl.float32)
                 if WRITE_OUT:
+                    a = tl.load(a_ptr + offs_k, mask=cmask, other=0.0)
                     out = tl.exp(x + a[None, :] + b[:, None] + log_n)
                     tl.store(out_ptr + rows[:, None] * K + offs_k[None, :], out, mask=mask)
                 else:
@@ -164,7 +166,7 @@ if triton is not None:
                     b = -log_n - (m_safe + tl.log(tl.maximum(s, 1.0)))
                     tl.store(b_ptr + rows, b, mask=rmask)
                 else:
-                    b = tl.load(b_ptr + rows, mask=rmask, other=0.0)
+                    b = tl.zeros([BLOCK_N], tl.float32)
                 for k0 in range(0, K, BLOCK_K):
                     cols = k0 + offs_k
                     cmask = cols < K
@@ -195,17 +197,24 @@ if triton is not None:
 
     @triton.jit
     def _combine(pm_ptr, ps_ptr, out_m_ptr, out_s_ptr, a_ptr, P, K, log_k,
-                FINAL: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Reduce the [P, K] partials per column. FINAL: write a = -log K - lse; otherwise write (max, sum)
-        for an all-reduce across processes."""
+                FINAL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Reduce the [P, K] partials per column, BLOCK_P partial rows per step (P is a few hundred on a
+        GPU: one row per step would be a long chain of dependent loads). FINAL: write a = -log K - lse;
+        otherwise write (max, sum) for an all-reduce across processes."""
         cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
         cmask = cols < K
+        offs_p = tl.arange(0, BLOCK_P)
         m = tl.full([BLOCK_K], -float("inf"), tl.float32)
         s = tl.zeros([BLOCK_K], tl.float32)
-        for p in range(0, P):
-            pm = tl.load(pm_ptr + p * K + cols, mask=cmask, other=-float("inf"))
-            ps = tl.load(ps_ptr + p * K + cols, mask=cmask, other=0.0)
-            m, s = _merge(m, s, pm, ps)
+        for p0 in range(0, P, BLOCK_P):
+            prow = p0 + offs_p
+            mask = (prow < P)[:, None] & cmask[None, :]
+            offsets = prow[:, None] * K + cols[None, :]
+            pm = tl.load(pm_ptr + offsets, mask=mask, other=-float("inf"))
+            ps = tl.load(ps_ptr + offsets, mask=mask, other=0.0)
+            tm = tl.max(pm, axis=0)
+            tm_safe = tl.where(tm == -float("inf"), 0.0, tm)
+            m, s = _merge(m, s, tm, tl.sum(ps * tl.exp(pm - tm_safe[None, :]), axis=0))
         m_safe = tl.where(m == -float("inf"), 0.0, m)
         if FINAL:
             tl.store(a_ptr + cols, -log_k - (m_safe + tl.log(tl.maximum(s, 1.0))), mask=cmask)
@@ -213,6 +222,9 @@ if triton is not None:
             tl.store(out_m_ptr + cols, m_safe, mask=cmask)
             tl.store(out_s_ptr + cols, s, mask=cmask)
 
+
+# The combine reduces [programs, K] partials in tiles of 64 partial rows x 32 columns (128-byte row segments).
+COMBINE_BLOCK_P, COMBINE_BLOCK_K = 64, 32
 
 
 def _block_sizes(k: int) -> tuple[int, int, bool, int]:
@@ -232,16 +244,19 @@ def sinkhorn_triton(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 
     device = scores.device
     n_total = _global_count(n, device, distributed)
     block_n, block_k, single, warps = _block_sizes(k)
-    programs = max(1, min(-(-n // block_n), num_programs_cap(device)))
-    a = torch.zeros(k, device=device, dtype=torch.float32)
-    b = torch.zeros(n, device=device, dtype=torch.float32)
+    # As few persistent programs as give the same number of row blocks per program: fewer partials to combine.
+    row_blocks = max(1, -(-n // block_n))
+    programs = -(-row_blocks // -(-row_blocks // num_programs_cap(device)))
+    # No fills needed: the first pass takes b = 0 without reading b, and every pass writes what the next reads.
+    a = torch.empty(k, device=device, dtype=torch.float32)
+    b = torch.empty(n, device=device, dtype=torch.float32)
     # Per-program column partials (max, sum of exp): programs x K, a few hundred rows at most.
     pm = torch.empty((programs, k), device=device, dtype=torch.float32)
     ps = torch.empty((programs, k), device=device, dtype=torch.float32)
     col_m = torch.empty(k, device=device, dtype=torch.float32)
     col_s = torch.empty(k, device=device, dtype=torch.float32)
     out = torch.empty((n, k), device=device, dtype=torch.float32)
-    combine_grid = (-(-k // 256),)
+    combine_grid = (-(-k // COMBINE_BLOCK_K),)
     common = dict(BLOCK_N=block_n, BLOCK_K=block_k, SINGLE_TILE=single, num_warps=warps)
 
     def accumulate(update_b: bool):
@@ -256,7 +271,7 @@ def sinkhorn_triton(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 
         # Partials in pm/ps -> new a (all-reduced first when distributed).
         nonlocal a
         _combine[combine_grid](pm, ps, col_m, col_s, a, programs, k, math.log(k),
-                              FINAL=not distributed, BLOCK_K=256)
+                              FINAL=not distributed, BLOCK_P=COMBINE_BLOCK_P, BLOCK_K=COMBINE_BLOCK_K)
         if distributed:
             a = -math.log(k) - _combine_across_processes(col_m, col_s, True)
 

@@ -9,6 +9,7 @@ On a GPU machine the compiled kernels are checked with
     TRITON_INTERPRET=0 python -m pytest tests/test_kernels.py -k gpu
 (the interpreter tests need TRITON_INTERPRET=1 and are the default everywhere else).
 """
+import importlib
 import math
 import os
 import socket
@@ -58,6 +59,17 @@ def test_sinkhorn_matches_swav(n, k):
     torch.testing.assert_close(ref, expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(tri, ref, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(tri.sum(dim=1), torch.ones(n), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("n,k", [(12544, 300), (5000, 40), (130, 7)])
+def test_sinkhorn_many_programs(monkeypatch, n, k):
+    """As many programs as a GPU runs (the interpreter's cap is 8): the combine then reduces more partial rows
+    (196, 79, 130) than one of its tiles holds (64), the last tile only partly filled."""
+    module = importlib.import_module("leopart.kernels.sinkhorn")  # the attribute `sinkhorn` is the function
+    monkeypatch.setattr(module, "num_programs_cap", lambda device: 528)
+    monkeypatch.setattr(module, "_block_sizes", lambda k: (64 if n > 130 else 1, module.next_pow2(k), True, 4))
+    scores = cosine_scores(n, k, seed=4)
+    torch.testing.assert_close(sinkhorn(scores, backend="triton"), sinkhorn_torch(scores), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("n_iters,eps", [(1, 0.05), (5, 0.05), (3, 0.5)])
