@@ -199,7 +199,7 @@ if triton is not None:
     def _combine(pm_ptr, ps_ptr, out_m_ptr, out_s_ptr, a_ptr, P, K, log_k,
                 FINAL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
         """Reduce the [P, K] partials per column, BLOCK_P partial rows per step (P is a few hundred on a
-        GPU: one row per step would be a long chain of dependent loads). FINAL: write a = -log K - lse;
+        GPU: one row per step would be a long serial chain of loads and merges). FINAL: write a = -log K - lse;
         otherwise write (max, sum) for an all-reduce across processes."""
         cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
         cmask = cols < K
