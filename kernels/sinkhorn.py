@@ -109,7 +109,7 @@ if triton is not None:
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_TILE: tl.constexpr):
         """For each block of rows: [sample step, if UPDATE_B] b = -log N - lse_k(x + a), else b = 0 (the
         first pass, before any sample step); then either write the output exp(x + a + b + log N), or fold
-        lse_n(x + b) into this program's per-column partials."""
+        lse_n(x + b) into this program's per-column partials. WRITE_OUT passes are sample-step passes."""
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         offs_n = tl.arange(0, BLOCK_N)
@@ -138,8 +138,7 @@ if triton is not None:
                     tl.store(b_ptr + rows, b, mask=rmask)
                 else:
                     b = tl.zeros([BLOCK_N], tl.float32)
-                if WRITE_OUT:
-                    a = tl.load(a_ptr + offs_k, mask=cmask, other=0.0)
+                if WRITE_OUT:  # a: loaded by the sample step above
                     out = tl.exp(x + a[None, :] + b[:, None] + log_n)
                     tl.store(out_ptr + rows[:, None] * K + offs_k[None, :], out, mask=mask)
                 else:
@@ -244,9 +243,10 @@ def sinkhorn_triton(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 
     device = scores.device
     n_total = _global_count(n, device, distributed)
     block_n, block_k, single, warps = _block_sizes(k)
-    # As few persistent programs as give the same number of row blocks per program: fewer partials to combine.
+    # Persistent programs: as few as give the same number of row blocks per program (fewer partials to combine).
     row_blocks = max(1, -(-n // block_n))
-    programs = -(-row_blocks // -(-row_blocks // num_programs_cap(device)))
+    blocks_per_program = -(-row_blocks // num_programs_cap(device))
+    programs = -(-row_blocks // blocks_per_program)
     # No fills needed: the first pass takes b = 0 without reading b, and every pass writes what the next reads.
     a = torch.empty(k, device=device, dtype=torch.float32)
     b = torch.empty(n, device=device, dtype=torch.float32)

@@ -100,9 +100,8 @@ def calibrate_steps(cfg: TrainConfig, data_file: Path, seconds: float, max_steps
     return int(max(20, min(max_steps, seconds / per_step)))
 
 
-def loss_curve_png(metrics_file: Path, path: Path, size=(640, 360)):
+def loss_curve_png(losses: list[float], path: Path, size=(640, 360)):
     """A plain line plot of the per-step loss and its moving average (no plotting library needed)."""
-    losses = [json.loads(line)["loss"] for line in metrics_file.read_text().splitlines()]
     w, h = size
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
@@ -214,9 +213,9 @@ def run_demo(**overrides) -> dict:
         preds.append(pred)
 
     say("[5/5] writing results.json, loss_curve.png and grid.png")
-    loss_curve_png(run_dir / "metrics.jsonl", out / "loss_curve.png")
-    grid_png(images, truths, preds, out / "grid.png")
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    loss_curve_png(losses, out / "loss_curve.png")
+    grid_png(images, truths, preds, out / "grid.png")
     results = {
         "k_over": cfg.k_over, "num_classes": num_classes, "classes": list(synthetic.CLASSES),
         "n_train": cfg.n_train, "n_val": cfg.n_val, "image_size": cfg.image_size, "train_steps": steps,

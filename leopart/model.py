@@ -186,21 +186,10 @@ class LeopartViT(nn.Module):
 
         Returns the names of missing head keys (allowed when ``strict`` is False, e.g. DINO weights).
         """
-        own = self.state_dict()
-        unexpected = sorted(set(state) - set(own))
-        missing = sorted(set(own) - set(state))
-        wrong_shape = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}"
-                       for k in own if k in state and state[k].shape != own[k].shape]
-        missing_backbone = [k for k in missing if k.startswith("backbone.")]
-        if unexpected or wrong_shape or missing_backbone or (strict and missing):
-            parts = []
-            if wrong_shape:
-                parts.append(f"shape mismatch: {', '.join(wrong_shape[:5])}")
-            if missing:
-                parts.append(f"missing keys: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-            if unexpected:
-                parts.append(f"unexpected keys: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
-            raise LeopartError(f"weights in {source} do not fit {self.config.arch}: " + "; ".join(parts))
+        problems, missing = serialization.state_dict_mismatches(
+            self.state_dict(), state, tolerate_missing=lambda key: not strict and not key.startswith("backbone."))
+        if problems:
+            raise LeopartError(f"weights in {source} do not fit {self.config.arch}: " + "; ".join(problems))
         self.load_state_dict(state, strict=False)
         return missing
 

@@ -121,15 +121,9 @@ def load_head(name: str | Path) -> ProbeHead:
 
 
 def _load_state(head: ProbeHead, state: dict, source: str):
-    expected = head.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise LeopartError(f"{source} does not fit a {head.config.head} head: missing {missing[:4]}, "
-                           f"unexpected {unexpected[:4]}")
-    for k, v in state.items():
-        if v.shape != expected[k].shape:
-            raise LeopartError(f"{source}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+    problems, _ = serialization.state_dict_mismatches(head.state_dict(), state)
+    if problems:
+        raise LeopartError(f"{source} does not fit a {head.config.head} head: " + "; ".join(problems))
     head.load_state_dict(state)
 
 

@@ -76,6 +76,27 @@ def save_folder(folder: str | os.PathLike, config: dict, tensors: dict[str, torc
     return folder
 
 
+def state_dict_mismatches(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                          tolerate_missing: Callable[[str], bool] = lambda key: False) -> tuple[list[str], list[str]]:
+    """Whether ``state`` fits a module whose state dict is ``own``: (what does not fit, for an error message,
+    empty when it fits; the keys of ``own`` that ``state`` lacks). Missing keys that ``tolerate_missing``
+    accepts alone do not make it unfit."""
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(state))
+    wrong_shape = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}"
+                   for k in own if k in state and state[k].shape != own[k].shape]
+    if not (unexpected or wrong_shape or any(not tolerate_missing(k) for k in missing)):
+        return [], missing
+    problems = []
+    if wrong_shape:
+        problems.append(f"shape mismatch: {', '.join(wrong_shape[:5])}")
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+    return problems, missing
+
+
 def read_config(path: str | os.PathLike) -> dict:
     try:
         return json.loads(Path(path).read_text())

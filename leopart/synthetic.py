@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .segment import mask_image
+
 CLASSES = ("background", "wheel", "box", "kite")
 # The hue family of each class's (first, second) part: red/yellow, green/cyan, blue/magenta.
 PART_HUES = ((0.0, 1 / 6), (2 / 6, 3 / 6), (4 / 6, 5 / 6))
@@ -118,14 +120,6 @@ def make_scene(rng: np.random.Generator, size: int = 96) -> tuple[np.ndarray, np
     return img, mask
 
 
-def voc_palette_image(mask: np.ndarray) -> Image.Image:
-    from .segment import voc_palette
-
-    out = Image.fromarray(mask, mode="P")
-    out.putpalette(voc_palette())
-    return out
-
-
 def write_voc_dataset(folder: str | Path, n_train: int = 400, n_val: int = 60, size: int = 96,
                       seed: int = 0) -> Path:
     """Generate the dataset in VOC layout under ``folder`` (PNG images, so no JPEG blur on the textures)."""
@@ -139,7 +133,7 @@ def write_voc_dataset(folder: str | Path, n_train: int = 400, n_val: int = 60, s
         for name in names:
             img, mask = make_scene(rng, size)
             Image.fromarray(img).save(root / "JPEGImages" / f"{name}.png")
-            voc_palette_image(mask).save(root / "SegmentationClass" / f"{name}.png")
+            mask_image(mask).save(root / "SegmentationClass" / f"{name}.png")
         (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))
     (root / "train_images.txt").write_text("".join(f"JPEGImages/{n}.png\n" for n in splits["train"]))
     return root

@@ -12,7 +12,7 @@ import leopart
 from leopart.cli import main
 from leopart.errors import LeopartError
 from leopart.probe import FCNHead, ProbeConfig, ProbeHead, convert_head_checkpoint, evaluate_probe, load_head
-from leopart.synthetic import voc_palette_image
+from leopart.segment import mask_image
 
 COLOURS = np.array([(20, 20, 20), (230, 40, 40), (40, 200, 60), (50, 80, 230)], dtype=np.uint8)
 
@@ -29,7 +29,7 @@ def write_block_voc(root, n_train=24, n_val=8, seed=0):
             mask = np.kron(labels, np.ones((16, 16), dtype=np.uint8))
             name = f"{split}{i:03d}"
             Image.fromarray(COLOURS[mask]).save(root / "JPEGImages" / f"{name}.png")
-            voc_palette_image(mask).save(root / "SegmentationClass" / f"{name}.png")
+            mask_image(mask).save(root / "SegmentationClass" / f"{name}.png")
             names.append(name)
         (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(names) + "\n")
     return root
