@@ -3,6 +3,7 @@
 The variables are set before anything imports huggingface_hub or triton, which read them at import.
 """
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -21,6 +22,11 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import leopart  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_CACHE, ignore_errors=True)  # the private caches are per run: leave nothing in /tmp
+
 
 TINY_ARCH = "test_vit"  # timm's 64-dim, 6-block test ViT: fast enough for CPU tests
 

@@ -311,7 +311,7 @@ def test_small_component_removal_matches_scipy_labelling(max_size):
 def test_torchrun_two_cpu_processes(train_dir, tmp_path):
     """The documented multi-process entry point, with gloo on CPU: one metrics line per step, one model."""
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}  # torchrun leaves its rendezvous dir in TMPDIR
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "leopart",
                            "train", str(train_dir), "--init", "random", "--arch", "test_vit", "--batch-size", "4",
                            "--global-size", "64", "--local-size", "32", "--num-prototypes", "10", "--workers", "0",
