@@ -238,8 +238,8 @@ def merge(clusters_dir, output, bg_share, weight_threshold, cd_resolution, seed)
 @click.option("--segmenter", default=None, help="Folder or Hub id of a fitted segmenter (from `leopart merge`).")
 @click.option("--k", default=None, type=click.IntRange(min=1),
               help="Parts per image when no segmenter is given (default 8).")
-@click.option("--output", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for <stem>_mask.png and <stem>_overlay.png.")
+@click.option("--output", "-o", default=".", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for <stem>_mask.png and <stem>_overlay.png.  [default: current folder]")
 @click.option("--resolution", default=448, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default=None)
 @click.option("--head", default=None,

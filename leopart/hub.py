@@ -21,7 +21,6 @@ import tempfile
 import urllib.error
 import urllib.request
 import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,9 +201,10 @@ def read_checkpoint(path: Path, trust_pickle: bool = False) -> dict[str, torch.T
                 f"{path} holds pickled Python objects besides tensors; if you trust the file, load it with "
                 f"trust_pickle=True (CLI: --trust-pickle)"
             ) from None
-        raise LeopartError(f"cannot read checkpoint {path}: the file is corrupt or truncated") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise LeopartError(f"cannot read checkpoint {path}: the file is corrupt or truncated ({e})") from None
+        raise LeopartError(f"cannot read checkpoint {path}: the file is corrupt or truncated, or not a torch checkpoint") from None
+    except Exception as e:  # noqa: BLE001 - unpickling arbitrary bytes fails in many ways (KeyError, EOFError, ...)
+        raise LeopartError(f"cannot read checkpoint {path}: the file is corrupt or truncated, or not a torch checkpoint "
+                           f"({type(e).__name__}: {e})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # Lightning
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -6,7 +6,8 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import TINY_ARCH, populate_hf_cache
+from conftest import TINY_ARCH, populate_hf_cache, random_image
+from PIL import Image
 from safetensors.torch import save as save_safetensors
 
 import leopart
@@ -190,13 +191,18 @@ def test_wrong_architecture_names_the_keys(tmp_path):
         hub.convert_checkpoint(path)
 
 
-@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", "truncated"])
+# b"junk\n" made torch's weights-only unpickler raise a bare KeyError; "jpeg" is an image renamed .ckpt.
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"junk\n", "jpeg", "truncated"])
 def test_corrupt_checkpoints(tmp_path, content):
     path = tmp_path / "bad.ckpt"
     if content == "truncated":
         buf = io.BytesIO()
         torch.save(original_state_dict()[0], buf)
         content = buf.getvalue()[: len(buf.getvalue()) // 2]
+    elif content == "jpeg":
+        buf = io.BytesIO()
+        Image.fromarray(random_image()).save(buf, format="JPEG")
+        content = buf.getvalue()
     path.write_bytes(content)
     with pytest.raises(LeopartError, match="corrupt or truncated"):
         leopart.from_pretrained(path)

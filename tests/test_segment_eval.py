@@ -79,6 +79,16 @@ def test_segment_cli_writes_mask_and_overlay(tiny_model_dir, tmp_path):
         assert o.mode == "RGB" and o.size == size
 
 
+def test_segment_cli_one_liner_writes_to_current_folder(tiny_model_dir, tmp_path, monkeypatch):
+    """`leopart segment img.jpg`, the documented one-liner, needs no --output."""
+    Image.fromarray(scene(64, 64, 2)[0]).save(tmp_path / "img.jpg")
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, ["segment", "img.jpg", "--model", str(tiny_model_dir), "--resolution", "64"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in tmp_path.glob("img_*.png")) == ["img_mask.png", "img_overlay.png"]
+    assert "wrote 2 files to ." in r.output
+
+
 def test_cluster_merge_segment_chain(tiny_model_dir, voc_dir, tmp_path):
     runner = CliRunner()
     images = voc_dir / "JPEGImages"
