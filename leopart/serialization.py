@@ -33,8 +33,11 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise LeopartError(f"cannot write {path}: {e.strerror or e}") from None
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -107,6 +110,8 @@ def read_config(path: str | os.PathLike) -> dict:
 def load_folder(folder: str | os.PathLike, kind: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """Read (config, tensors) from a folder written by save_folder, checking it holds a ``kind``."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise LeopartError(f"no such folder: {folder}")
     if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
         raise LeopartError(f"{folder} is not a saved leopart {kind}: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
     config = read_config(folder / CONFIG_NAME)

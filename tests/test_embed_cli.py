@@ -162,7 +162,7 @@ def test_cli_embed_native_safetensors(tiny_model_dir, image_dir, tmp_path):
         assert f.get_tensor("features.0").shape == (2, 3, 64)  # 40x56 -> 32x48 pixels
 
 
-@pytest.mark.parametrize("case", ["missing", "text", "tiny", "empty", "model", "suffix", "npy_native"])
+@pytest.mark.parametrize("case", ["missing", "text", "tiny", "empty", "model", "suffix", "npy_native", "unwritable"])
 def test_cli_bad_input_one_line_no_file(tiny_model_dir, tmp_path, case):
     good = tmp_path / "good.png"
     Image.fromarray(random_image(64, 64)).save(good)
@@ -184,6 +184,9 @@ def test_cli_bad_input_one_line_no_file(tiny_model_dir, tmp_path, case):
     elif case == "suffix":
         out = tmp_path / "out.txt"
         args[-1] = str(out)
+    elif case == "unwritable":
+        out = good / "out.npy"  # its folder is a file
+        args[-1] = str(out)
     else:
         out = tmp_path / "out.npy"
         args[-3:] = ["native", "--output", str(out)]
@@ -191,6 +194,8 @@ def test_cli_bad_input_one_line_no_file(tiny_model_dir, tmp_path, case):
     assert r.exit_code == 1, r.output
     lines = [line for line in r.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: "), r.output
+    if case == "unwritable":
+        assert lines[0].startswith(f"Error: cannot write {out}: "), r.output
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary file left behind"
 

@@ -111,6 +111,8 @@ def test_cluster_merge_segment_chain(tiny_model_dir, voc_dir, tmp_path):
                              "--resolution", "64", "--output", str(tmp_path / "too_many")])
     assert r.exit_code == 1 and "larger than the number of patches" in r.output
     assert not (tmp_path / "too_many").exists()
+    r = runner.invoke(main, ["merge", str(tmp_path / "clusters_typo"), "--output", str(tmp_path / "seg2")])
+    assert r.exit_code == 1 and r.output.strip() == f"Error: no such folder: {tmp_path / 'clusters_typo'}", r.output
 
 
 def test_eval_cli_json(tiny_model_dir, voc_dir, tmp_path):
