@@ -176,8 +176,10 @@ def _check_images(paths: list) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default=None)
+@click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Keep the patch features here (files of 256 images): an interrupted run resumes, a rerun reuses them.")
 @_fg_option
-def cluster(inputs, model, k, output, resolution, iters, seed, batch_size, device, fg_model):
+def cluster(inputs, model, k, output, resolution, iters, seed, batch_size, device, cache_dir, fg_model):
     """Cluster the patch tokens of INPUTS (files or folders) into K parts."""
     import torch
 
@@ -191,7 +193,7 @@ def cluster(inputs, model, k, output, resolution, iters, seed, batch_size, devic
     _check_images(paths)
     m = from_pretrained(model, device=device)
     fg = from_pretrained(fg_model, device=device) if fg_model else None
-    dense = dense_features(paths, m, resolution, batch_size, device, fg_model=fg, progress=True)
+    dense = dense_features(paths, m, resolution, batch_size, device, fg_model=fg, progress=True, cache_dir=cache_dir)
     n_patches = dense.features[..., 0].numel()
     if k > n_patches:
         raise LeopartError(f"--k {k} is larger than the number of patches ({n_patches}): use a smaller k or more images")
@@ -308,9 +310,12 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
               help="Tokens are upsampled to this size for the probe head, and masks resized to it.")
 @click.option("--probe-dir", default=None, type=click.Path(file_okay=False, path_type=Path),
               help="Token cache, per-epoch checkpoints (resumable) and trained heads: <dir>/<linear|fcn>/head.")
+@click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Keep the patch features here (files of 256 images): an interrupted run resumes, a rerun reuses them.")
 @_fg_option
 def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, num_classes, split, resolution, json_path, seed,
-             n_init, batch_size, device, linear, fcn, train_split, probe_epochs, probe_mask_size, probe_dir, fg_model):
+             n_init, batch_size, device, linear, fcn, train_split, probe_epochs, probe_mask_size, probe_dir, cache_dir,
+             fg_model):
     """Score MODEL on a PASCAL-VOC-layout folder DATA with the paper's protocols.
 
     k-means over-clustering (default k = 500 and 21) and, with --fully-unsupervised, CBFE + CD; with
@@ -329,7 +334,8 @@ def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, num_classes, split, 
     if ks or fully_unsupervised:
         results = run_eval(data_dir, m, ks=ks, fully_unsupervised=fully_unsupervised,
                            num_classes=num_classes, split=split, resolution=resolution, fg_model=fg, fu_k=fu_k,
-                           n_init=n_init, seed=seed, batch_size=batch_size, device=device, progress=True)
+                           n_init=n_init, seed=seed, batch_size=batch_size, device=device, progress=True,
+                           cache_dir=cache_dir)
     else:
         results = {"n_images": len(read_voc(data_dir, split).names), "overclustering": {}}
     if heads:
@@ -348,7 +354,6 @@ def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, num_classes, split, 
     if json_path is not None:
         write_json(json_path, results)
         click.echo(f"wrote {json_path}")
-
 
 
 @main.command()

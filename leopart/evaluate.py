@@ -99,10 +99,10 @@ def evaluate(data_root: str | Path, model: LeopartViT, ks=(500, 21), fully_unsup
              mask_size: int = 100, fg_model: LeopartViT | None = None, fu_k: int | None = None,
              weight_threshold: float | None = None, cd_resolution: float = 1.0, bg_shares=BG_SHARES,
              iters: int = 50, n_init: int = 1, seed: int = 0, batch_size: int = 16, device=None,
-             progress: bool | None = None) -> dict:
+             progress: bool | None = None, cache_dir: str | Path | None = None) -> dict:
     """Run the protocol; returns {"overclustering": {k: miou}, "fully_unsupervised": miou, "n_images": n, ...}
     with mIoU in percent. ``n_init`` > 1 keeps the lowest-inertia of that many k-means runs: at small k a
-    single run's mIoU swings by ten points with the seed."""
+    single run's mIoU swings by ten points with the seed. ``cache_dir``: see segment.dense_features."""
     voc = read_voc(data_root, split)
     targets = []
     for img_path, mask_path in zip(voc.images, voc.masks):
@@ -114,7 +114,8 @@ def evaluate(data_root: str | Path, model: LeopartViT, ks=(500, 21), fully_unsup
         raise LeopartError(f"masks hold class id {n_found - 1}, more than --num-classes {num_classes}")
     if num_classes < 1:
         raise LeopartError("the masks hold no class ids (every pixel is 255)")
-    dense = dense_features(voc.images, model, resolution, batch_size, device, fg_model=fg_model, progress=progress)
+    dense = dense_features(voc.images, model, resolution, batch_size, device, fg_model=fg_model, progress=progress,
+                           cache_dir=cache_dir)
     grid = dense.features.shape[1:3]
     n_patches = dense.features.shape[0] * grid[0] * grid[1]
     results: dict = {"n_images": len(voc.names), "num_classes": num_classes, "resolution": resolution,

@@ -16,8 +16,6 @@ by key name.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -191,15 +189,6 @@ class ProbeTrainConfig:
     progress: bool | None = None
 
 
-def _fingerprint(model: LeopartViT, voc, resolution: int, mask_size: int) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps([model.config.arch, resolution, mask_size, [str(p) for p in voc.images]]).encode())
-    for name, p in sorted(model.backbone.state_dict().items())[:8]:  # cheap but weight-sensitive
-        h.update(name.encode())
-        h.update(p.float().flatten()[:64].cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 class TokenCache:
     """Frozen-backbone tokens (fp16) and resized masks of a split, in safetensors shards written atomically.
 
@@ -213,20 +202,15 @@ class TokenCache:
         self.model, self.voc, self.resolution, self.mask_size = model, voc, resolution, mask_size
         self.device, self.progress = device, progress
         self.n = len(voc.images)
-        self.folder = None if folder is None else Path(folder) / _fingerprint(model, voc, resolution, mask_size)
+        self.folder = None if folder is None else Path(folder) / serialization.cache_key(
+            [model.backbone], [*voc.images, *voc.masks], model.config.arch, resolution, mask_size)
         self.memory: dict[int, dict[str, torch.Tensor]] = {}
 
     def shard(self, s: int) -> dict[str, torch.Tensor]:
         if s in self.memory:
             return self.memory[s]
         path = None if self.folder is None else self.folder / f"shard_{s:05d}.safetensors"
-        if path is not None and path.is_file():
-            tensors = serialization.load_tensors(path)
-        else:
-            tensors = self._compute(s)
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                serialization.save_tensors(path, tensors)
+        tensors = serialization.load_or_compute(path, lambda: self._compute(s))
         if self.folder is None:
             self.memory[s] = tensors
         return tensors

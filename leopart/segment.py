@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import data
+from . import data, serialization
 from .cluster import KMeansResult, cluster
 from .embed import default_device, iter_batches
 from .errors import LeopartError
@@ -37,24 +37,49 @@ class DenseFeatures:
     foreground: torch.Tensor  # [B, h, w] bool, CPU
 
 
+CACHE_SHARD = 256  # images per cache file: an interrupted run loses at most this many forward passes
+
+
 def dense_features(images: Any, model: LeopartViT, resolution: int = DEFAULT_RESOLUTION, batch_size: int = 16,
-                   device=None, fg_model: LeopartViT | None = None, progress: bool | None = None) -> DenseFeatures:
+                   device=None, fg_model: LeopartViT | None = None, progress: bool | None = None,
+                   cache_dir: str | os.PathLike | None = None) -> DenseFeatures:
     """Patch tokens of every image plus a foreground mask on the same grid.
 
     The mask comes from ``fg_model``'s last-layer attention (Leopart used a DINO ViT-S/16), or from the
-    model's own attention when ``fg_model`` is None.
+    model's own attention when ``fg_model`` is None. With ``cache_dir`` (image files only), features are
+    kept there in files of 256 images, named by the models' weights, the files and the resolution: an
+    interrupted run resumes at the first missing file, and a rerun (say with another k) skips the models.
     """
     device = default_device(device)
     images = list(data.expand_inputs(images)) if not isinstance(images, torch.Tensor) else images
-    names, feats, masks = [], [], []
-    for batch_names, tokens, attn in iter_batches(images, model, resolution, batch_size, device,
-                                                  attention=fg_model is None, progress=progress, desc="features"):
-        names += batch_names
+    if len(images) == 0:
+        raise LeopartError("no images given")
+
+    def compute(batch: list) -> dict[str, torch.Tensor]:
+        return _dense_batch(batch, model, resolution, batch_size, device, fg_model, progress)
+
+    if cache_dir is None:
+        shards = [compute(images)]
+    else:
+        if not all(isinstance(p, (str, os.PathLike)) for p in images):
+            raise LeopartError("a feature cache needs image files, not images in memory")
+        models = [model] if fg_model is None else [model, fg_model]
+        folder = Path(cache_dir) / serialization.cache_key(models, images, [m.config.arch for m in models], resolution)
+        shards = [serialization.load_or_compute(folder / f"shard_{lo // CACHE_SHARD:05d}.safetensors",
+                                                lambda lo=lo: compute(images[lo:lo + CACHE_SHARD]))
+                  for lo in range(0, len(images), CACHE_SHARD)]
+    return DenseFeatures([data.describe(item, i) for i, item in enumerate(images)], torch.cat([t["features"] for t in shards]),
+                         torch.cat([t["foreground"] for t in shards]).bool())
+
+
+def _dense_batch(images: list, model: LeopartViT, resolution: int, batch_size: int, device: torch.device,
+                 fg_model: LeopartViT | None, progress: bool | None) -> dict[str, torch.Tensor]:
+    feats, masks = [], []
+    for _, tokens, attn in iter_batches(images, model, resolution, batch_size, device,
+                                        attention=fg_model is None, progress=progress, desc="features"):
         feats.append(tokens.cpu())
         if attn is not None:
             masks.append(foreground_mask(attn).cpu())
-    if not names:
-        raise LeopartError("no images given")
     features = torch.cat(feats)
     if fg_model is not None:
         for _, _, attn in iter_batches(images, fg_model, resolution, batch_size, device, attention=True,
@@ -64,7 +89,7 @@ def dense_features(images: Any, model: LeopartViT, resolution: int = DEFAULT_RES
     if foreground.shape[1:] != features.shape[1:3]:  # fg model with another patch size: resample the mask
         foreground = F.interpolate(foreground[:, None].float(), size=features.shape[1:3], mode="bilinear",
                                    align_corners=False)[:, 0] > 0.5
-    return DenseFeatures(names, features, foreground)
+    return {"features": features, "foreground": foreground.to(torch.uint8)}
 
 
 def fit_segmenter(dense: DenseFeatures, k: int, *, iters: int = 50, n_init: int = 1, seed: int = 0,

@@ -8,6 +8,7 @@ half-written file that a later load would trust.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -67,6 +68,33 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise LeopartError(f"cannot read weights from {path}: the file is corrupt or truncated ({e})") from None
+
+
+def load_or_compute(path: str | os.PathLike | None,
+                    compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The tensors a previous run saved at ``path``, else ``compute()``, saved there. Files appear atomically,
+    so one that exists is complete: a cache of many such files resumes at the first missing one."""
+    if path is not None and Path(path).is_file():
+        return load_tensors(path)
+    tensors = compute()
+    if path is not None:
+        save_tensors(path, tensors)
+    return tensors
+
+
+def cache_key(modules: list[torch.nn.Module], files: list, *settings) -> str:
+    """A short name for a cache folder that changes with the modules' weights (a cheap, weight-sensitive
+    sample), with each input file's path, size and modification time, and with the settings."""
+    h = hashlib.sha256()
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    h.update(json.dumps(settings, default=str).encode())
+    for module in modules:
+        for name, p in sorted(module.state_dict().items())[:8]:
+            h.update(name.encode())
+            h.update(p.float().flatten()[:64].cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def save_folder(folder: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor], card: str) -> Path:

@@ -186,3 +186,65 @@ def test_segment_cli_bad_inputs(tiny_model_dir, tmp_path):
     r = runner.invoke(main, ["segment", str(tmp_path / "x"), *base, "--segmenter", str(tmp_path / "nope")])
     assert r.exit_code == 1 and "no segmenter folder" in r.output
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_feature_cache_resumes_and_matches(tiny_model, voc_dir, tmp_path, monkeypatch):
+    """An interrupted cached run keeps its finished files; the rerun computes only the rest, and the
+    features equal an uncached run's exactly."""
+    import sys
+
+    import torch
+
+    segment = sys.modules["leopart.segment"]  # the module: leopart.segment itself is the function
+    monkeypatch.setattr(segment, "CACHE_SHARD", 2)  # 6 images -> 3 files
+    images = sorted((voc_dir / "JPEGImages").glob("*.jpg"))
+    plain = segment.dense_features(images, tiny_model, 64, batch_size=4)
+    computed, real = [], segment._dense_batch
+
+    def interrupted_after_one(batch, *args):
+        if computed:
+            raise KeyboardInterrupt
+        computed.append(len(batch))
+        return real(batch, *args)
+
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(segment, "_dense_batch", interrupted_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        segment.dense_features(images, tiny_model, 64, batch_size=4, cache_dir=cache)
+    files = sorted(cache.glob("*/*"))
+    assert [p.name for p in files] == ["shard_00000.safetensors"]  # no half-written second file
+
+    def counted(batch, *args):
+        computed.append(len(batch))
+        return real(batch, *args)
+
+    monkeypatch.setattr(segment, "_dense_batch", counted)
+    resumed = segment.dense_features(images, tiny_model, 64, batch_size=4, cache_dir=cache)
+    assert computed == [2, 2, 2]  # first run: file 0; rerun: files 1 and 2
+    assert torch.equal(resumed.features, plain.features) and torch.equal(resumed.foreground, plain.foreground)
+    again = segment.dense_features(images, tiny_model, 64, batch_size=4, cache_dir=cache)
+    assert computed == [2, 2, 2] and torch.equal(again.features, plain.features)  # all from the cache
+
+    # Another resolution or a changed image file gets a new cache folder, never stale features.
+    segment.dense_features(images, tiny_model, 32, batch_size=4, cache_dir=cache)
+    Image.fromarray(random_image(48, 64)).save(images[0])
+    changed = segment.dense_features(images, tiny_model, 64, batch_size=4, cache_dir=cache)
+    assert len(list(cache.iterdir())) == 3 and not torch.equal(changed.features[0], plain.features[0])
+    with pytest.raises(LeopartError, match="needs image files"):
+        segment.dense_features([random_image()], tiny_model, 64, cache_dir=cache)
+
+
+def test_cluster_and_eval_cli_share_the_cache_flag(tiny_model_dir, voc_dir, tmp_path):
+    runner = CliRunner()
+    cache = tmp_path / "cache"
+    outputs = []
+    for run in range(2):
+        r = runner.invoke(main, ["eval", str(voc_dir), "--model", str(tiny_model_dir), "--k", "4", "--resolution", "64",
+                                 "--cache", str(cache), "--json", str(tmp_path / f"e{run}.json")])
+        assert r.exit_code == 0, r.output
+        outputs.append(json.loads((tmp_path / f"e{run}.json").read_text())["overclustering"])
+    assert outputs[0] == outputs[1] and len(list(cache.glob("*/shard_*.safetensors"))) == 1
+    r = runner.invoke(main, ["cluster", str(voc_dir / "JPEGImages"), "--model", str(tiny_model_dir), "--k", "4",
+                             "--resolution", "64", "--cache", str(cache), "--output", str(tmp_path / "clusters")])
+    assert r.exit_code == 0, r.output
+    assert len(list(cache.glob("*/shard_*.safetensors"))) == 2  # 6 images, not eval's 5: a folder of its own
