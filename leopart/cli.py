@@ -151,6 +151,12 @@ def _fg_option(f):
                              "the paper used dino-vits16).")(f)
 
 
+def _cache_option(f):
+    return click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+                        help="Keep the patch features here (files of 256 images): an interrupted run resumes, "
+                             "a rerun reuses them.")(f)
+
+
 def _check_images(paths: list) -> None:
     """Fail before any work on inputs that are missing or not images (headers only)."""
     from PIL import Image, UnidentifiedImageError
@@ -176,8 +182,7 @@ def _check_images(paths: list) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default=None)
-@click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
-              help="Keep the patch features here (files of 256 images): an interrupted run resumes, a rerun reuses them.")
+@_cache_option
 @_fg_option
 def cluster(inputs, model, k, output, resolution, iters, seed, batch_size, device, cache_dir, fg_model):
     """Cluster the patch tokens of INPUTS (files or folders) into K parts."""
@@ -193,7 +198,8 @@ def cluster(inputs, model, k, output, resolution, iters, seed, batch_size, devic
     _check_images(paths)
     m = from_pretrained(model, device=device)
     fg = from_pretrained(fg_model, device=device) if fg_model else None
-    dense = dense_features(paths, m, resolution, batch_size, device, fg_model=fg, progress=True, cache_dir=cache_dir)
+    dense = dense_features(paths, m, resolution, batch_size, device, fg_model=fg, progress=True,
+                           cache_dir=cache_dir)
     n_patches = dense.features[..., 0].numel()
     if k > n_patches:
         raise LeopartError(f"--k {k} is larger than the number of patches ({n_patches}): use a smaller k or more images")
@@ -310,8 +316,7 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
               help="Tokens are upsampled to this size for the probe head, and masks resized to it.")
 @click.option("--probe-dir", default=None, type=click.Path(file_okay=False, path_type=Path),
               help="Token cache, per-epoch checkpoints (resumable) and trained heads: <dir>/<linear|fcn>/head.")
-@click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
-              help="Keep the patch features here (files of 256 images): an interrupted run resumes, a rerun reuses them.")
+@_cache_option
 @_fg_option
 def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, num_classes, split, resolution, json_path, seed,
              n_init, batch_size, device, linear, fcn, train_split, probe_epochs, probe_mask_size, probe_dir, cache_dir,

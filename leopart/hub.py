@@ -189,6 +189,9 @@ def _pos_embed_size(state: dict[str, torch.Tensor], arch: str) -> int:
 
 
 # ---------------------------------------------------- original checkpoints
+UNREADABLE = "the file is corrupt or truncated, or not a torch checkpoint"
+
+
 def read_checkpoint(path: Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """A flat {name: tensor} dict from a .safetensors file, a torch state_dict or a Lightning checkpoint."""
     if path.suffix.lower() == ".safetensors":
@@ -201,10 +204,9 @@ def read_checkpoint(path: Path, trust_pickle: bool = False) -> dict[str, torch.T
                 f"{path} holds pickled Python objects besides tensors; if you trust the file, load it with "
                 f"trust_pickle=True (CLI: --trust-pickle)"
             ) from None
-        raise LeopartError(f"cannot read checkpoint {path}: the file is corrupt or truncated, or not a torch checkpoint") from None
+        raise LeopartError(f"cannot read checkpoint {path}: {UNREADABLE}") from None
     except Exception as e:  # noqa: BLE001 - unpickling arbitrary bytes fails in many ways (KeyError, EOFError, ...)
-        raise LeopartError(f"cannot read checkpoint {path}: the file is corrupt or truncated, or not a torch checkpoint "
-                           f"({type(e).__name__}: {e})") from None
+        raise LeopartError(f"cannot read checkpoint {path}: {UNREADABLE} ({type(e).__name__}: {e})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # Lightning
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -68,7 +68,8 @@ def dense_features(images: Any, model: LeopartViT, resolution: int = DEFAULT_RES
         shards = [serialization.load_or_compute(folder / f"shard_{lo // CACHE_SHARD:05d}.safetensors",
                                                 lambda lo=lo: compute(images[lo:lo + CACHE_SHARD]))
                   for lo in range(0, len(images), CACHE_SHARD)]
-    return DenseFeatures([data.describe(item, i) for i, item in enumerate(images)], torch.cat([t["features"] for t in shards]),
+    names = [data.describe(item, i) for i, item in enumerate(images)]
+    return DenseFeatures(names, torch.cat([t["features"] for t in shards]),
                          torch.cat([t["foreground"] for t in shards]).bool())
 
 
