@@ -87,6 +87,12 @@ def info(model, trust_pickle):
         click.echo(f"{k:<{width}}  {v}")
 
 
+def _cache_option(f):
+    return click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+                        help="Keep the patch features here (files of 256 images): an interrupted run resumes, "
+                             "a rerun reuses them.")(f)
+
+
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--model", default="vits16", show_default=True, help="Alias, Hub id, folder or checkpoint.")
@@ -96,7 +102,8 @@ def info(model, trust_pickle):
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available).")
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the features: FILE.safetensors or FILE.npy.")
-def embed(inputs, model, resolution, batch_size, device, output):
+@_cache_option
+def embed(inputs, model, resolution, batch_size, device, output, cache_dir):
     """Embed images (files or folders) into patch features [B, h, w, D]."""
     from . import data
     from .embed import embed as embed_images
@@ -110,7 +117,7 @@ def embed(inputs, model, resolution, batch_size, device, output):
         raise LeopartError("--resolution native gives one array per image: write .safetensors instead of .npy")
     paths = list(data.expand_inputs(list(inputs)))
     features = embed_images(paths, model=model, resolution=res, batch_size=batch_size, device=device,
-                            progress=True if len(paths) > batch_size else None)
+                            progress=True if len(paths) > batch_size else None, cache_dir=cache_dir)
     meta = {"model": model, "resolution": str(res or "native"), "names": json.dumps([str(p) for p in paths])}
     if suffix == ".npy":
         import numpy as np
@@ -149,12 +156,6 @@ def _fg_option(f):
     return click.option("--fg-model", default=None,
                         help="Model whose attention gives the foreground cue (default: MODEL itself; "
                              "the paper used dino-vits16).")(f)
-
-
-def _cache_option(f):
-    return click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
-                        help="Keep the patch features here (files of 256 images): an interrupted run resumes, "
-                             "a rerun reuses them.")(f)
 
 
 def _check_images(paths: list) -> None:

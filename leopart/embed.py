@@ -6,12 +6,13 @@ import contextlib
 import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
-from . import data
+from . import data, serialization
 from .errors import LeopartError
 from .hub import from_pretrained
 from .model import LeopartViT
@@ -101,20 +102,33 @@ def iter_batches(images: Any, model: LeopartViT, resolution: int | None, batch_s
 
 
 def embed(images: Any, model: str | LeopartViT = "vits16", resolution: int | None = 224, batch_size: int = 32,
-          device=None, progress: bool | None = None) -> torch.Tensor | list[torch.Tensor]:
+          device=None, progress: bool | None = None,
+          cache_dir: str | os.PathLike | None = None) -> torch.Tensor | list[torch.Tensor]:
     """Backbone patch tokens of ``images``.
 
     images: a path, a folder (recursive), a PIL image, an HxWx3 uint8 array, a CxHxW tensor, or a
         list / iterator of them. Decoded one batch at a time.
     resolution: side of the square every image is resized to (bicubic); ``None`` keeps each image's own
         size rounded down to the patch size and returns a list of [h_i, w_i, D] tensors.
+    cache_dir: keep the features there in files of 256 images (image files only), named by the model's
+        weights, the files and the resolution: an interrupted run resumes at the first missing file.
     Returns a float32 CPU tensor [B, h, w, D] with h = w = resolution // patch_size.
     """
     device = default_device(device)
     model = from_pretrained(model, device=device)
-    outputs: list[torch.Tensor] = []
-    for _, tokens, _ in iter_batches(images, model, resolution, batch_size, device, progress=progress):
-        outputs.extend(tokens.cpu().unbind(0))
+
+    def compute(batch) -> dict[str, torch.Tensor]:
+        tokens = (t for _, b, _ in iter_batches(batch, model, resolution, batch_size, device, progress=progress)
+                  for t in b.cpu().unbind(0))
+        return {str(i): t for i, t in enumerate(tokens)}
+
+    if cache_dir is None:
+        shards = [compute(images)]  # streams: iterators of images are never held in memory
+    else:
+        paths = data.cacheable(list(data.expand_inputs(images)))
+        folder = Path(cache_dir) / serialization.cache_key([model], paths, "embed", model.config.arch, resolution)
+        shards = serialization.cached_shards(folder, paths, compute)
+    outputs = [shard[str(i)] for shard in shards for i in range(len(shard))]
     if resolution is None:
         return outputs
     if not outputs:

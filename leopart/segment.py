@@ -37,9 +37,6 @@ class DenseFeatures:
     foreground: torch.Tensor  # [B, h, w] bool, CPU
 
 
-CACHE_SHARD = 256  # images per cache file: an interrupted run loses at most this many forward passes
-
-
 def dense_features(images: Any, model: LeopartViT, resolution: int = DEFAULT_RESOLUTION, batch_size: int = 16,
                    device=None, fg_model: LeopartViT | None = None, progress: bool | None = None,
                    cache_dir: str | os.PathLike | None = None) -> DenseFeatures:
@@ -55,19 +52,13 @@ def dense_features(images: Any, model: LeopartViT, resolution: int = DEFAULT_RES
     if len(images) == 0:
         raise LeopartError("no images given")
 
-    def compute(batch: list) -> dict[str, torch.Tensor]:
-        return _dense_batch(batch, model, resolution, batch_size, device, fg_model, progress)
-
-    if cache_dir is None:
-        shards = [compute(images)]
-    else:
-        if not all(isinstance(p, (str, os.PathLike)) for p in images):
-            raise LeopartError("a feature cache needs image files, not images in memory")
+    folder = None
+    if cache_dir is not None:
         models = [model] if fg_model is None else [model, fg_model]
-        folder = Path(cache_dir) / serialization.cache_key(models, images, [m.config.arch for m in models], resolution)
-        shards = [serialization.load_or_compute(folder / f"shard_{lo // CACHE_SHARD:05d}.safetensors",
-                                                lambda lo=lo: compute(images[lo:lo + CACHE_SHARD]))
-                  for lo in range(0, len(images), CACHE_SHARD)]
+        folder = Path(cache_dir) / serialization.cache_key(models, data.cacheable(images), "dense",
+                                                           [m.config.arch for m in models], resolution)
+    shards = serialization.cached_shards(
+        folder, images, lambda batch: _dense_batch(batch, model, resolution, batch_size, device, fg_model, progress))
     names = [data.describe(item, i) for i, item in enumerate(images)]
     return DenseFeatures(names, torch.cat([t["features"] for t in shards]),
                          torch.cat([t["foreground"] for t in shards]).bool())

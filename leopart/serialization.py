@@ -82,6 +82,20 @@ def load_or_compute(path: str | os.PathLike | None,
     return tensors
 
 
+CACHE_SHARD = 256  # images per cache file: an interrupted run loses at most this many images' work
+
+
+def cached_shards(folder: str | os.PathLike | None, items: list,
+                  compute: Callable[[list], dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """``compute`` over ``items`` in slices of CACHE_SHARD, each kept in ``folder`` by load_or_compute so an
+    interrupted run resumes at the first missing slice; with no folder, one call over everything."""
+    if folder is None:
+        return [compute(items)]
+    return [load_or_compute(Path(folder) / f"shard_{lo // CACHE_SHARD:05d}.safetensors",
+                            lambda lo=lo: compute(items[lo:lo + CACHE_SHARD]))
+            for lo in range(0, len(items), CACHE_SHARD)]
+
+
 def cache_key(modules: list[torch.nn.Module], files: list, *settings) -> str:
     """A short name for a cache folder that changes with the modules' weights (a cheap, weight-sensitive
     sample), with each input file's path, size and modification time, and with the settings."""

@@ -135,12 +135,51 @@ def test_bad_inputs_raise_one_line(tiny_model, tmp_path, case):
     assert "\n" not in str(e.value)
 
 
+def test_embed_cache_resumes_and_matches(tiny_model, image_dir, tmp_path, monkeypatch):
+    """Interrupted after its first file of 2 images, a cached embed resumes there; fixed and native
+    resolutions both come back as an uncached run's."""
+    from leopart import serialization
+
+    embed_module = sys.modules["leopart.embed"]  # leopart.embed itself is the function
+    monkeypatch.setattr(serialization, "CACHE_SHARD", 2)  # 4 images -> 2 files
+    cache = tmp_path / "cache"
+    for resolution in (32, None):
+        plain = leopart.embed(image_dir, model=tiny_model, resolution=resolution)
+        calls, real = [], embed_module.iter_batches
+
+        def interrupted_after_one(batch, *args, **kwargs):
+            if calls:
+                raise KeyboardInterrupt
+            calls.append(len(batch))
+            return real(batch, *args, **kwargs)
+
+        monkeypatch.setattr(embed_module, "iter_batches", interrupted_after_one)
+        with pytest.raises(KeyboardInterrupt):
+            leopart.embed(image_dir, model=tiny_model, resolution=resolution, cache_dir=cache)
+        monkeypatch.setattr(embed_module, "iter_batches", lambda batch, *a, **k: calls.append(len(batch)) or
+                            real(batch, *a, **k))
+        cached = leopart.embed(image_dir, model=tiny_model, resolution=resolution, cache_dir=cache)
+        assert calls == [2, 2]  # the rerun computed only the second file
+        # Equal up to rounding: batches of 2 instead of 4 change the matmul blocking.
+        if resolution is None:
+            assert len(cached) == 4
+            for a, b in zip(cached, plain):
+                torch.testing.assert_close(a, b)
+        else:
+            torch.testing.assert_close(cached, plain)
+        monkeypatch.setattr(embed_module, "iter_batches", real)
+    assert len(list(cache.iterdir())) == 2  # one folder per resolution
+    with pytest.raises(LeopartError, match="needs image files"):
+        leopart.embed([random_image()], model=tiny_model, resolution=32, cache_dir=cache)
+
+
 # ------------------------------------------------------------------------ CLI
 @pytest.mark.parametrize("suffix", [".safetensors", ".npy"])
 def test_cli_embed_writes_features(tiny_model, tiny_model_dir, image_dir, tmp_path, suffix):
     out = tmp_path / f"feats{suffix}"
+    cache = ["--cache", str(tmp_path / "cache")] if suffix == ".npy" else []
     r = CliRunner().invoke(main, ["embed", str(image_dir), "--model", str(tiny_model_dir), "--resolution", "32",
-                                  "--output", str(out)])
+                                  "--output", str(out), *cache])
     assert r.exit_code == 0, r.output
     expected = leopart.embed(image_dir, model=tiny_model, resolution=32)
     if suffix == ".npy":
@@ -150,6 +189,7 @@ def test_cli_embed_writes_features(tiny_model, tiny_model_dir, image_dir, tmp_pa
             got = f.get_tensor("features")
             assert "deep.jpg" in f.metadata()["names"]
     torch.testing.assert_close(got, expected)
+    assert len(list((tmp_path / "cache").glob("*/shard_00000.safetensors"))) == (1 if cache else 0)
 
 
 def test_cli_embed_native_safetensors(tiny_model_dir, image_dir, tmp_path):

@@ -190,13 +190,15 @@ def test_segment_cli_bad_inputs(tiny_model_dir, tmp_path):
 
 def test_feature_cache_resumes_and_matches(tiny_model, voc_dir, tmp_path, monkeypatch):
     """An interrupted cached run keeps its finished files; the rerun computes only the rest, and the
-    features equal an uncached run's exactly."""
+    features match an uncached run's."""
     import sys
 
     import torch
 
+    from leopart import serialization
+
     segment = sys.modules["leopart.segment"]  # the module: leopart.segment itself is the function
-    monkeypatch.setattr(segment, "CACHE_SHARD", 2)  # 6 images -> 3 files
+    monkeypatch.setattr(serialization, "CACHE_SHARD", 2)  # 6 images -> 3 files
     images = sorted((voc_dir / "JPEGImages").glob("*.jpg"))
     plain = segment.dense_features(images, tiny_model, 64, batch_size=4)
     computed, real = [], segment._dense_batch
@@ -221,9 +223,11 @@ def test_feature_cache_resumes_and_matches(tiny_model, voc_dir, tmp_path, monkey
     monkeypatch.setattr(segment, "_dense_batch", counted)
     resumed = segment.dense_features(images, tiny_model, 64, batch_size=4, cache_dir=cache)
     assert computed == [2, 2, 2]  # first run: file 0; rerun: files 1 and 2
-    assert torch.equal(resumed.features, plain.features) and torch.equal(resumed.foreground, plain.foreground)
+    # Equal up to rounding (the uncached run used batches of 4, the cached one files of 2).
+    torch.testing.assert_close(resumed.features, plain.features)
+    assert torch.equal(resumed.foreground, plain.foreground)
     again = segment.dense_features(images, tiny_model, 64, batch_size=4, cache_dir=cache)
-    assert computed == [2, 2, 2] and torch.equal(again.features, plain.features)  # all from the cache
+    assert computed == [2, 2, 2] and torch.equal(again.features, resumed.features)  # all from the cache
 
     # Another resolution or a changed image file gets a new cache folder, never stale features.
     segment.dense_features(images, tiny_model, 32, batch_size=4, cache_dir=cache)
