@@ -243,6 +243,31 @@ def test_dispatch(monkeypatch):
         patch_prototype_similarity(x, torch.randn(3, 8))
 
 
+def test_sinkhorn_launch_sweep_runs_and_restores(monkeypatch):
+    """The GPU session's launch-parameter sweep (benchmarks/kernels.py --sweep), run in the interpreter:
+    every variant reaches the kernel, matches torch, and the module's own choices come back afterwards."""
+    from benchmarks import kernels as bench
+
+    module = importlib.import_module("leopart.kernels.sinkhorn")
+    shipped = module._block_sizes, module.num_programs_cap
+    seen, real_row_pass = [], module._row_pass
+
+    class Recorder:  # stands in for the kernel object: notes each launch's BLOCK_N and num_warps
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                seen.append((meta["BLOCK_N"], meta["num_warps"]))
+                return real_row_pass[grid](*args, **meta)
+            return launch
+
+    monkeypatch.setattr(module, "_row_pass", Recorder())
+    rows = bench.sinkhorn_sweep("cpu", [("tiny", 300, 21)], variants=[(None, None, None), (4, 8, 2)],
+                              repeat=1)
+    assert [r["rows per tile"] for r in rows] == ["shipped", 4]
+    assert all(r["max abs error"] < 1e-5 for r in rows), rows
+    assert (4, 8) in seen and seen[0] == module._block_sizes(21)[::3]  # the variant, and the shipped tile first
+    assert (module._block_sizes, module.num_programs_cap) == shipped
+
+
 # ----------------------------------------------------- compiled for a GPU, without one
 @pytest.mark.parametrize("arch", [90])
 def test_every_kernel_compiles_for_a_real_gpu(arch, tmp_path):
