@@ -76,11 +76,11 @@ def specs() -> list[Spec]:
                                     cfg.num_warps, cfg.num_stages))
     row_ptrs = ["a_ptr", "b_ptr", "out_ptr", "pm_ptr", "ps_ptr"]
     for dtype in ("fp32", "bf16"):
+        sig = _signature({"x_ptr": dtype, **{p: "fp32" for p in row_ptrs}}, ["stride_n", "stride_k", "N", "K"],
+                         ["inv_eps", "log_n"], ["UPDATE_B", "WRITE_OUT", "BLOCK_N", "BLOCK_K", "SINGLE_TILE"])
         for k in SINKHORN_K:
             block_n, block_k, single, warps = sinkhorn._block_sizes(k)
             for update_b, write_out in ((False, False), (True, False), (True, True)):
-                sig = _signature({"x_ptr": dtype, **{p: "fp32" for p in row_ptrs}}, ["stride_n", "stride_k", "N", "K"],
-                                 ["inv_eps", "log_n"], ["UPDATE_B", "WRITE_OUT", "BLOCK_N", "BLOCK_K", "SINGLE_TILE"])
                 out.append(Spec("sinkhorn._row_pass", sig,
                                 {"UPDATE_B": update_b, "WRITE_OUT": write_out, "BLOCK_N": block_n,
                                  "BLOCK_K": block_k, "SINGLE_TILE": single}, warps))
