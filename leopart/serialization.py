@@ -155,7 +155,7 @@ def load_folder(folder: str | os.PathLike, kind: str) -> tuple[dict, dict[str, t
     if not folder.is_dir():
         raise LeopartError(f"no such folder: {folder}")
     if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
-        raise LeopartError(f"{folder} is not a saved leopart {kind}: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise LeopartError(f"{folder} is not a saved leopart {kind} folder: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
     config = read_config(folder / CONFIG_NAME)
     if config.get("leopart_kind", kind) != kind:
         raise LeopartError(f"{folder} holds a leopart {config['leopart_kind']}, not a {kind}")
