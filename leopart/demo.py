@@ -187,15 +187,17 @@ def run_demo(**overrides) -> dict:
     ks = (cfg.k_over, num_classes)
     eval_args = dict(ks=ks, fully_unsupervised=True, fu_k=cfg.fu_k, resolution=cfg.image_size,
                      mask_size=cfg.image_size, iters=30, n_init=cfg.n_init, seed=cfg.seed, progress=False)
+    # The trained model's val features are kept (3 MB) so step 4 reads them instead of running the model again.
+    features = out / "features"
     methods = {
         METHODS[0]: pixel_kmeans(data_root, ks, num_classes, cfg.seed, cfg.n_init),
         METHODS[1]: evaluate(data_root, untrained, **eval_args),
-        METHODS[2]: evaluate(data_root, model, **eval_args),
+        METHODS[2]: evaluate(data_root, model, **eval_args, cache_dir=features),
     }
 
     say("[4/5] fitting a segmenter (cluster + merge) and segmenting example images")
     voc = read_voc(data_root, "val")
-    dense = dense_features(voc.images, model, cfg.image_size, progress=False)
+    dense = dense_features(voc.images, model, cfg.image_size, progress=False, cache_dir=features)
     best_share = methods[METHODS[2]]["fully_unsupervised_details"]["bg_share"]
     segmenter, _ = fit_segmenter(dense, cfg.fu_k, iters=30, n_init=cfg.n_init, seed=cfg.seed, bg_share=best_share,
                                  progress=False)

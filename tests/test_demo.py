@@ -49,6 +49,7 @@ def test_short_demo_run_writes_everything(tmp_path):
         assert (out / name).is_file(), name
     assert len(list((out / "examples").glob("*_mask.png"))) == 4
     assert len(list((out / "examples").glob("*_overlay.png"))) == 4
+    assert len(list((out / "features").glob("*/shard_*.safetensors"))) == 1  # eval's features, reused by step 4
     saved = json.loads((out / "results.json").read_text())
     assert saved["train_steps"] == 4 and set(saved["methods"]) == set(METHODS)
     for r in saved["methods"].values():
