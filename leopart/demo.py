@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +86,8 @@ def pixel_kmeans(data_root: Path, ks: tuple[int, ...], num_classes: int, seed: i
 
 
 def calibrate_steps(cfg: TrainConfig, data_file: Path, seconds: float, max_steps: int) -> int:
-    """Steps that fit in ``seconds`` on this machine, from three timed steps on a real batch."""
+    """Steps that fit in ``seconds`` on this machine, from the median of five timed steps on a real batch
+    (the median, because one step slowed by other work on the machine would otherwise cut the run short)."""
     from . import data
 
     files = data.list_training_images(data_file)
@@ -93,10 +95,12 @@ def calibrate_steps(cfg: TrainConfig, data_file: Path, seconds: float, max_steps
     crops, boxes, _ = data.collate_views([dataset[(0, i)] for i in range(cfg.batch_size)])
     learner = Learner(build_model(cfg), cfg, torch.device("cpu"))
     learner.step(crops, boxes, 0, 10)  # warm-up
-    t0 = time.perf_counter()
-    for step in range(1, 3):
+    times = []
+    for step in range(1, 6):
+        t0 = time.perf_counter()
         learner.step(crops, boxes, step, 10)
-    per_step = (time.perf_counter() - t0) / 2 * 1.3  # + data loading in the main process
+        times.append(time.perf_counter() - t0)
+    per_step = statistics.median(times) * 1.3  # + data loading in the main process
     return int(max(20, min(max_steps, seconds / per_step)))
 
 
