@@ -86,13 +86,16 @@ def pixel_kmeans(data_root: Path, ks: tuple[int, ...], num_classes: int, seed: i
 
 
 def calibrate_steps(cfg: TrainConfig, data_file: Path, seconds: float, max_steps: int) -> int:
-    """Steps that fit in ``seconds`` on this machine, from the median of five timed steps on a real batch
-    (the median, because one step slowed by other work on the machine would otherwise cut the run short)."""
+    """Steps that fit in ``seconds`` on this machine: the time to build one batch (the demo loads data in the
+    main process) plus the median of five timed steps on it (the median, because one step slowed by other
+    work on the machine would otherwise cut the run short)."""
     from . import data
 
     files = data.list_training_images(data_file)
     dataset = data.MultiCropDataset(files, cfg.crops(), seed=cfg.seed)
+    t0 = time.perf_counter()
     crops, boxes, _ = data.collate_views([dataset[(0, i)] for i in range(cfg.batch_size)])
+    load = time.perf_counter() - t0
     learner = Learner(build_model(cfg), cfg, torch.device("cpu"))
     learner.step(crops, boxes, 0, 10)  # warm-up
     times = []
@@ -100,7 +103,7 @@ def calibrate_steps(cfg: TrainConfig, data_file: Path, seconds: float, max_steps
         t0 = time.perf_counter()
         learner.step(crops, boxes, step, 10)
         times.append(time.perf_counter() - t0)
-    per_step = statistics.median(times) * 1.3  # + data loading in the main process
+    per_step = statistics.median(times) + load
     return int(max(20, min(max_steps, seconds / per_step)))
 
 
