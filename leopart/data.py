@@ -55,13 +55,6 @@ def expand_inputs(inputs: Any) -> Iterator[Any]:
         raise LeopartError(f"cannot read an image from a {type(inputs).__name__}")
 
 
-def cacheable(items: list) -> list:
-    """``items`` if every one is an image file (a cache is named by the files), else a one-line error."""
-    if not all(isinstance(p, (str, os.PathLike)) for p in items):
-        raise LeopartError("a feature cache needs image files, not images in memory")
-    return items
-
-
 def describe(item: Any, index: int) -> str:
     return str(item) if isinstance(item, (str, os.PathLike)) else f"image #{index}"
 

@@ -6,7 +6,6 @@ import contextlib
 import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -122,12 +121,9 @@ def embed(images: Any, model: str | LeopartViT = "vits16", resolution: int | Non
                   for t in b.cpu().unbind(0))
         return {str(i): t for i, t in enumerate(tokens)}
 
-    if cache_dir is None:
-        shards = [compute(images)]  # streams: iterators of images are never held in memory
-    else:
-        paths = data.cacheable(list(data.expand_inputs(images)))
-        folder = Path(cache_dir) / serialization.cache_key([model], paths, "embed", model.config.arch, resolution)
-        shards = serialization.cached_shards(folder, paths, compute)
+    # Without a cache the images stream through (an iterator is never held in memory); a cache slices a list.
+    items = images if cache_dir is None else list(data.expand_inputs(images))
+    shards = serialization.cached_shards(cache_dir, items, compute, [model], "embed", model.config.arch, resolution)
     outputs = [shard[str(i)] for shard in shards for i in range(len(shard))]
     if resolution is None:
         return outputs

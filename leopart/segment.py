@@ -52,13 +52,10 @@ def dense_features(images: Any, model: LeopartViT, resolution: int = DEFAULT_RES
     if len(images) == 0:
         raise LeopartError("no images given")
 
-    folder = None
-    if cache_dir is not None:
-        models = [model] if fg_model is None else [model, fg_model]
-        folder = Path(cache_dir) / serialization.cache_key(models, data.cacheable(images), "dense",
-                                                           [m.config.arch for m in models], resolution)
+    models = [model] if fg_model is None else [model, fg_model]
     shards = serialization.cached_shards(
-        folder, images, lambda batch: _dense_batch(batch, model, resolution, batch_size, device, fg_model, progress))
+        cache_dir, images, lambda batch: _dense_batch(batch, model, resolution, batch_size, device, fg_model, progress),
+        models, "dense", [m.config.arch for m in models], resolution)
     names = [data.describe(item, i) for i, item in enumerate(images)]
     return DenseFeatures(names, torch.cat([t["features"] for t in shards]),
                          torch.cat([t["foreground"] for t in shards]).bool())

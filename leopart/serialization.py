@@ -85,13 +85,15 @@ def load_or_compute(path: str | os.PathLike | None,
 CACHE_SHARD = 256  # images per cache file: an interrupted run loses at most this many images' work
 
 
-def cached_shards(folder: str | os.PathLike | None, items: list,
-                  compute: Callable[[list], dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
-    """``compute`` over ``items`` in slices of CACHE_SHARD, each kept in ``folder`` by load_or_compute so an
-    interrupted run resumes at the first missing slice; with no folder, one call over everything."""
-    if folder is None:
+def cached_shards(cache_dir: str | os.PathLike | None, items, compute: Callable[[list], dict[str, torch.Tensor]],
+                  modules: list[torch.nn.Module], *settings) -> list[dict[str, torch.Tensor]]:
+    """``compute`` over the image files ``items`` in slices of CACHE_SHARD, each kept by load_or_compute in
+    a folder of ``cache_dir`` named by cache_key(modules, items, *settings), so an interrupted run resumes at
+    the first missing slice. With no cache_dir, one call over everything (``items`` may then be any iterable)."""
+    if cache_dir is None:
         return [compute(items)]
-    return [load_or_compute(Path(folder) / f"shard_{lo // CACHE_SHARD:05d}.safetensors",
+    folder = Path(cache_dir) / cache_key(modules, items, *settings)
+    return [load_or_compute(folder / f"shard_{lo // CACHE_SHARD:05d}.safetensors",
                             lambda lo=lo: compute(items[lo:lo + CACHE_SHARD]))
             for lo in range(0, len(items), CACHE_SHARD)]
 
@@ -99,6 +101,8 @@ def cached_shards(folder: str | os.PathLike | None, items: list,
 def cache_key(modules: list[torch.nn.Module], files: list, *settings) -> str:
     """A short name for a cache folder that changes with the modules' weights (a cheap, weight-sensitive
     sample), with each input file's path, size and modification time, and with the settings."""
+    if not all(isinstance(f, (str, os.PathLike)) for f in files):
+        raise LeopartError("a feature cache needs image files, not images in memory")
     h = hashlib.sha256()
     for f in files:
         st = os.stat(f)
