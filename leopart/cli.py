@@ -106,8 +106,8 @@ def _cache_option(f):
 def embed(inputs, model, resolution, batch_size, device, output, cache_dir):
     """Embed images (files or folders) into patch features [B, h, w, D]."""
     from . import data
-    from .embed import embed as embed_images
-    from .serialization import atomic_path, save_tensors
+    from .embed import iter_embeddings
+    from .serialization import write_features
 
     suffix = output.suffix.lower()
     if suffix not in {".safetensors", ".npy"}:
@@ -116,20 +116,12 @@ def embed(inputs, model, resolution, batch_size, device, output, cache_dir):
     if res is None and suffix == ".npy":
         raise LeopartError("--resolution native gives one array per image: write .safetensors instead of .npy")
     paths = list(data.expand_inputs(list(inputs)))
-    features = embed_images(paths, model=model, resolution=res, batch_size=batch_size, device=device,
-                            progress=True if len(paths) > batch_size else None, cache_dir=cache_dir)
+    # One batch at a time from the model into the file: memory does not grow with the number of images.
+    features = iter_embeddings(paths, model=model, resolution=res, batch_size=batch_size, device=device,
+                               progress=True if len(paths) > batch_size else None, cache_dir=cache_dir)
     meta = {"model": model, "resolution": str(res or "native"), "names": json.dumps([str(p) for p in paths])}
-    if suffix == ".npy":
-        import numpy as np
-
-        with atomic_path(output) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, features.numpy())
-    elif res is None:
-        save_tensors(output, {f"features.{i}": f for i, f in enumerate(features)}, metadata=meta)
-    else:
-        save_tensors(output, {"features": features}, metadata=meta)
-    shape = tuple(features.shape) if res is not None else f"{len(features)} ragged maps"
+    shape = write_features(output, features, len(paths), ragged=res is None, metadata=meta)
+    shape = shape or f"{len(paths)} ragged maps"
     click.echo(f"wrote {output} ({shape})")
 
 

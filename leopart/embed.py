@@ -113,23 +113,36 @@ def embed(images: Any, model: str | LeopartViT = "vits16", resolution: int | Non
         weights, the files and the resolution: an interrupted run resumes at the first missing file.
     Returns a float32 CPU tensor [B, h, w, D] with h = w = resolution // patch_size.
     """
-    device = default_device(device)
-    model = from_pretrained(model, device=device)
-
-    def compute(batch) -> dict[str, torch.Tensor]:
-        tokens = (t for _, b, _ in iter_batches(batch, model, resolution, batch_size, device, progress=progress)
-                  for t in b.cpu().unbind(0))
-        return {str(i): t for i, t in enumerate(tokens)}
-
-    # Without a cache the images stream through (an iterator is never held in memory); a cache slices a list.
-    items = images if cache_dir is None else list(data.expand_inputs(images))
-    shards = serialization.cached_shards(cache_dir, items, compute, [model], "embed", model.config.arch, resolution)
-    outputs = [shard[str(i)] for shard in shards for i in range(len(shard))]
+    outputs = list(iter_embeddings(images, model, resolution, batch_size, device, progress, cache_dir))
     if resolution is None:
         return outputs
     if not outputs:
         raise LeopartError("no images to embed")
     return torch.stack(outputs)
+
+
+def iter_embeddings(images: Any, model: str | LeopartViT = "vits16", resolution: int | None = 224,
+                    batch_size: int = 32, device=None, progress: bool | None = None,
+                    cache_dir: str | os.PathLike | None = None) -> Iterator[torch.Tensor]:
+    """``embed`` one image at a time: float32 CPU tensors [h, w, D] in input order, with at most one batch
+    (or one cache file) in memory, for datasets whose features do not fit in it (``leopart embed`` streams
+    them to its output file). The model loads now, the images as the iterator is consumed."""
+    device = default_device(device)
+    model = from_pretrained(model, device=device)
+
+    def stream(batch) -> Iterator[torch.Tensor]:
+        return (t for _, tokens, _ in iter_batches(batch, model, resolution, batch_size, device, progress=progress)
+                for t in tokens.cpu().unbind(0))
+
+    if cache_dir is None:
+        return stream(images)
+
+    def compute(batch) -> dict[str, torch.Tensor]:
+        return {str(i): t for i, t in enumerate(stream(batch))}
+
+    files = list(data.expand_inputs(images))
+    shards = serialization.cached_shards(cache_dir, files, compute, [model], "embed", model.config.arch, resolution)
+    return (shard[str(i)] for shard in shards for i in range(len(shard)))
 
 
 def _quiet(progress: bool | None, total: int | None, batch_size: int) -> bool | None:

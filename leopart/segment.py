@@ -53,9 +53,9 @@ def dense_features(images: Any, model: LeopartViT, resolution: int = DEFAULT_RES
         raise LeopartError("no images given")
 
     models = [model] if fg_model is None else [model, fg_model]
-    shards = serialization.cached_shards(
+    shards = list(serialization.cached_shards(
         cache_dir, images, lambda batch: _dense_batch(batch, model, resolution, batch_size, device, fg_model, progress),
-        models, "dense", [m.config.arch for m in models], resolution)
+        models, "dense", [m.config.arch for m in models], resolution))
     names = [data.describe(item, i) for i, item in enumerate(images)]
     return DenseFeatures(names, torch.cat([t["features"] for t in shards]),
                          torch.cat([t["foreground"] for t in shards]).bool())

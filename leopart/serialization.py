@@ -12,9 +12,13 @@ import hashlib
 import json
 import os
 import re
+import secrets
+import struct
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
 
 import torch
 from safetensors import SafetensorError
@@ -36,11 +40,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        while True:
+            tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+            try:
+                # Mode 0o666 less the umask, as open() would give the file itself (mkstemp's 0o600 would
+                # survive the rename and hide the output from the user's group).
+                os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+                break
+            except FileExistsError:
+                continue
     except OSError as e:
         raise LeopartError(f"cannot write {path}: {e.strerror or e}") from None
-    os.close(fd)
-    tmp = Path(tmp)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -61,6 +71,65 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+
+
+def write_features(path: str | os.PathLike, maps: Iterable[torch.Tensor], count: int, ragged: bool = False,
+                   metadata: dict[str, str] | None = None) -> tuple[int, ...] | None:
+    """Write ``count`` feature maps to ``path`` (.npy or .safetensors) as ``maps`` yields them, holding one map
+    in memory rather than the dataset; the file appears (atomically) once all of them are written.
+
+    .npy: one float32 array [count, *shape]; .safetensors: one tensor "features" [count, *shape] or, with
+    ``ragged`` (shapes may differ), one tensor "features.{i}" per map, plus ``metadata``. Returns the array's
+    shape (None when ragged).
+    """
+    path = Path(path)
+    npy = path.suffix.lower() == ".npy"
+    if npy and ragged:
+        raise LeopartError("maps of different shapes need .safetensors, not .npy")
+    if count < 1:
+        raise LeopartError("no feature maps to write")
+    metadata = metadata or {}
+    # safetensors puts its JSON header (shapes, offsets) before the data: reserve room for it, write the data,
+    # then fill the header in (the format allows trailing spaces in the header).
+    n_entries = count if ragged else 1
+    header_room = 0 if npy else _round_up(len(json.dumps(metadata)) + n_entries * (len(f"features.{count}") + 200), 8)
+    shape, entries, offset, written = None, {}, 0, 0
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        try:
+            f.seek(0 if npy else 8 + header_room)
+            for t in maps:
+                if written == count:
+                    raise LeopartError(f"more than {count} feature maps for {path}")
+                array = t.detach().to(torch.float32).cpu().contiguous().numpy()
+                if written == 0:
+                    shape = array.shape
+                    if npy:
+                        np.lib.format.write_array_header_1_0(
+                            f, {"descr": "<f4", "fortran_order": False, "shape": (count, *shape)})
+                elif not ragged and array.shape != shape:
+                    raise LeopartError(f"feature map {written} has shape {array.shape}, the first had {shape}")
+                f.write(array.data)
+                if ragged:
+                    entries[f"features.{written}"] = {"dtype": "F32", "shape": list(array.shape),
+                                                      "data_offsets": [offset, offset + array.nbytes]}
+                offset += array.nbytes
+                written += 1
+            if written != count:
+                raise LeopartError(f"got {written} of {count} feature maps for {path}")
+            if not npy:
+                if not ragged:
+                    entries = {"features": {"dtype": "F32", "shape": [count, *shape], "data_offsets": [0, offset]}}
+                header = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
+                assert len(header) <= header_room, "header room underestimated"
+                f.seek(0)
+                f.write(struct.pack("<Q", header_room) + header.ljust(header_room, b" "))
+        except OSError as e:
+            raise LeopartError(f"cannot write {path}: {e.strerror or e}") from None
+    return None if ragged else (count, *shape)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -86,16 +155,18 @@ CACHE_SHARD = 256  # images per cache file: an interrupted run loses at most thi
 
 
 def cached_shards(cache_dir: str | os.PathLike | None, items, compute: Callable[[list], dict[str, torch.Tensor]],
-                  modules: list[torch.nn.Module], *settings) -> list[dict[str, torch.Tensor]]:
+                  modules: list[torch.nn.Module], *settings) -> Iterator[dict[str, torch.Tensor]]:
     """``compute`` over the image files ``items`` in slices of CACHE_SHARD, each kept by load_or_compute in
     a folder of ``cache_dir`` named by cache_key(modules, items, *settings), so an interrupted run resumes at
-    the first missing slice. With no cache_dir, one call over everything (``items`` may then be any iterable)."""
+    the first missing slice; slices are computed or loaded as the caller iterates, one in memory at a time. With
+    no cache_dir, one call over everything (``items`` may then be any iterable)."""
     if cache_dir is None:
-        return [compute(items)]
+        yield compute(items)
+        return
     folder = Path(cache_dir) / cache_key(modules, items, *settings)
-    return [load_or_compute(folder / f"shard_{lo // CACHE_SHARD:05d}.safetensors",
-                            lambda lo=lo: compute(items[lo:lo + CACHE_SHARD]))
-            for lo in range(0, len(items), CACHE_SHARD)]
+    for lo in range(0, len(items), CACHE_SHARD):
+        yield load_or_compute(folder / f"shard_{lo // CACHE_SHARD:05d}.safetensors",
+                              lambda: compute(items[lo:lo + CACHE_SHARD]))
 
 
 def cache_key(modules: list[torch.nn.Module], files: list, *settings) -> str:

@@ -173,6 +173,99 @@ def test_embed_cache_resumes_and_matches(tiny_model, image_dir, tmp_path, monkey
         leopart.embed([random_image()], model=tiny_model, resolution=32, cache_dir=cache)
 
 
+def test_iter_embeddings_is_lazy_and_equals_embed(tiny_model):
+    """Images are read only as maps are asked for: the first map comes out before a bad later input is read."""
+    imgs = [random_image(seed=i) for i in range(3)]
+
+    def source():
+        yield from imgs[:2]
+        raise AssertionError("read past what was asked for")
+
+    stream = leopart.iter_embeddings(source(), model=tiny_model, resolution=32, batch_size=2)
+    first = next(stream)
+    torch.testing.assert_close(first, leopart.embed(imgs[0], model=tiny_model, resolution=32)[0])
+    expected = leopart.embed(imgs, model=tiny_model, resolution=32, batch_size=2)
+    torch.testing.assert_close(torch.stack(list(leopart.iter_embeddings(imgs, model=tiny_model, resolution=32,
+                                                                        batch_size=2))), expected)
+
+
+# ------------------------------------------------------------------------ feature files
+@pytest.mark.parametrize("suffix, ragged", [(".npy", False), (".safetensors", False), (".safetensors", True)])
+def test_write_features_streams_and_reads_back(tmp_path, suffix, ragged):
+    """Maps are written as they come (none is held after its turn) and read back exactly by numpy / safetensors."""
+    import gc
+    import weakref
+
+    from leopart.serialization import write_features
+
+    shapes = [(2, 3, 5), (4, 1, 5), (3, 3, 5)] if ragged else [(2, 3, 5)] * 3
+    maps = [torch.randn(s) for s in shapes]
+    alive = []
+
+    def stream():
+        for i, m in enumerate(maps):
+            if i >= 2:
+                gc.collect()
+                assert alive[i - 2]() is None, "write_features kept a map it had already written"
+            t = m.clone()
+            alive.append(weakref.ref(t))
+            yield t
+
+    out = tmp_path / f"f{suffix}"
+    meta = {"names": '["caf\u00e9.jpg", "b.png"]'}
+    shape = write_features(out, stream(), len(maps), ragged=ragged, metadata=meta)
+    assert shape == (None if ragged else (3, 2, 3, 5))
+    if suffix == ".npy":
+        torch.testing.assert_close(torch.from_numpy(np.load(out)), torch.stack(maps), rtol=0, atol=0)
+    else:
+        with safe_open(str(out), "pt") as f:
+            assert f.metadata() == meta
+            got = [f.get_tensor(f"features.{i}") for i in range(3)] if ragged else list(f.get_tensor("features"))
+        for g, m in zip(got, maps):
+            torch.testing.assert_close(g, m, rtol=0, atol=0)
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+@pytest.mark.parametrize("case", ["fewer", "more", "shape", "fails", "npy_ragged"])
+def test_write_features_bad_stream_leaves_no_file(tmp_path, case):
+    from leopart.serialization import write_features
+
+    maps = [torch.zeros(2, 2, 4)] * 3
+    count, suffix = 3, ".safetensors"
+    if case == "fewer":
+        count = 4
+    elif case == "more":
+        count = 2
+    elif case == "shape":
+        maps[2] = torch.zeros(2, 3, 4)
+    elif case == "npy_ragged":
+        suffix = ".npy"
+
+    def stream():
+        yield from maps[:2]
+        if case == "fails":
+            raise LeopartError("cannot read image #2")
+        yield from maps[2:]
+
+    with pytest.raises(LeopartError):
+        write_features(tmp_path / f"f{suffix}", stream(), count, ragged=case == "npy_ragged")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_written_files_get_the_umask_mode_not_private(tmp_path):
+    """Outputs are created beside their final name and renamed; they must not keep a temp file's 0600 mode."""
+    import os
+
+    from leopart.serialization import write_text
+
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+
+
 # ------------------------------------------------------------------------ CLI
 @pytest.mark.parametrize("suffix", [".safetensors", ".npy"])
 def test_cli_embed_writes_features(tiny_model, tiny_model_dir, image_dir, tmp_path, suffix):
