@@ -7,13 +7,14 @@ dispatch code can launch, so compile errors, spills and shared-memory overflows 
 
     python -m leopart.kernels.compile_check [--arch 90] [--jobs 2]
 
-Triton must be imported with TRITON_INTERPRET unset or 0 (this module refuses otherwise), and be
->= 3.3 (signatures by argument name). Integer arguments are compiled unspecialised ("i32").
+Triton must be imported with TRITON_INTERPRET unset or 0 (this module refuses otherwise); any Triton
+>= 3.0 works. Integer arguments are compiled unspecialised ("i32").
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import os
 import re
 import subprocess
@@ -69,7 +70,7 @@ def specs() -> list[Spec]:
                                            ("_nearest_kernel", {"idx_ptr": "i64", "score_ptr": "fp32"}, [])):
         for dtype in ("fp32", "bf16"):
             ptrs = {"x_ptr": dtype, "p_ptr": dtype, "inv_x_ptr": "fp32", "inv_p_ptr": "fp32", **extra_ptrs}
-            for cfg in getattr(similarity, name).configs:
+            for cfg in similarity._configs(interpret=False):
                 for normalize in ((True, False) if dtype == "fp32" else (True,)):
                     out.append(Spec(f"similarity.{name}", _signature(ptrs, strides, extra_floats, flags),
                                     {"NORMALIZE": normalize, "UPCAST": False, **cfg.kwargs},
@@ -136,7 +137,13 @@ def compile_one(spec: Spec, arch: int) -> Report:
     from triton.compiler import ASTSource
 
     try:
-        src = ASTSource(_jit_function(spec.kernel), spec.signature, constexprs=spec.constants)
+        fn = _jit_function(spec.kernel)
+        # In the kernel's argument order: Triton 3.0 reads the signature by position.
+        signature = {name: spec.signature[name] for name in fn.arg_names}
+        if "constexprs" in inspect.signature(ASTSource).parameters:  # Triton >= 3.3
+            src = ASTSource(fn, signature, constexprs=spec.constants)
+        else:  # Triton 3.0-3.2: the signature lists runtime arguments only, constants go apart
+            src = ASTSource(fn, {k: v for k, v in signature.items() if v != "constexpr"}, spec.constants)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     except Exception as e:  # noqa: BLE001 - any compiler failure is the finding

@@ -12,7 +12,9 @@ tiles of K inside each program, so the N x K matrix never exists. Ties go to the
 On a GPU, fp32 operands go through ``tl.dot`` in TF32 (about 1e-3 relative error on the scores, like
 torch with ``allow_tf32``); bf16/fp16 operands stay in their type; accumulation is always fp32.
 """
-from __future__ import annotations
+# No `from __future__ import annotations` in kernel files: the interpreter of Triton 3.0 and 3.1 knows a
+# tl.constexpr parameter only by its evaluated annotation, and a string "tl.constexpr" is not one.
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -164,10 +166,25 @@ if triton is not None:
         tl.store(idx_ptr + rows, best_idx.to(tl.int64), mask=mask)
         tl.store(score_ptr + rows, best, mask=mask)
 
-    _key = ["N", "K", "D", "NORMALIZE"]
-    _scores_kernel = triton.autotune(_configs(interpreting()), key=_key)(triton.jit(_scores_kernel))
-    _softmax_kernel = triton.autotune(_configs(interpreting()), key=_key)(triton.jit(_softmax_kernel))
-    _nearest_kernel = triton.autotune(_configs(interpreting()), key=_key)(triton.jit(_nearest_kernel))
+    _scores_kernel = triton.jit(_scores_kernel)
+    _softmax_kernel = triton.jit(_softmax_kernel)
+    _nearest_kernel = triton.jit(_nearest_kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned(kernel):
+    """``kernel`` under triton.autotune, built at its first launch rather than at import: the autotuner of
+    Triton 3.2-3.3 looks up the GPU driver when it is built, which fails on a machine without a GPU."""
+    return triton.autotune(_configs(interpret=False), key=["N", "K", "D", "NORMALIZE"])(kernel)
+
+
+def _launch(kernel, grid, *args, **constants):
+    """Autotuned on a GPU; in the interpreter, one fixed config and no benchmarking."""
+    if interpreting():
+        (config,) = _configs(interpret=True)
+        kernel[grid](*args, **constants, **config.kwargs, num_warps=config.num_warps)
+    else:
+        _autotuned(kernel)[grid](*args, **constants)
 
 
 def _operands(x: torch.Tensor, prototypes: torch.Tensor, normalize: bool):
@@ -190,10 +207,10 @@ def similarity_triton(x: torch.Tensor, prototypes: torch.Tensor, normalize: bool
     args = (x, p, inv_x, inv_p, out, n, k, d, x.stride(0), x.stride(1), p.stride(0), p.stride(1))
     if temperature is None:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))  # noqa: E731
-        _scores_kernel[grid](*args, NORMALIZE=normalize, UPCAST=interpreting())
+        _launch(_scores_kernel, grid, *args, NORMALIZE=normalize, UPCAST=interpreting())
     else:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _softmax_kernel[grid](*args, 1.0 / temperature, NORMALIZE=normalize, UPCAST=interpreting())
+        _launch(_softmax_kernel, grid, *args, 1.0 / temperature, NORMALIZE=normalize, UPCAST=interpreting())
     return out
 
 
@@ -204,9 +221,8 @@ def nearest_triton(x: torch.Tensor, prototypes: torch.Tensor, normalize: bool = 
     index = torch.empty(n, device=x.device, dtype=torch.int64)
     score = torch.empty(n, device=x.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _nearest_kernel[grid](x, p, inv_x, inv_p, index, score, n, k, d, x.stride(0), x.stride(1), p.stride(0),
-                          p.stride(1),
-                          NORMALIZE=normalize, UPCAST=interpreting())
+    _launch(_nearest_kernel, grid, x, p, inv_x, inv_p, index, score, n, k, d, x.stride(0), x.stride(1),
+            p.stride(0), p.stride(1), NORMALIZE=normalize, UPCAST=interpreting())
     return index, score
 
 

@@ -21,8 +21,8 @@ Reads: 1 + n_iters passes over S, one write of the output; no N x K temporaries 
 With ``distributed=True`` the per-prototype partials and N are all-reduced, so every process gets the rows
 of single-process Sinkhorn on the concatenated batch.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` in kernel files: the interpreter of Triton 3.0 and 3.1 knows a
+# tl.constexpr parameter only by its evaluated annotation, and a string "tl.constexpr" is not one.
 import math
 
 import torch

@@ -24,6 +24,21 @@ from PIL import Image  # noqa: E402
 import leopart  # noqa: E402
 
 
+def pytest_configure(config):
+    """Fail at once, in one line, where Triton's interpreter cannot run the kernel tests at all."""
+    try:
+        import triton
+    except ImportError:
+        return
+    triton_version = tuple(int(v) for v in triton.__version__.split(".")[:2])
+    numpy_version = tuple(int(v) for v in np.__version__.split(".")[:2])
+    if triton_version < (3, 7) and numpy_version >= (2, 4):
+        # Older interpreters pass scalar kernel arguments as 1-element arrays, which numpy 2.4 no longer
+        # turns into Python ints: every kernel test would fail with "only 0-dimensional arrays ...".
+        raise pytest.UsageError(f"Triton {triton.__version__}'s interpreter does not run under numpy "
+                                f"{np.__version__}: install numpy<2.4 or triton>=3.7 for the kernel tests")
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_CACHE, ignore_errors=True)  # the private caches are per run: leave nothing in /tmp
 
