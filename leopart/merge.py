@@ -185,8 +185,10 @@ def communities(weights: np.ndarray, fg: np.ndarray, weight_threshold: float = 0
     for i, j in zip(*np.nonzero(np.triu(sym, 1) >= max(weight_threshold, 1e-12))):
         if fg[i] and fg[j]:
             graph.add_edge(int(i), int(j), weight=float(sym[i, j]))
-    found = nx.community.louvain_communities(graph, weight="weight", resolution=resolution, seed=seed) \
-        if graph.number_of_nodes() else []
+    if graph.number_of_edges():
+        found = nx.community.louvain_communities(graph, weight="weight", resolution=resolution, seed=seed)
+    else:  # no edges: every part is its own object (networkx 3.0's Louvain divides by the zero total weight)
+        found = [{n} for n in graph.nodes]
     found = sorted((sorted(c) for c in found), key=lambda c: (-len(c), c[0]))
     part_to_object = np.zeros(k, dtype=np.int64)
     for obj, members in enumerate(found, start=1):

@@ -243,7 +243,8 @@ def download_from_hub(name: str, filenames: list[str]) -> Path:
     Works offline (HF_HUB_OFFLINE=1 or no network) from the cache, and fails with one line otherwise.
     """
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
+    # huggingface_hub.utils has these from 0.23 on (huggingface_hub.errors only from 0.24).
+    from huggingface_hub.utils import (
         EntryNotFoundError,
         GatedRepoError,
         HFValidationError,

@@ -169,6 +169,14 @@ def test_community_detection_recovers_planted_objects():
     assert sorted(set(p2o.tolist())) == [0, 1, 2]
 
 
+def test_community_detection_without_edges_keeps_every_part_apart():
+    """No pair of foreground parts above the threshold: each is its own object (networkx 3.0's Louvain
+    raised ZeroDivisionError on such a graph)."""
+    fg = np.array([False, True, True, True])
+    p2o = communities(np.zeros((4, 4)), fg, weight_threshold=0.07, seed=0)
+    assert p2o[0] == 0 and sorted(p2o[1:].tolist()) == [1, 2, 3]
+
+
 def test_merge_end_to_end_and_segmenter_round_trip(tmp_path):
     grids = [planted_scene(s) for s in range(10)]
     fg_masks = [g > 0 for g in grids]
