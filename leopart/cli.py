@@ -87,6 +87,10 @@ def info(model, trust_pickle):
         click.echo(f"{k:<{width}}  {v}")
 
 
+def _device_option(f):
+    return click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available).")(f)
+
+
 def _cache_option(f):
     return click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
                         help="Keep the patch features here (files of 256 images): an interrupted run resumes, "
@@ -99,7 +103,7 @@ def _cache_option(f):
 @click.option("--resolution", default="224", show_default=True,
               help="Square input side in pixels, or 'native' to keep each image's size (rounded to the patch).")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available).")
+@_device_option
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the features: FILE.safetensors or FILE.npy.")
 @_cache_option
@@ -174,7 +178,7 @@ def _check_images(paths: list) -> None:
 @click.option("--iters", default=50, show_default=True, type=click.IntRange(min=0))
 @click.option("--seed", default=0, show_default=True)
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
-@click.option("--device", default=None)
+@_device_option
 @_cache_option
 @_fg_option
 def cluster(inputs, model, k, output, resolution, iters, seed, batch_size, device, cache_dir, fg_model):
@@ -183,12 +187,14 @@ def cluster(inputs, model, k, output, resolution, iters, seed, batch_size, devic
 
     from . import data
     from .cluster import cluster as kmeans
+    from .embed import default_device
     from .hub import from_pretrained
     from .segment import dense_features
     from .serialization import save_folder
 
     paths = list(data.expand_inputs(list(inputs)))
     _check_images(paths)
+    device = default_device(device)  # for the model and k-means alike
     m = from_pretrained(model, device=device)
     fg = from_pretrained(fg_model, device=device) if fg_model else None
     dense = dense_features(paths, m, resolution, batch_size, device, fg_model=fg, progress=True,
@@ -242,7 +248,7 @@ def merge(clusters_dir, output, bg_share, weight_threshold, cd_resolution, seed)
 @click.option("--output", "-o", default=".", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for <stem>_mask.png and <stem>_overlay.png.  [default: current folder]")
 @click.option("--resolution", default=448, show_default=True, type=click.IntRange(min=1))
-@click.option("--device", default=None)
+@_device_option
 @click.option("--head", default=None,
               help="A trained probe head (folder, Hub id or released .ckpt): supervised class masks instead.")
 @_fg_option
@@ -299,7 +305,7 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
 @click.option("--n-init", default=1, show_default=True, type=click.IntRange(min=1),
               help="k-means runs per k; the lowest-inertia one is scored.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
-@click.option("--device", default=None)
+@_device_option
 @click.option("--linear", is_flag=True, help="Train a linear probe on the train split and report its val mIoU.")
 @click.option("--fcn", is_flag=True, help="Train an FCN probe on the train split and report its val mIoU.")
 @click.option("--train-split", default="train", show_default=True,
@@ -373,7 +379,7 @@ def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, num_classes, split, 
 @click.option("--train-last-blocks", default=None, type=click.IntRange(min=0), help="Train only the last N blocks.")
 @click.option("--save-every", default=500, show_default=True, type=click.IntRange(min=1))
 @click.option("--resume", is_flag=True, help="Continue the run in --output from its checkpoint.")
-@click.option("--device", default=None)
+@_device_option
 @click.option("--workers", default=4, show_default=True, type=click.IntRange(min=0))
 @click.option("--seed", default=0, show_default=True)
 @click.option("--eval-data", default=None, help="VOC-layout folder for k-means mIoU during training.")

@@ -6,7 +6,9 @@ points, and the inertia is sum(1 - cos). ``metric="euclidean"`` is Lloyd's k-mea
 
 Assignment uses ``leopart.kernels.nearest_prototype`` (Triton on GPU, chunked matmul+argmax on CPU), so
 the N x K distance matrix never exists; sums are accumulated chunk by chunk. N = 1.1M, D = 384, K = 500
-needs the features (1.7 GB in fp32) plus a few hundred MB.
+needs the features (1.7 GB in fp32) plus a few hundred MB. On a GPU the features move there when they fit;
+when they do not (ViT-B/8 tokens of PASCAL VOC val at 448 px are 14 GB), they stay in host memory and each
+chunk is copied over as it is used.
 """
 from __future__ import annotations
 
@@ -66,23 +68,35 @@ def _chunks(n: int, size: int):
         yield start, min(n, start + size)
 
 
+def _place(x: torch.Tensor, device: torch.device, headroom: int = 1 << 30) -> torch.Tensor:
+    """``x`` on ``device`` if it fits there with ``headroom`` bytes to spare, else ``x`` where it is (then each
+    chunk goes over as it is used)."""
+    if device.type == "cuda" and x.device != device:
+        free, _ = torch.cuda.mem_get_info(device)
+        if x.numel() * x.element_size() + headroom > free:
+            return x
+    return x.to(device)
+
+
 def _assign(x: torch.Tensor, centroids: torch.Tensor, metric: str, chunk_size: int,
             sums: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels [N] and per-point distance [N]; optionally accumulate per-cluster sums into ``sums``."""
-    labels = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
-    dist = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    """Labels [N] and per-point distance [N] on the centroids' device, where the work runs (``x`` may be
+    elsewhere); optionally accumulate per-cluster sums into ``sums``."""
+    device = centroids.device
+    labels = torch.empty(x.shape[0], dtype=torch.int64, device=device)
+    dist = torch.empty(x.shape[0], dtype=torch.float32, device=device)
     if metric == "euclidean":
         # argmin |x - c|^2 = argmax x.c - |c|^2 / 2: append a constant 1 to x and -|c|^2/2 to c.
         aug = torch.cat([centroids, -0.5 * (centroids * centroids).sum(1, keepdim=True)], dim=1)
     for start, stop in _chunks(x.shape[0], chunk_size):
-        xc = x[start:stop].float()
+        xc = x[start:stop].to(device, torch.float32)
         if metric == "cosine":
             idx, cos = nearest_prototype(xc, centroids, normalize=True)
             dist[start:stop] = 1.0 - cos
             if sums is not None:
                 sums.index_add_(0, idx, F.normalize(xc, dim=1))
         else:
-            ones = torch.ones(xc.shape[0], 1, device=xc.device)
+            ones = torch.ones(xc.shape[0], 1, device=device)
             idx, score = nearest_prototype(torch.cat([xc, ones], 1), aug, normalize=False)
             dist[start:stop] = ((xc * xc).sum(1) - 2.0 * score).clamp_min(0.0)
             if sums is not None:
@@ -91,11 +105,12 @@ def _assign(x: torch.Tensor, centroids: torch.Tensor, metric: str, chunk_size: i
     return labels, dist
 
 
-def _kmeans_pp(x: torch.Tensor, k: int, metric: str, generator: torch.Generator, sample_size: int) -> torch.Tensor:
-    """k-means++ seeding (D^2 sampling) on a random subsample of at most ``sample_size`` points."""
+def _kmeans_pp(x: torch.Tensor, k: int, metric: str, generator: torch.Generator, sample_size: int,
+               device: torch.device) -> torch.Tensor:
+    """k-means++ seeding (D^2 sampling) on ``device``, on a random subsample of at most ``sample_size`` points."""
     n = x.shape[0]
     pick = torch.randperm(n, generator=generator)[:sample_size] if n > sample_size else torch.arange(n)
-    pts = x[pick.to(x.device)].float()
+    pts = x[pick.to(x.device)].to(device, torch.float32)
     if metric == "cosine":
         pts = F.normalize(pts, dim=1)
     first = int(torch.randint(len(pts), (1,), generator=generator))
@@ -113,15 +128,15 @@ def _kmeans_pp(x: torch.Tensor, k: int, metric: str, generator: torch.Generator,
     return torch.stack(centers)
 
 
-def _init_centroids(x, k, metric, init, generator) -> torch.Tensor:
+def _init_centroids(x, k, metric, init, generator, device) -> torch.Tensor:
     if isinstance(init, torch.Tensor):
         if init.shape != (k, x.shape[1]):
             raise LeopartError(f"init centroids must be [{k}, {x.shape[1]}], got {tuple(init.shape)}")
-        c = init.float().to(x.device)
+        c = init.to(device, torch.float32)
     elif init == "k-means++":
-        c = _kmeans_pp(x, k, metric, generator, sample_size=max(20 * k, 10_000))
+        c = _kmeans_pp(x, k, metric, generator, sample_size=max(20 * k, 10_000), device=device)
     elif init == "random":
-        c = x[torch.randperm(x.shape[0], generator=generator)[:k].to(x.device)].float()
+        c = x[torch.randperm(x.shape[0], generator=generator)[:k].to(x.device)].to(device, torch.float32)
     else:
         raise LeopartError(f"init must be 'k-means++', 'random' or a [K, D] tensor, not {init!r}")
     return F.normalize(c, dim=1) if metric == "cosine" else c
@@ -132,8 +147,9 @@ def cluster(features, k: int, iters: int = 50, n_init: int = 1, seed: int = 0, m
             progress: bool | None = None) -> KMeansResult:
     """k-means of ``features`` ([N, D], [B, h, w, D], an array, or an iterable of batches) into ``k`` clusters.
 
-    Deterministic for a seed on CPU (on GPU, up to the float rounding of atomic sums). Empty clusters are
-    re-seeded with the points farthest from their centroids. Stops early once no label changes.
+    Runs on ``device`` (default: where the features are). Deterministic for a seed on CPU (on GPU, up to the
+    float rounding of atomic sums). Empty clusters are re-seeded with the points farthest from their
+    centroids. Stops early once no label changes.
     """
     if metric not in METRICS:
         raise LeopartError(f"metric must be one of {', '.join(METRICS)}, not '{metric}'")
@@ -147,12 +163,12 @@ def cluster(features, k: int, iters: int = 50, n_init: int = 1, seed: int = 0, m
         raise LeopartError("need iters >= 0 and n_init >= 1")
     if not torch.isfinite(x).all():
         raise LeopartError("features contain NaN or infinite values")
-    if device is not None:
-        x = x.to(device)
+    device = torch.device(device) if device is not None else x.device
+    x = _place(x, device)
     best: KMeansResult | None = None
     for run in range(n_init):
         generator = torch.Generator().manual_seed(seed + run)
-        result = _lloyd(x, k, iters, metric, _init_centroids(x, k, metric, init, generator), chunk_size,
+        result = _lloyd(x, k, iters, metric, _init_centroids(x, k, metric, init, generator, device), chunk_size,
                         progress, desc=f"k-means k={k}" + (f" init {run + 1}/{n_init}" if n_init > 1 else ""))
         if best is None or result.inertia < best.inertia:
             best = result
@@ -171,8 +187,8 @@ def _lloyd(x, k, iters, metric, centroids, chunk_size, progress, desc) -> KMeans
         empty = (counts == 0).nonzero().flatten()
         if len(empty):
             # Re-seed each empty cluster with one of the points that are currently worst served.
-            far = dist.topk(len(empty)).indices
-            sums[empty] = x[far].float() if metric == "euclidean" else F.normalize(x[far].float(), dim=1)
+            far = x[dist.topk(len(empty)).indices.to(x.device)].to(sums.device, torch.float32)
+            sums[empty] = far if metric == "euclidean" else F.normalize(far, dim=1)
             counts[empty] = 1
         centroids = sums / counts[:, None].to(sums.dtype)
         if metric == "cosine":

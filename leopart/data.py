@@ -55,6 +55,12 @@ def expand_inputs(inputs: Any) -> Iterator[Any]:
         raise LeopartError(f"cannot read an image from a {type(inputs).__name__}")
 
 
+def listed(inputs: Any) -> list | Iterator:
+    """``expand_inputs`` as a list, so its length is known (paths stay paths: cheap), unless ``inputs`` is an
+    iterator, which stays one: it may be endless or hold decoded images, and is read once, lazily."""
+    return inputs if isinstance(inputs, Iterator) else list(expand_inputs(inputs))
+
+
 def describe(item: Any, index: int) -> str:
     return str(item) if isinstance(item, (str, os.PathLike)) else f"image #{index}"
 

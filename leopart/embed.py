@@ -106,19 +106,26 @@ def embed(images: Any, model: str | LeopartViT = "vits16", resolution: int | Non
     """Backbone patch tokens of ``images``.
 
     images: a path, a folder (recursive), a PIL image, an HxWx3 uint8 array, a CxHxW tensor, or a
-        list / iterator of them. Decoded one batch at a time.
+        list / iterator of them. Decoded one batch at a time; the result is allocated once (an iterator's
+        maps are collected first, since its length is unknown: twice the result's memory at the end).
     resolution: side of the square every image is resized to (bicubic); ``None`` keeps each image's own
         size rounded down to the patch size and returns a list of [h_i, w_i, D] tensors.
     cache_dir: keep the features there in files of 256 images (image files only), named by the model's
         weights, the files and the resolution: an interrupted run resumes at the first missing file.
     Returns a float32 CPU tensor [B, h, w, D] with h = w = resolution // patch_size.
     """
-    outputs = list(iter_embeddings(images, model, resolution, batch_size, device, progress, cache_dir))
+    images = data.listed(images)  # counted first (unless an iterator), so the result is allocated once
+    maps = iter_embeddings(images, model, resolution, batch_size, device, progress, cache_dir)
     if resolution is None:
-        return outputs
-    if not outputs:
+        return list(maps)
+    if isinstance(images, list):
+        count = len(images)
+    else:  # an iterator: its length is known only at its end
+        maps = list(maps)
+        count = len(maps)
+    if count == 0:
         raise LeopartError("no images to embed")
-    return torch.stack(outputs)
+    return serialization.concat_rows(({"features": fmap[None]} for fmap in maps), count)["features"]
 
 
 def iter_embeddings(images: Any, model: str | LeopartViT = "vits16", resolution: int | None = 224,
@@ -129,6 +136,7 @@ def iter_embeddings(images: Any, model: str | LeopartViT = "vits16", resolution:
     them to its output file). The model loads now, the images as the iterator is consumed."""
     device = default_device(device)
     model = from_pretrained(model, device=device)
+    images = data.listed(images)
 
     def stream(batch) -> Iterator[torch.Tensor]:
         return (t for _, tokens, _ in iter_batches(batch, model, resolution, batch_size, device, progress=progress)
@@ -140,8 +148,8 @@ def iter_embeddings(images: Any, model: str | LeopartViT = "vits16", resolution:
     def compute(batch) -> dict[str, torch.Tensor]:
         return {str(i): t for i, t in enumerate(stream(batch))}
 
-    files = list(data.expand_inputs(images))
-    shards = serialization.cached_shards(cache_dir, files, compute, [model], "embed", model.config.arch, resolution)
+    shards = serialization.cached_shards(cache_dir, list(images), compute, [model], "embed", model.config.arch,
+                                         resolution)
     return (shard[str(i)] for shard in shards for i in range(len(shard)))
 
 

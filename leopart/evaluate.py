@@ -18,12 +18,13 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from .cluster import cluster
+from .embed import default_device
 from .errors import LeopartError
 from .merge import merge
 from .metrics import hungarian_miou
 from .model import LeopartViT
 from .segment import DEFAULT_RESOLUTION, dense_features, predict_objects, upsample_argmax
-from .cluster import cluster
 
 PUBLISHED = {  # PASCAL VOC 2012 val mIoU (%) from the paper
     "vits16": {"overclustering": {"500": 53.5}, "fully_unsupervised": 41.7, "linear": 69.3, "fcn": 71.4},
@@ -103,6 +104,7 @@ def evaluate(data_root: str | Path, model: LeopartViT, ks=(500, 21), fully_unsup
     """Run the protocol; returns {"overclustering": {k: miou}, "fully_unsupervised": miou, "n_images": n, ...}
     with mIoU in percent. ``n_init`` > 1 keeps the lowest-inertia of that many k-means runs: at small k a
     single run's mIoU swings by ten points with the seed. ``cache_dir``: see segment.dense_features."""
+    device = default_device(device)  # the model's and k-means' (default: cuda when available)
     voc = read_voc(data_root, split)
     targets = []
     for img_path, mask_path in zip(voc.images, voc.masks):

@@ -53,23 +53,26 @@ def dense_features(images: Any, model: LeopartViT, resolution: int = DEFAULT_RES
         raise LeopartError("no images given")
 
     models = [model] if fg_model is None else [model, fg_model]
-    shards = list(serialization.cached_shards(
+    shards = serialization.cached_shards(
         cache_dir, images, lambda batch: _dense_batch(batch, model, resolution, batch_size, device, fg_model, progress),
-        models, "dense", [m.config.arch for m in models], resolution))
+        models, "dense", [m.config.arch for m in models], resolution)
+    dense = serialization.concat_rows(shards, len(images))
     names = [data.describe(item, i) for i, item in enumerate(images)]
-    return DenseFeatures(names, torch.cat([t["features"] for t in shards]),
-                         torch.cat([t["foreground"] for t in shards]).bool())
+    return DenseFeatures(names, dense["features"], dense["foreground"].bool())
 
 
 def _dense_batch(images: list, model: LeopartViT, resolution: int, batch_size: int, device: torch.device,
                  fg_model: LeopartViT | None, progress: bool | None) -> dict[str, torch.Tensor]:
-    feats, masks = [], []
-    for _, tokens, attn in iter_batches(images, model, resolution, batch_size, device,
-                                        attention=fg_model is None, progress=progress, desc="features"):
-        feats.append(tokens.cpu())
-        if attn is not None:
-            masks.append(foreground_mask(attn).cpu())
-    features = torch.cat(feats)
+    masks = []
+
+    def batches():
+        for _, tokens, attn in iter_batches(images, model, resolution, batch_size, device,
+                                            attention=fg_model is None, progress=progress, desc="features"):
+            if attn is not None:
+                masks.append(foreground_mask(attn).cpu())
+            yield {"features": tokens.cpu()}
+
+    features = serialization.concat_rows(batches(), len(images))["features"]
     if fg_model is not None:
         for _, _, attn in iter_batches(images, fg_model, resolution, batch_size, device, attention=True,
                                        progress=progress, desc="foreground"):
@@ -84,7 +87,9 @@ def _dense_batch(images: list, model: LeopartViT, resolution: int, batch_size: i
 def fit_segmenter(dense: DenseFeatures, k: int, *, iters: int = 50, n_init: int = 1, seed: int = 0,
                   bg_share: float | None = None, weight_threshold: float = 0.07, resolution: float = 1.0, device=None,
                   params: dict | None = None, progress: bool | None = None) -> tuple[Segmenter, KMeansResult]:
-    """Cluster the patch tokens into ``k`` parts and merge them into objects."""
+    """Cluster the patch tokens into ``k`` parts (k-means on ``device``: default cuda when available) and
+    merge them into objects."""
+    device = default_device(device)
     n_patches = dense.features.shape[0] * dense.features.shape[1] * dense.features.shape[2]
     if k > n_patches:
         raise LeopartError(f"k={k} is larger than the number of patches ({n_patches}): use a smaller k or more images")

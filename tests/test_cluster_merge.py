@@ -125,6 +125,28 @@ def test_empty_clusters_are_reseeded():
     assert torch.bincount(km.labels, minlength=4).min() > 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_kmeans_streams_features_that_do_not_fit(monkeypatch):
+    """Features too big for the GPU stay in host memory and go over chunk by chunk: the result is the one
+    with the features on the GPU (up to the rounding of atomic sums), the re-seeding of empty clusters included."""
+    from leopart.cluster import _place
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40_000, 32, generator=g)
+    x[:, 0] += 6  # every point near +e0, so the centroid at -e0 starts empty and is re-seeded
+    init = torch.randn(8, 32, generator=g)
+    init[0] = 0
+    init[0, 0] = -1
+    args = dict(iters=6, init=init, device="cuda", chunk_size=4096, progress=False)
+    resident = leopart.cluster(x, 8, **args)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 1))  # nothing fits
+    assert _place(x, torch.device("cuda")).device.type == "cpu"
+    streamed = leopart.cluster(x, 8, **args)
+    torch.testing.assert_close(streamed.centroids, resident.centroids, atol=1e-4, rtol=0)
+    assert (streamed.labels == resident.labels).float().mean() > 0.999
+    assert torch.bincount(streamed.labels, minlength=8).min() > 0
+
+
 def test_kmeans_inertia_matches_faiss():
     faiss = pytest.importorskip("faiss")
     g = torch.Generator().manual_seed(3)

@@ -189,6 +189,52 @@ def test_iter_embeddings_is_lazy_and_equals_embed(tiny_model):
                                                                         batch_size=2))), expected)
 
 
+def test_embed_of_an_iterator_and_of_a_list_with_a_folder(tiny_model, image_dir):
+    """Every input form gives the same stacked tensor (lists are counted up front, iterators collected)."""
+    files = leopart.data.list_images(image_dir)
+    expected = torch.stack([leopart.embed(f, model=tiny_model, resolution=32)[0] for f in files])
+    torch.testing.assert_close(leopart.embed(image_dir, model=tiny_model, resolution=32, batch_size=2), expected)
+    torch.testing.assert_close(leopart.embed(iter(files), model=tiny_model, resolution=32, batch_size=2), expected)
+    torch.testing.assert_close(leopart.embed([files[0], image_dir], model=tiny_model, resolution=32, batch_size=2),
+                               torch.cat([expected[:1], expected]))
+    with pytest.raises(LeopartError, match="no images to embed"):
+        leopart.embed(iter([]), model=tiny_model, resolution=32)
+
+
+def test_concat_rows_fills_one_allocation_and_drops_each_chunk():
+    import gc
+    import weakref
+
+    from leopart.serialization import concat_rows
+
+    chunks = [{"a": torch.randn(n, 3, 2), "b": torch.arange(n)} for n in (4, 1, 3)]
+    alive = []
+
+    def fresh(chunk):
+        copy = {k: v.clone() for k, v in chunk.items()}
+        alive.append(weakref.ref(copy["a"]))
+        return copy
+
+    def stream():
+        for i, c in enumerate(chunks):
+            if i >= 1:
+                gc.collect()
+                assert alive[i - 1]() is None, "concat_rows kept a chunk it had already copied"
+            yield fresh(c)
+
+    out = concat_rows(stream(), 8)
+    for k in ("a", "b"):
+        assert torch.equal(out[k], torch.cat([c[k] for c in chunks]))
+    whole = {"a": torch.randn(5, 2)}
+    assert concat_rows(iter([whole]), 5)["a"].data_ptr() == whole["a"].data_ptr()  # one chunk: no copy
+    transposed = torch.randn(2, 5).T
+    assert concat_rows(iter([{"a": transposed}]), 5)["a"].is_contiguous()
+    with pytest.raises(LeopartError, match="more than the 7 rows"):
+        concat_rows(iter(chunks), 7)
+    with pytest.raises(LeopartError, match="got 8 rows, expected 9"):
+        concat_rows(iter(chunks), 9)
+
+
 # ------------------------------------------------------------------------ feature files
 @pytest.mark.parametrize("suffix, ragged", [(".npy", False), (".safetensors", False), (".safetensors", True)])
 def test_write_features_streams_and_reads_back(tmp_path, suffix, ragged):

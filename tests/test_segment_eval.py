@@ -149,6 +149,31 @@ def test_eval_n_init_scores_the_lowest_inertia_run(tiny_model_dir, voc_dir):
     assert CliRunner().invoke(main, ["eval", str(voc_dir), "--n-init", "0"]).exit_code == 2
 
 
+def test_eval_and_cluster_cli_run_kmeans_where_the_model_runs(tiny_model_dir, voc_dir, tmp_path, monkeypatch):
+    """k-means gets the resolved device (cuda when available) like the model, not None, which would keep it on
+    the CPU where the features are collected."""
+    import sys
+
+    from leopart.embed import default_device
+    from leopart.evaluate import evaluate
+
+    kmeans_module = sys.modules["leopart.cluster"]  # the package's `cluster` attribute is the function
+    seen, real = [], kmeans_module.cluster
+
+    def spy(*args, device=None, **kwargs):
+        seen.append(device)
+        return real(*args, device=device, **kwargs)
+
+    monkeypatch.setattr("leopart.evaluate.cluster", spy)
+    monkeypatch.setattr(kmeans_module, "cluster", spy)  # where the CLI imports it from
+    model = leopart.from_pretrained(str(tiny_model_dir))
+    evaluate(voc_dir, model, ks=(3,), resolution=64, mask_size=32, iters=2, progress=False)
+    r = CliRunner().invoke(main, ["cluster", str(voc_dir / "JPEGImages"), "--model", str(tiny_model_dir), "--k", "3",
+                                  "--resolution", "64", "--iters", "2", "-o", str(tmp_path / "parts")])
+    assert r.exit_code == 0, r.output
+    assert seen == [default_device(None)] * 2
+
+
 def test_eval_num_classes_and_bad_layouts(tiny_model_dir, voc_dir, tmp_path):
     runner = CliRunner()
     base = ["--model", str(tiny_model_dir), "--k", "4", "--resolution", "64"]
