@@ -120,6 +120,9 @@ def embed(inputs, model, resolution, batch_size, device, output, cache_dir):
     if res is None and suffix == ".npy":
         raise LeopartError("--resolution native gives one array per image: write .safetensors instead of .npy")
     paths = list(data.expand_inputs(list(inputs)))
+    missing = next((p for p in paths if not Path(p).is_file()), None)
+    if missing is not None:  # before the model loads (or downloads)
+        raise LeopartError(f"no such file: {missing}")
     # One batch at a time from the model into the file: memory does not grow with the number of images.
     features = iter_embeddings(paths, model=model, resolution=res, batch_size=batch_size, device=device,
                                progress=True if len(paths) > batch_size else None, cache_dir=cache_dir)
@@ -331,9 +334,11 @@ def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, num_classes, split, 
 
     if json_path is not None and json_path.suffix.lower() != ".json":
         raise LeopartError(f"--json must name a .json file, not '{json_path.name}'")
+    heads = [h for h, on in (("linear", linear), ("fcn", fcn)) if on]
+    for listed_split in (split, train_split) if heads else (split,):
+        read_voc(data_dir, listed_split)  # a wrong folder or split fails before the model loads (or downloads)
     m = from_pretrained(model, device=device)
     fg = from_pretrained(fg_model, device=device) if fg_model else None
-    heads = [h for h, on in (("linear", linear), ("fcn", fcn)) if on]
     ks = ks or (() if heads else (500, 21))
     if ks or fully_unsupervised:
         results = run_eval(data_dir, m, ks=ks, fully_unsupervised=fully_unsupervised,

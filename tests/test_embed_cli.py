@@ -341,6 +341,19 @@ def test_cli_embed_native_safetensors(tiny_model_dir, image_dir, tmp_path):
         assert f.get_tensor("features.0").shape == (2, 3, 64)  # 40x56 -> 32x48 pixels
 
 
+@pytest.mark.parametrize("command", ["embed", "cluster", "segment", "eval"])
+def test_cli_names_the_bad_input_before_loading_the_model(tmp_path, command):
+    """A mistyped input fails as such, not as the (uncached, here undownloadable) default model's error."""
+    args = {"embed": ["embed", str(tmp_path / "nope.jpg"), "-o", str(tmp_path / "f.npy")],
+            "cluster": ["cluster", str(tmp_path / "nope.jpg"), "-o", str(tmp_path / "parts")],
+            "segment": ["segment", str(tmp_path / "nope.jpg")],
+            "eval": ["eval", str(tmp_path / "nope")]}[command]
+    r = CliRunner().invoke(main, args)  # --model defaults to vits16, which is not cached
+    assert r.exit_code == 1
+    expected = f"{tmp_path / 'nope'} is not a VOC-layout folder" if command == "eval" else "no such file: "
+    assert r.output.startswith(f"Error: {expected}"), r.output
+
+
 @pytest.mark.parametrize("case", ["missing", "text", "tiny", "empty", "model", "suffix", "npy_native", "unwritable"])
 def test_cli_bad_input_one_line_no_file(tiny_model_dir, tmp_path, case):
     good = tmp_path / "good.png"
@@ -388,6 +401,38 @@ def test_console_script_one_line_error_without_traceback(tmp_path):
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = subprocess.run([sys.executable, "-m", "leopart", "embed", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--resolution" in r.stdout
+
+
+def test_help_and_import_do_not_load_torch():
+    """`leopart --help` answers at once: neither the package nor the CLI module imports torch until a command runs."""
+    code = ("import sys, leopart; from leopart.cli import main; from click.testing import CliRunner; "
+            "r = CliRunner().invoke(main, ['segment', '--help']); assert r.exit_code == 0, r.output; "
+            "print(sorted(m for m in ('torch', 'timm', 'numpy', 'triton') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_public_names_resolve_to_the_api_whichever_module_loads_first():
+    """leopart.cluster (embed, merge, ...) is the function even when its module of the same name was loaded
+    first by another import; every name in __all__ resolves; unknown names raise AttributeError."""
+    code = """
+import leopart.segment, leopart.evaluate, leopart.demo
+import leopart
+for name in ("cluster", "embed", "merge", "probe", "segment", "train"):
+    f = getattr(leopart, name)
+    assert callable(f) and not isinstance(f, type(leopart)) and f.__module__ == "leopart." + name, (name, f)
+assert all(getattr(leopart, name) is not None for name in leopart.__all__)
+assert set(leopart.__all__) <= set(dir(leopart))
+assert leopart.data.list_images and leopart.kernels.sinkhorn
+try:
+    leopart.no_such_name
+except AttributeError as e:
+    assert "no_such_name" in str(e)
+else:
+    raise AssertionError("no AttributeError")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
 
 
 def test_threaded_decoding_keeps_order_and_errors(image_dir, tmp_path):
