@@ -109,7 +109,11 @@ def _load_release(alias: str) -> LeopartViT:
             f"model '{alias}' is not cached in {folder} and downloads are off (HF_HUB_OFFLINE=1): "
             f"fetch {release.url} elsewhere and run `leopart convert {release.filename} {folder}`"
         )
-    ckpt = download(release.url, cache_dir() / "downloads" / release.filename)
+    try:
+        ckpt = download(release.url, cache_dir() / "downloads" / release.filename)
+    except LeopartError as e:
+        raise LeopartError(f"{e} (no network? fetch it elsewhere and run `leopart convert {release.filename} "
+                           f"{folder}`)") from None
     try:
         model = convert_checkpoint(ckpt, arch=release.arch)
         save_converted(model, folder)

@@ -308,6 +308,7 @@ def test_release_alias_bad_download_leaves_cache_clean(tmp_path, monkeypatch):
     assert not list(hub.cache_dir().glob(".broken*"))
     monkeypatch.setitem(hub.RELEASES, "gone", hub.Release((tmp_path / "nope.ckpt").as_uri(), "gone.ckpt",
                                                          "vit_tiny_patch16_224"))
-    with pytest.raises(LeopartError, match="cannot download"):
+    with pytest.raises(LeopartError, match="cannot download") as e:
         leopart.from_pretrained("gone")
+    assert f"run `leopart convert gone.ckpt {hub.cache_dir() / 'gone'}`" in str(e.value)
     assert not list((hub.cache_dir() / "downloads").iterdir())
