@@ -1,4 +1,4 @@
-"""Rerun the CPU benchmark set: ``python -m benchmarks`` (about 15 minutes on a 2-core machine).
+"""Rerun the CPU benchmark set: ``python -m benchmarks`` (about 20 minutes on a 2-core machine).
 
 Each script runs in its own process and rewrites its table under benchmarks/results/. The GPU set is
 benchmarks/run_gpu.sh.
@@ -8,6 +8,7 @@ import sys
 
 CPU_SET = [
     ["benchmarks.embed"],
+    ["benchmarks.memory"],
     ["benchmarks.kernels", "--device", "cpu"],
     ["benchmarks.train", "--device", "cpu", "--steps", "5"],
     ["benchmarks.cluster", "--sizes", "100000", "1100000", "--skip-sklearn-large"],
