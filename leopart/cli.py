@@ -407,7 +407,7 @@ def train(ctx, data_dir, output, resume, **options):
 @main.command()
 @click.option("--output", "-o", default="leopart-demo", show_default=True, help="Folder for data, run, results.")
 @click.option("--minutes", default=8.0, show_default=True, type=click.FloatRange(min=0.5),
-              help="Time budget for the whole demo; training gets what the rest leaves.")
+              help="Time budget for the whole demo; training gets what the rest leaves, up to 800 steps.")
 @click.option("--steps", default=None, type=click.IntRange(min=1), help="Train this many steps instead.")
 @click.option("--n-train", default=400, show_default=True, type=click.IntRange(min=16))
 @click.option("--n-val", default=60, show_default=True, type=click.IntRange(min=1))
