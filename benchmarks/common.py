@@ -9,7 +9,9 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -37,6 +39,26 @@ def timeit(fn, device: str = "cpu", warmup: int = 1, repeat: int = 3) -> float:
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def random_jpegs(folder: Path, n: int, height: int, width: int) -> list[Path]:
+    """``n`` noise JPEGs (seeded) in ``folder``: benchmark inputs that need no data; speed does not depend on
+    what the pixels show."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    files = [folder / f"{i:04d}.jpg" for i in range(n)]
+    for f in files:
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(f)
+    return files
+
+
+def random_vits16(folder: Path):
+    """A seeded random-weight Leopart ViT-S/16 (no network here), saved in ``folder``: (model, folder)."""
+    import leopart
+
+    torch.manual_seed(0)
+    model = leopart.LeopartViT(leopart.LeopartConfig(arch="vit_small_patch16_224"))
+    return model, model.save_pretrained(folder)
 
 
 def peak_rss_gib() -> float:

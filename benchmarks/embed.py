@@ -16,13 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import timm
 import torch
 from PIL import Image
 
 import leopart
-from benchmarks.common import timeit, write_results
+from benchmarks.common import random_jpegs, random_vits16, timeit, write_results
 from leopart.data import to_tensor
 
 
@@ -32,15 +31,10 @@ def main():
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
     args = ap.parse_args()
-    rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for i in range(args.images):
-            Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)).save(tmp / f"{i:03d}.jpg")
-        torch.manual_seed(0)
-        model = leopart.LeopartViT(leopart.LeopartConfig(arch="vit_small_patch16_224"))
-        model_dir = model.save_pretrained(tmp / "model")
-        files = sorted(tmp.glob("*.jpg"))
+        files = random_jpegs(tmp, args.images, 375, 500)
+        model, model_dir = random_vits16(tmp / "model")
 
         ref = timm.create_model("vit_small_patch16_224", num_classes=0).eval().to(args.device)
         ref.load_state_dict({k[9:]: v for k, v in model.state_dict().items() if k.startswith("backbone.")})

@@ -19,12 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-
-import leopart
-from benchmarks.common import write_results
+from benchmarks.common import random_jpegs, random_vits16, write_results
 
 CASES = {
     "list then stack (baseline)": "torch.stack(list(leopart.iter_embeddings(folder, **embed_args)))",
@@ -66,15 +61,11 @@ def main():
     ap.add_argument("--resolution", type=int, default=448)
     ap.add_argument("--batch-size", type=int, default=2)
     args = ap.parse_args()
-    rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         folder = tmp / "images"
-        folder.mkdir()
-        for i in range(args.images):
-            Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(folder / f"{i:04d}.jpg")
-        torch.manual_seed(0)
-        model_dir = leopart.LeopartViT(leopart.LeopartConfig(arch="vit_small_patch16_224")).save_pretrained(tmp / "m")
+        random_jpegs(folder, args.images, 300, 400)
+        _, model_dir = random_vits16(tmp / "m")
         rows, features_mib = [], None
         for what, expr in CASES.items():
             out = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(model_dir), str(args.resolution),

@@ -115,7 +115,7 @@ def embed(images: Any, model: str | LeopartViT = "vits16", resolution: int | Non
     Returns a float32 CPU tensor [B, h, w, D] with h = w = resolution // patch_size.
     """
     images = data.listed(images)  # counted first (unless an iterator), so the result is allocated once
-    maps = iter_embeddings(images, model, resolution, batch_size, device, progress, cache_dir)
+    maps = _embeddings(images, model, resolution, batch_size, device, progress, cache_dir)
     if resolution is None:
         return list(maps)
     if isinstance(images, list):
@@ -134,9 +134,14 @@ def iter_embeddings(images: Any, model: str | LeopartViT = "vits16", resolution:
     """``embed`` one image at a time: float32 CPU tensors [h, w, D] in input order, with at most one batch
     (or one cache file) in memory, for datasets whose features do not fit in it (``leopart embed`` streams
     them to its output file). The model loads now, the images as the iterator is consumed."""
+    return _embeddings(data.listed(images), model, resolution, batch_size, device, progress, cache_dir)
+
+
+def _embeddings(images: list | Iterator, model, resolution, batch_size, device, progress,
+                cache_dir) -> Iterator[torch.Tensor]:
+    """iter_embeddings of inputs already expanded by ``data.listed``."""
     device = default_device(device)
     model = from_pretrained(model, device=device)
-    images = data.listed(images)
 
     def stream(batch) -> Iterator[torch.Tensor]:
         return (t for _, tokens, _ in iter_batches(batch, model, resolution, batch_size, device, progress=progress)
