@@ -60,13 +60,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "leopart"
 
 
-def offline() -> bool:
-    from huggingface_hub import constants
-
-    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-    return flag or bool(constants.HF_HUB_OFFLINE)
-
-
 def from_pretrained(name: str | os.PathLike | LeopartViT, *, arch: str | None = None, device=None,
                     trust_pickle: bool = False) -> LeopartViT:
     """Load a LeopartViT by alias, Hub id, folder or checkpoint file; returned in eval mode."""
@@ -104,7 +97,7 @@ def _load_release(alias: str) -> LeopartViT:
     folder = cache_dir() / alias
     if (folder / serialization.CONFIG_NAME).is_file():
         return LeopartViT.from_folder(folder)
-    if offline():
+    if serialization.hub_offline():
         raise LeopartError(
             f"model '{alias}' is not cached in {folder} and downloads are off (HF_HUB_OFFLINE=1): "
             f"fetch {release.url} elsewhere and run `leopart convert {release.filename} {folder}`"

@@ -266,7 +266,7 @@ def download_from_hub(name: str, filenames: list[str]) -> Path:
 
     Works offline (HF_HUB_OFFLINE=1 or no network) from the cache, and fails with one line otherwise.
     """
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
     # huggingface_hub.utils has these from 0.23 on (huggingface_hub.errors only from 0.24).
     from huggingface_hub.utils import (
         EntryNotFoundError,
@@ -278,17 +278,24 @@ def download_from_hub(name: str, filenames: list[str]) -> Path:
     )
 
     repo_id, _, revision = name.partition("@")
-    folder = None
+    not_cached = (f"'{name}' is not in the Hugging Face cache and the Hub cannot be reached"
+                  " ({why}): run once with network access, or `" + _hub_cli("download", repo_id) + "`")
+    folder, probed = None, False
     for filename in filenames:
         try:
+            cached = isinstance(try_to_load_from_cache(repo_id, filename, revision=revision or None), str)
+            if not cached and not probed and not hub_offline():
+                # Without a network, recent huggingface_hub (2.4) retries five times (~30 s, a warning each)
+                # before it gives up; one request tells that case apart at once.
+                probed = True
+                why = unreachable(constants.ENDPOINT)
+                if why:
+                    raise LeopartError(not_cached.format(why=f"{constants.ENDPOINT}: {why}"))
             path = hf_hub_download(repo_id, filename, revision=revision or None)
         except LocalEntryNotFoundError:
-            raise LeopartError(
-                f"'{name}' is not in the Hugging Face cache and the Hub cannot be reached (offline?): "
-                f"run once with network access, or `huggingface-cli download {repo_id}`"
-            ) from None
+            raise LeopartError(not_cached.format(why="HF_HUB_OFFLINE=1" if hub_offline() else "offline?")) from None
         except GatedRepoError:
-            raise LeopartError(f"'{repo_id}' is gated on the Hub: log in with `huggingface-cli login`") from None
+            raise LeopartError(f"'{repo_id}' is gated on the Hub: log in with `{_hub_cli('login')}`") from None
         except RepositoryNotFoundError:
             raise LeopartError(f"no Hub repository '{repo_id}' (or it is private: log in first)") from None
         except RevisionNotFoundError:
@@ -299,6 +306,48 @@ def download_from_hub(name: str, filenames: list[str]) -> Path:
             raise LeopartError(f"'{name}' is not a valid Hub repository id: {e}") from None
         folder = Path(path).parent
     return folder
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as set now (huggingface_hub reads the variable once, at import)."""
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    return flag or bool(constants.HF_HUB_OFFLINE)
+
+
+def unreachable(url: str, timeout: float = 10.0) -> str | None:
+    """Why ``url``'s server cannot be reached at all (no DNS, connection refused, no route), else None.
+
+    An HTTP answer of any status means it is reachable; other failures (TLS, timeouts) are left to the
+    caller's own client, which may know better (certificates, retries). Proxies from the environment apply.
+    """
+    import errno
+    import socket
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        no_route = getattr(reason, "errno", None) in (errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH)
+        if isinstance(reason, socket.gaierror) or no_route:
+            return str(getattr(reason, "strerror", None) or reason)
+    return None
+
+
+def _hub_cli(*args: str) -> str:
+    """A Hub command line as the installed huggingface_hub spells it: `hf` from 0.34 on (2.4 has no
+    `huggingface-cli`), `huggingface-cli` before."""
+    import huggingface_hub
+
+    major, minor = (int(part) for part in huggingface_hub.__version__.split(".")[:2])
+    if (major, minor) >= (0, 34):
+        return " ".join(["hf", *(("auth", "login") if args == ("login",) else args)])
+    return " ".join(["huggingface-cli", *args])
 
 
 def push_folder(save: Callable[[Path], object], repo_id: str, *, private: bool | None = None,

@@ -1,6 +1,12 @@
 """LeopartViT against timm, save/load/push, original-checkpoint conversion and Hub resolution (offline)."""
+import http.server
 import io
 import json
+import re
+import socket
+import sys
+import threading
+from pathlib import Path
 
 import pytest
 import timm
@@ -268,6 +274,76 @@ def test_offline_not_cached_is_one_line():
     with pytest.raises(LeopartError, match="model 'vits16' is not cached") as e:
         leopart.from_pretrained("vits16")
     assert "leopart convert leopart_vits16.ckpt" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.fixture()
+def online(monkeypatch):
+    """Downloads allowed (the tests run with HF_HUB_OFFLINE=1); returns a setter for the Hub endpoint."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    return lambda url: monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", url)
+
+
+@pytest.fixture()
+def hub_download_calls(monkeypatch):
+    """Replaces hf_hub_download: records each call, then answers as huggingface_hub does without a network."""
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    calls = []
+
+    def fake(repo_id, filename, **kwargs):
+        calls.append((repo_id, filename))
+        raise LocalEntryNotFoundError("no network")
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", fake)
+    return calls
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"  # nothing listens there once the socket is closed: connection refused
+
+
+def test_unreachable_hub_fails_at_once(online, hub_download_calls):
+    """No network and nothing cached: one line naming the cause, before huggingface_hub's retries (~30 s)."""
+    url = closed_port_url()
+    online(url)
+    with pytest.raises(LeopartError, match=rf"cannot be reached \({re.escape(url)}: Connection refused\)") as e:
+        leopart.from_pretrained("nobody/nothing")
+    assert "\n" not in str(e.value)
+    assert hub_download_calls == []
+
+
+def test_reachable_hub_downloads(online, hub_download_calls):
+    """Any HTTP answer (here 501 to a HEAD) means the Hub is there: the download goes ahead."""
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        online(f"http://127.0.0.1:{server.server_address[1]}")
+        with pytest.raises(LeopartError, match=r"cannot be reached \(offline\?\)"):
+            leopart.from_pretrained("nobody/nothing")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert hub_download_calls == [("nobody/nothing", "config.json")]
+
+
+def test_cached_hub_repo_loads_without_network(tiny_model, tmp_path, online):
+    folder = tiny_model.save_pretrained(tmp_path / "m")
+    populate_hf_cache("someone/cached-leopart", {n: (folder / n).read_bytes() for n in ("config.json", "model.safetensors")})
+    online(closed_port_url())
+    loaded = leopart.from_pretrained("someone/cached-leopart")
+    assert torch.equal(loaded.prototypes.weight, tiny_model.prototypes.weight)
+
+
+def test_error_messages_name_a_hub_command_that_exists(hub_download_calls):
+    """huggingface_hub 1.0 removed `huggingface-cli`; the hint must name the installed command."""
+    with pytest.raises(LeopartError, match="`(.+) download nobody/nothing`") as e:
+        leopart.from_pretrained("nobody/nothing")
+    command = re.search("`(.+) download", str(e.value)).group(1)
+    assert (Path(sys.executable).parent / command).is_file()
 
 
 def test_unknown_names():
