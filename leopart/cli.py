@@ -255,7 +255,10 @@ def merge(clusters_dir, output, bg_share, weight_threshold, cd_resolution, seed)
 @click.option("--head", default=None,
               help="A trained probe head (folder, Hub id or released .ckpt): supervised class masks instead.")
 @_fg_option
-def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_model):
+@click.option("--skip-existing", is_flag=True,
+              help="Leave out inputs whose mask and overlay are already in the output folder (finishes an "
+                   "interrupted run).")
+def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_model, skip_existing):
     """Segment images into objects without labels (or into classes with --head); writes VOC-coloured masks
     and overlays."""
     from tqdm.auto import tqdm
@@ -273,6 +276,14 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
         raise LeopartError(f"several inputs share the name {dupes[0]!r}: their output files would collide")
     if head and (segmenter or k):
         raise LeopartError("--head gives supervised class masks: leave out --segmenter and --k")
+    outputs = {p: (output / f"{Path(p).stem}_mask.png", output / f"{Path(p).stem}_overlay.png") for p in paths}
+    if skip_existing:
+        todo = [p for p in paths if not all(f.is_file() for f in outputs[p])]
+        if len(todo) < len(paths):
+            click.echo(f"skipping {len(paths) - len(todo)} of {len(paths)} inputs: their outputs are in {output}")
+        if not todo:
+            return
+        paths = todo
     m = from_pretrained(model, device=device)
     seg = Segmenter.from_pretrained(segmenter) if segmenter else None
     fg = from_pretrained(fg_model, device=device) if fg_model else None
@@ -281,15 +292,24 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
         from .probe import load_head, segment_with_head
 
         probe_head = load_head(head)
-    for path in tqdm(paths, desc="segment", unit="img", disable=None if len(paths) > 1 else True):
-        if probe_head is not None:
-            mask = segment_with_head(path, m, probe_head, device=device)
-        else:
-            mask = segment_image(path, model=m, segmenter=seg, k=k, resolution=resolution, fg_model=fg,
-                                 device=device)
-        image = data.load_image(path)
-        save_png(mask_image(mask), output / f"{Path(path).stem}_mask.png")
-        save_png(overlay_image(image, mask), output / f"{Path(path).stem}_overlay.png")
+    done = 0
+    try:
+        for path in tqdm(paths, desc="segment", unit="img", disable=None if len(paths) > 1 else True):
+            image = data.load_image(path)  # decoded once, for the model and the overlay
+            data.check_size(image, m.patch_size, str(path))
+            if probe_head is not None:
+                mask = segment_with_head(image, m, probe_head, device=device)
+            else:
+                mask = segment_image(image, model=m, segmenter=seg, k=k, resolution=resolution, fg_model=fg,
+                                     device=device)
+            mask_file, overlay_file = outputs[path]
+            save_png(mask_image(mask), mask_file)
+            save_png(overlay_image(image, mask), overlay_file)
+            done += 1
+    except KeyboardInterrupt:
+        if done < len(paths):
+            click.echo(f"Stopped after {done} of {len(paths)} images; rerun with --skip-existing to finish.", err=True)
+        raise
     click.echo(f"wrote {2 * len(paths)} files to {output}")
 
 

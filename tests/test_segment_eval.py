@@ -1,5 +1,6 @@
 """segment / cluster / merge / eval, through the API and the CLI, on generated images and masks."""
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -87,6 +88,39 @@ def test_segment_cli_one_liner_writes_to_current_folder(tiny_model_dir, tmp_path
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in tmp_path.glob("img_*.png")) == ["img_mask.png", "img_overlay.png"]
     assert "wrote 2 files to ." in r.output
+
+
+def test_segment_cli_skip_existing_finishes_an_interrupted_run(tiny_model_dir, tmp_path, monkeypatch):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.fromarray(scene(64, 64, i)[0]).save(images / f"{i}.png")
+    out = tmp_path / "out"
+    args = ["segment", str(images), "--model", str(tiny_model_dir), "--resolution", "64", "--output", str(out)]
+    module = sys.modules["leopart.segment"]
+    real, calls = module.segment, []
+
+    def interrupted_at_the_second(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(module, "segment", interrupted_at_the_second)
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 130 and "Stopped after 1 of 3 images; rerun with --skip-existing" in r.output
+    assert sorted(p.name for p in out.iterdir()) == ["0_mask.png", "0_overlay.png"]
+    first = (out / "0_mask.png").stat().st_mtime_ns
+
+    r = CliRunner().invoke(main, [*args, "--skip-existing"])
+    assert r.exit_code == 0, r.output
+    assert "skipping 1 of 3 inputs" in r.output and "wrote 4 files" in r.output and len(calls) == 4
+    assert len(list(out.iterdir())) == 6 and (out / "0_mask.png").stat().st_mtime_ns == first
+
+    # Nothing left to do: the model is not even loaded (this one does not exist).
+    r = CliRunner().invoke(main, [*args[:2], "--model", str(tmp_path / "no-model"), "--output", str(out),
+                                  "--skip-existing"])
+    assert r.exit_code == 0 and "skipping 3 of 3 inputs" in r.output, r.output
 
 
 def test_cluster_merge_segment_chain(tiny_model_dir, voc_dir, tmp_path):
