@@ -8,6 +8,7 @@ from conftest import populate_hf_cache
 from sklearn.metrics import adjusted_rand_score
 
 import leopart
+from leopart.cluster import _kmeans_pp
 from leopart.errors import LeopartError
 from leopart.merge import Segmenter, cbfe, communities, cooccurrence
 from leopart.metrics import Confusion, hungarian_miou
@@ -116,6 +117,23 @@ def test_kmeans_input_forms_and_errors():
         leopart.cluster(torch.full((10, 2), float("nan")), 2)
     with pytest.raises(LeopartError, match="metric"):
         leopart.cluster(x, 2, metric="manhattan")
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_kmeans_pp_seeding_is_d2_sampling(metric):
+    """Each next centre is drawn with probability proportional to its squared distance to the nearest centre
+    so far: the seeding picks what a plain loop picks from the same random draws."""
+    x = torch.randn(300, 8, generator=torch.Generator().manual_seed(0))
+    got = _kmeans_pp(x, 7, metric, torch.Generator().manual_seed(5), sample_size=200, device=torch.device("cpu"))
+    g = torch.Generator().manual_seed(5)
+    pts = x[torch.randperm(300, generator=g)[:200]]
+    if metric == "cosine":
+        pts = torch.nn.functional.normalize(pts, dim=1)
+    picked = [int(torch.randint(200, (1,), generator=g))]
+    for _ in range(6):
+        d2 = torch.stack([((pts - pts[i]) ** 2).sum(1) for i in picked]).min(0).values
+        picked.append(int(torch.multinomial((d2 / d2.sum()).double(), 1, generator=g)))
+    assert len(set(picked)) == 7 and torch.equal(got, pts[picked])
 
 
 def test_empty_clusters_are_reseeded():
