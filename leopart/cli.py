@@ -102,7 +102,8 @@ def _cache_option(f):
 @click.option("--model", default="vits16", show_default=True, help="Alias, Hub id, folder or checkpoint.")
 @click.option("--resolution", default="224", show_default=True,
               help="Square input side in pixels, or 'native' to keep each image's size (rounded to the patch).")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Images per forward pass.")
 @_device_option
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the features: FILE.safetensors or FILE.npy.")
@@ -177,10 +178,12 @@ def _check_images(paths: list) -> None:
 @click.option("--k", default=149, show_default=True, type=click.IntRange(min=1), help="Number of part clusters.")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for centroids, per-image labels and foreground masks.")
-@click.option("--resolution", default=448, show_default=True, type=click.IntRange(min=1))
-@click.option("--iters", default=50, show_default=True, type=click.IntRange(min=0))
-@click.option("--seed", default=0, show_default=True)
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--resolution", default=448, show_default=True, type=click.IntRange(min=1),
+              help="Square input side in pixels, a multiple of the patch size (the paper: 448).")
+@click.option("--iters", default=50, show_default=True, type=click.IntRange(min=0), help="Lloyd iterations at most.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the k-means++ seeding.")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Images per forward pass.")
 @_device_option
 @_cache_option
 @_fg_option
@@ -221,10 +224,11 @@ def cluster(inputs, model, k, output, resolution, iters, seed, batch_size, devic
               help="Folder for the fitted segmenter.")
 @click.option("--bg-share", default=None, type=click.FloatRange(0, 1),
               help="Share of patches to call background (default: the attention masks' own, within 0.55-0.75).")
-@click.option("--weight-threshold", default=0.07, show_default=True, type=click.FloatRange(min=0))
+@click.option("--weight-threshold", default=0.07, show_default=True, type=click.FloatRange(min=0),
+              help="Co-occurrence graph edges lighter than this are dropped before community detection.")
 @click.option("--resolution", "cd_resolution", default=1.0, show_default=True, type=click.FloatRange(min=0),
               help="Louvain resolution: higher gives more, smaller objects.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the Louvain community detection.")
 def merge(clusters_dir, output, bg_share, weight_threshold, cd_resolution, seed):
     """Merge the part clusters in DIR (from `leopart cluster`) into objects: CBFE + community detection."""
     from .cluster import KMeansResult
@@ -250,7 +254,8 @@ def merge(clusters_dir, output, bg_share, weight_threshold, cd_resolution, seed)
               help="Parts per image when no segmenter is given (default 8).")
 @click.option("--output", "-o", default=".", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for <stem>_mask.png and <stem>_overlay.png.  [default: current folder]")
-@click.option("--resolution", default=448, show_default=True, type=click.IntRange(min=1))
+@click.option("--resolution", default=448, show_default=True, type=click.IntRange(min=1),
+              help="Square input side in pixels, a multiple of the patch size (the paper: 448).")
 @_device_option
 @click.option("--head", default=None,
               help="A trained probe head (folder, Hub id or released .ckpt): supervised class masks instead.")
@@ -316,18 +321,22 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
 @main.command(name="eval")
 @click.argument("data_dir", metavar="DATA", type=click.Path(path_type=Path))
 @click.option("--model", default="vits16", show_default=True, help="Alias, Hub id, folder or checkpoint.")
-@click.option("--k", "ks", multiple=True, type=click.IntRange(min=1), help="k-means k to score (repeatable; default 500 and 21).")
+@click.option("--k", "ks", multiple=True, type=click.IntRange(min=1),
+              help="k-means k to score (repeatable; default 500 and 21).")
 @click.option("--fully-unsupervised", is_flag=True, help="Also run CBFE + CD fully unsupervised segmentation.")
-@click.option("--fu-k", default=None, type=click.IntRange(min=1), help="Parts for --fully-unsupervised (default 149 for /16, 109 for /8).")
+@click.option("--fu-k", default=None, type=click.IntRange(min=1),
+              help="Parts for --fully-unsupervised (default 149 for /16, 109 for /8).")
 @click.option("--num-classes", default=None, type=click.IntRange(min=1), help="Default: read from the masks.")
 @click.option("--split", default="val", show_default=True, help="ImageSets/Segmentation/<split>.txt, if present.")
-@click.option("--resolution", default=448, show_default=True, type=click.IntRange(min=1))
+@click.option("--resolution", default=448, show_default=True, type=click.IntRange(min=1),
+              help="Square input side in pixels, a multiple of the patch size (the paper: 448).")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the results as JSON.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of k-means++, community detection and the probes.")
 @click.option("--n-init", default=1, show_default=True, type=click.IntRange(min=1),
               help="k-means runs per k; the lowest-inertia one is scored.")
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Images per forward pass.")
 @_device_option
 @click.option("--linear", is_flag=True, help="Train a linear probe on the train split and report its val mIoU.")
 @click.option("--fcn", is_flag=True, help="Train an FCN probe on the train split and report its val mIoU.")
@@ -387,29 +396,41 @@ def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, num_classes, split, 
 
 @main.command()
 @click.argument("data_dir", metavar="DATA")
-@click.option("--output", "-o", default="runs/leopart", show_default=True, help="Run folder: checkpoints, metrics, model.")
-@click.option("--init", default="dino-vits16", show_default=True, help="Alias, org/repo, folder, checkpoint, or 'random'.")
+@click.option("--output", "-o", default="runs/leopart", show_default=True,
+              help="Run folder: checkpoints, metrics, model.")
+@click.option("--init", default="dino-vits16", show_default=True,
+              help="Alias, org/repo, folder, checkpoint, or 'random'.")
 @click.option("--arch", default="vit_small_patch16_224", show_default=True, help="timm ViT name for --init random.")
 @click.option("--steps", default=None, type=click.IntRange(min=1), help="Total steps of the run (default: --epochs).")
-@click.option("--epochs", default=50, show_default=True, type=click.IntRange(min=1))
+@click.option("--epochs", default=50, show_default=True, type=click.IntRange(min=1),
+              help="Passes over DATA (paper: 50 on COCO).")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Global batch.")
-@click.option("--global-size", default=224, show_default=True, type=click.IntRange(min=16))
-@click.option("--local-size", default=96, show_default=True, type=click.IntRange(min=16))
-@click.option("--num-prototypes", default=300, show_default=True, type=click.IntRange(min=1))
-@click.option("--lr-backbone", default=1e-5, show_default=True, type=float)
-@click.option("--lr-heads", default=1e-4, show_default=True, type=float)
+@click.option("--global-size", default=224, show_default=True, type=click.IntRange(min=16),
+              help="Side of the 2 global crops, pixels.")
+@click.option("--local-size", default=96, show_default=True, type=click.IntRange(min=16),
+              help="Side of the 4 local crops, pixels.")
+@click.option("--num-prototypes", default=300, show_default=True, type=click.IntRange(min=1),
+              help="Prototypes (Sinkhorn targets) K.")
+@click.option("--lr-backbone", default=1e-5, show_default=True, type=float,
+              help="Backbone learning rate, cosine to 0 (ViT-B/8: 5e-6).")
+@click.option("--lr-heads", default=1e-4, show_default=True, type=float,
+              help="Head and prototype learning rate, cosine to 0 (ViT-B/8: 5e-5).")
 @click.option("--queue-length", default=0, show_default=True, type=click.IntRange(min=0),
               help="Past teacher patch embeddings per global crop prepended before Sinkhorn (paper: 8192).")
-@click.option("--loss-mask", default="fg", show_default=True, type=click.Choice(["all", "fg", "bg"]))
+@click.option("--loss-mask", default="fg", show_default=True, type=click.Choice(["all", "fg", "bg"]),
+              help="Patches the loss counts, by the teacher's attention mask.")
 @click.option("--train-last-blocks", default=None, type=click.IntRange(min=0), help="Train only the last N blocks.")
-@click.option("--save-every", default=500, show_default=True, type=click.IntRange(min=1))
+@click.option("--save-every", default=500, show_default=True, type=click.IntRange(min=1),
+              help="Steps between checkpoints.")
 @click.option("--resume", is_flag=True, help="Continue the run in --output from its checkpoint.")
 @_device_option
-@click.option("--workers", default=4, show_default=True, type=click.IntRange(min=0))
-@click.option("--seed", default=0, show_default=True)
+@click.option("--workers", default=4, show_default=True, type=click.IntRange(min=0), help="Data-loading processes.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the heads, crops and data order.")
 @click.option("--eval-data", default=None, help="VOC-layout folder for k-means mIoU during training.")
-@click.option("--eval-every", default=1000, show_default=True, type=click.IntRange(min=1))
-@click.option("--eval-k", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--eval-every", default=1000, show_default=True, type=click.IntRange(min=1),
+              help="Steps between evaluations on --eval-data.")
+@click.option("--eval-k", default=100, show_default=True, type=click.IntRange(min=1),
+              help="k-means k of those evaluations.")
 @click.pass_context
 def train(ctx, data_dir, output, resume, **options):
     """Fine-tune a ViT with the Leopart objective on DATA (an image folder or a text file of paths)."""
@@ -429,9 +450,10 @@ def train(ctx, data_dir, output, resume, **options):
 @click.option("--minutes", default=8.0, show_default=True, type=click.FloatRange(min=0.5),
               help="Time budget for the whole demo; training gets what the rest leaves, up to 800 steps.")
 @click.option("--steps", default=None, type=click.IntRange(min=1), help="Train this many steps instead.")
-@click.option("--n-train", default=400, show_default=True, type=click.IntRange(min=16))
-@click.option("--n-val", default=60, show_default=True, type=click.IntRange(min=1))
-@click.option("--seed", default=0, show_default=True)
+@click.option("--n-train", default=400, show_default=True, type=click.IntRange(min=16),
+              help="Synthetic training scenes.")
+@click.option("--n-val", default=60, show_default=True, type=click.IntRange(min=1), help="Synthetic validation scenes.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the data, the model and k-means.")
 def demo(output, minutes, steps, n_train, n_val, seed):
     """Train, cluster, merge and evaluate on a synthetic parts dataset, offline (about --minutes)."""
     from .demo import run_demo
