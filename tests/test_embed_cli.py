@@ -2,6 +2,7 @@
 import subprocess
 import sys
 
+import click
 import numpy as np
 import pytest
 import timm
@@ -410,6 +411,13 @@ def test_help_and_import_do_not_load_torch():
             "print(sorted(m for m in ('torch', 'timm', 'numpy', 'triton') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_every_command_and_option_has_help():
+    missing = [f"{name} {' '.join(param.opts)}" for name, command in main.commands.items()
+               for param in command.params if isinstance(param, click.Option) and not param.help]
+    missing += [name for name, command in main.commands.items() if not command.help]
+    assert missing == []
 
 
 def test_public_names_resolve_to_the_api_whichever_module_loads_first():
