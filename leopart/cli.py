@@ -202,12 +202,12 @@ def cluster(inputs, model, k, output, resolution, iters, seed, batch_size, devic
     _check_images(paths)
     device = default_device(device)  # for the model and k-means alike
     m = from_pretrained(model, device=device)
+    n_patches = len(paths) * (resolution // m.patch_size) ** 2
+    if k > n_patches and resolution % m.patch_size == 0:  # known before the features are computed
+        raise LeopartError(f"--k {k} is larger than the number of patches ({n_patches}): use a smaller k or more images")
     fg = from_pretrained(fg_model, device=device) if fg_model else None
     dense = dense_features(paths, m, resolution, batch_size, device, fg_model=fg, progress=True,
                            cache_dir=cache_dir)
-    n_patches = dense.features[..., 0].numel()
-    if k > n_patches:
-        raise LeopartError(f"--k {k} is larger than the number of patches ({n_patches}): use a smaller k or more images")
     km = kmeans(dense.features, k, iters=iters, seed=seed, device=device, progress=True)
     config = {"leopart_kind": "clusters", "model": model, "fg_model": fg_model or model, "k": k,
               "metric": km.metric, "resolution": resolution, "inertia": km.inertia, "seed": seed,
@@ -242,8 +242,9 @@ def merge(clusters_dir, output, bg_share, weight_threshold, cd_resolution, seed)
                       resolution=cd_resolution, seed=seed,
                       params={"model": config.get("model"), "image_resolution": config.get("resolution")})
     seg.save_pretrained(output)
-    click.echo(f"wrote {output} ({seg.k} parts -> {seg.n_objects} objects, "
-               f"{int(seg.foreground.sum())} foreground parts, background share {seg.params['bg_share_actual']:.2f})")
+    n_fg = int(seg.foreground.sum())
+    click.echo(f"wrote {output} ({seg.k} parts -> {seg.n_objects} object{'s' * (seg.n_objects != 1)}, "
+               f"{n_fg} foreground part{'s' * (n_fg != 1)}, background share {seg.params['bg_share_actual']:.2f})")
 
 
 @main.command()

@@ -123,7 +123,7 @@ def test_segment_cli_skip_existing_finishes_an_interrupted_run(tiny_model_dir, t
     assert r.exit_code == 0 and "skipping 3 of 3 inputs" in r.output, r.output
 
 
-def test_cluster_merge_segment_chain(tiny_model_dir, voc_dir, tmp_path):
+def test_cluster_merge_segment_chain(tiny_model_dir, voc_dir, tmp_path, monkeypatch):
     runner = CliRunner()
     images = voc_dir / "JPEGImages"
     r = runner.invoke(main, ["cluster", str(images), "--model", str(tiny_model_dir), "--k", "6",
@@ -141,9 +141,13 @@ def test_cluster_merge_segment_chain(tiny_model_dir, voc_dir, tmp_path):
     assert r.exit_code == 0, r.output
     mask = np.asarray(Image.open(tmp_path / "m" / "2007_000002_mask.png"))
     assert mask.shape == (80, 60) and mask.max() <= seg.n_objects
+    def no_features(*args, **kwargs):
+        raise AssertionError("k was checked only after computing the features")
+
+    monkeypatch.setattr(sys.modules["leopart.segment"], "dense_features", no_features)
     r = runner.invoke(main, ["cluster", str(images), "--model", str(tiny_model_dir), "--k", "500",
                              "--resolution", "64", "--output", str(tmp_path / "too_many")])
-    assert r.exit_code == 1 and "larger than the number of patches" in r.output
+    assert r.exit_code == 1 and "larger than the number of patches (96)" in r.output, r.output
     assert not (tmp_path / "too_many").exists()
     r = runner.invoke(main, ["merge", str(tmp_path / "clusters_typo"), "--output", str(tmp_path / "seg2")])
     assert r.exit_code == 1 and r.output.strip() == f"Error: no such folder: {tmp_path / 'clusters_typo'}", r.output
