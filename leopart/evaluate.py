@@ -116,10 +116,12 @@ def evaluate(data_root: str | Path, model: LeopartViT, ks=(500, 21), fully_unsup
         raise LeopartError(f"masks hold class id {n_found - 1}, more than --num-classes {num_classes}")
     if num_classes < 1:
         raise LeopartError("the masks hold no class ids (every pixel is 255)")
+    n_patches = len(voc.images) * (resolution // model.patch_size) ** 2
+    too_many = [k for k in ks if k > n_patches]
+    if too_many and resolution % model.patch_size == 0:  # else dense_features names the bad resolution
+        raise LeopartError(f"k={too_many[0]} is larger than the number of patches ({n_patches})")
     dense = dense_features(voc.images, model, resolution, batch_size, device, fg_model=fg_model, progress=progress,
                            cache_dir=cache_dir)
-    grid = dense.features.shape[1:3]
-    n_patches = dense.features.shape[0] * grid[0] * grid[1]
     results: dict = {"n_images": len(voc.names), "num_classes": num_classes, "resolution": resolution,
                      "mask_size": mask_size, "overclustering": {}}
 
@@ -129,8 +131,6 @@ def evaluate(data_root: str | Path, model: LeopartViT, ks=(500, 21), fully_unsup
         return 100.0 * hungarian_miou(preds, targets, n_classes=num_classes, many_to_one=many_to_one)[0]
 
     for k in ks:
-        if k > n_patches:
-            raise LeopartError(f"k={k} is larger than the number of patches ({n_patches})")
         km = cluster(dense.features, k, iters=iters, n_init=n_init, seed=seed, device=device, progress=progress)
         centroids = km.centroids.to(dense.features.device)
 

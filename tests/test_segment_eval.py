@@ -212,12 +212,17 @@ def test_eval_and_cluster_cli_run_kmeans_where_the_model_runs(tiny_model_dir, vo
     assert seen == [default_device(None)] * 2
 
 
-def test_eval_num_classes_and_bad_layouts(tiny_model_dir, voc_dir, tmp_path):
+def test_eval_num_classes_and_bad_layouts(tiny_model_dir, voc_dir, tmp_path, monkeypatch):
     runner = CliRunner()
     base = ["--model", str(tiny_model_dir), "--k", "4", "--resolution", "64"]
     r = runner.invoke(main, ["eval", str(voc_dir), *base, "--num-classes", "21", "--json", str(tmp_path / "a.json")])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "a.json").read_text())["num_classes"] == 21
+    # k above the number of patches (5 val images x 4 x 4): said before any feature is computed
+    monkeypatch.setattr(sys.modules["leopart.evaluate"], "dense_features", None)
+    r = runner.invoke(main, ["eval", str(voc_dir), *base, "--k", "81"])
+    assert r.exit_code == 1 and "k=81 is larger than the number of patches (80)" in r.output, r.output
+    monkeypatch.undo()
     # a mask whose size does not match its image
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(voc_dir / "SegmentationClass" / "2007_000001.png")
     r = runner.invoke(main, ["eval", str(voc_dir), *base, "--json", str(tmp_path / "b.json")])
