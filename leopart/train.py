@@ -449,6 +449,8 @@ def train(data_source: str | os.PathLike = "", output: str | os.PathLike = "runs
     total = cfg.steps or cfg.epochs * sampler.steps_per_epoch
 
     learner = Learner(build_model(cfg), cfg, device)
+    if cfg.eval_data:  # a bad folder or k fails now, not at the first evaluation, maybe hours in
+        _check_eval_data(cfg, learner.model.patch_size)
     step, skipped = 0, set()
     if ckpt is not None:
         learner.load_state_dict(ckpt)
@@ -545,6 +547,15 @@ class _GracefulStop:
     def restore(self):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+def _check_eval_data(cfg: TrainConfig, patch_size: int):
+    from .evaluate import read_voc
+
+    n_patches = len(read_voc(cfg.eval_data, "val").images) * (cfg.global_size // patch_size) ** 2
+    if cfg.eval_k > n_patches:
+        raise LeopartError(f"eval_k={cfg.eval_k} is larger than the number of patches in eval_data's val split "
+                           f"({n_patches})")
 
 
 def _evaluate_during_training(model: LeopartViT, cfg: TrainConfig, step: int, out: Path, device):

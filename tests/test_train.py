@@ -20,6 +20,7 @@ from leopart.augment import CropConfig, intersection, make_views, to_crop_coords
 from leopart.cli import main
 from leopart.data import IMAGENET_MEAN, IMAGENET_STD
 from leopart.errors import LeopartError
+from leopart.synthetic import write_voc_dataset
 from leopart.train import MultiCrop, TrainConfig, build_model, leopart_loss
 
 TINY = dict(init="random", arch="test_vit", batch_size=4, global_size=64, local_size=32, num_prototypes=10,
@@ -204,6 +205,21 @@ def test_train_api_run_and_outputs(train_dir, tmp_path):
     loaded = leopart.from_pretrained(tmp_path / "run" / "model")
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k])
+
+
+def test_evaluation_during_training(train_dir, tmp_path):
+    """eval_data scores k-means mIoU every eval_every steps and at the end, into eval.jsonl; a bad folder or
+    an eval_k above its patches fails before the first step."""
+    voc = write_voc_dataset(tmp_path / "voc", n_train=0, n_val=3, size=64)
+    leopart.train(train_dir, tmp_path / "run", steps=3, eval_data=str(voc), eval_every=2, eval_k=4, **TINY)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 3]
+    assert all(0 < r["overclustering"]["4"] <= 100 for r in lines), lines
+    for bad, match in ((dict(eval_data=str(tmp_path / "nowhere")), "not a VOC-layout folder"),
+                       (dict(eval_data=str(voc), eval_k=49), r"eval_k=49 is larger than the number of patches .* \(48\)")):
+        with pytest.raises(LeopartError, match=match):
+            leopart.train(train_dir, tmp_path / "bad", steps=3, **{**TINY, **bad})
+        assert not (tmp_path / "bad" / "metrics.jsonl").exists()
 
 
 RESUME_SCRIPT = """
