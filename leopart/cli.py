@@ -195,16 +195,14 @@ def cluster(inputs, model, k, output, resolution, iters, seed, batch_size, devic
     from .cluster import cluster as kmeans
     from .embed import default_device
     from .hub import from_pretrained
-    from .segment import dense_features
+    from .segment import check_k, dense_features
     from .serialization import save_folder
 
     paths = list(data.expand_inputs(list(inputs)))
     _check_images(paths)
     device = default_device(device)  # for the model and k-means alike
     m = from_pretrained(model, device=device)
-    n_patches = len(paths) * (resolution // m.patch_size) ** 2
-    if k > n_patches and resolution % m.patch_size == 0:  # known before the features are computed
-        raise LeopartError(f"--k {k} is larger than the number of patches ({n_patches}): use a smaller k or more images")
+    check_k(k, len(paths), resolution, m.patch_size)
     fg = from_pretrained(fg_model, device=device) if fg_model else None
     dense = dense_features(paths, m, resolution, batch_size, device, fg_model=fg, progress=True,
                            cache_dir=cache_dir)

@@ -24,7 +24,7 @@ from .errors import LeopartError
 from .merge import merge
 from .metrics import hungarian_miou
 from .model import LeopartViT
-from .segment import DEFAULT_RESOLUTION, dense_features, predict_objects, upsample_argmax
+from .segment import DEFAULT_RESOLUTION, check_k, dense_features, predict_objects, upsample_argmax
 
 PUBLISHED = {  # PASCAL VOC 2012 val mIoU (%) from the paper
     "vits16": {"overclustering": {"500": 53.5}, "fully_unsupervised": 41.7, "linear": 69.3, "fcn": 71.4},
@@ -116,10 +116,8 @@ def evaluate(data_root: str | Path, model: LeopartViT, ks=(500, 21), fully_unsup
         raise LeopartError(f"masks hold class id {n_found - 1}, more than --num-classes {num_classes}")
     if num_classes < 1:
         raise LeopartError("the masks hold no class ids (every pixel is 255)")
-    n_patches = len(voc.images) * (resolution // model.patch_size) ** 2
-    too_many = [k for k in ks if k > n_patches]
-    if too_many and resolution % model.patch_size == 0:  # else dense_features names the bad resolution
-        raise LeopartError(f"k={too_many[0]} is larger than the number of patches ({n_patches})")
+    for k in ks:
+        check_k(k, len(voc.images), resolution, model.patch_size)
     dense = dense_features(voc.images, model, resolution, batch_size, device, fg_model=fg_model, progress=progress,
                            cache_dir=cache_dir)
     results: dict = {"n_images": len(voc.names), "num_classes": num_classes, "resolution": resolution,
@@ -144,6 +142,7 @@ def evaluate(data_root: str | Path, model: LeopartViT, ks=(500, 21), fully_unsup
         fu_k = fu_k or (109 if model.patch_size == 8 else 149)
         if weight_threshold is None:
             weight_threshold = 0.07 if model.patch_size == 8 else 0.09
+        n_patches = dense.features[..., 0].numel()
         km = cluster(dense.features, min(fu_k, n_patches), iters=iters, n_init=n_init, seed=seed, device=device,
                      progress=progress)
         labels = km.labels.view(dense.features.shape[:3])

@@ -84,6 +84,14 @@ def _dense_batch(images: list, model: LeopartViT, resolution: int, batch_size: i
     return {"features": features, "foreground": foreground.to(torch.uint8)}
 
 
+def check_k(k: int, n_images: int, resolution: int, patch_size: int, name: str = "k") -> None:
+    """Fail before any feature is computed when ``k`` exceeds the patches of ``n_images`` square inputs."""
+    n_patches = n_images * (resolution // patch_size) ** 2
+    if k > n_patches and resolution % patch_size == 0:  # else the feature extraction names the bad resolution
+        raise LeopartError(f"{name}={k} is larger than the number of patches ({n_patches}): use a smaller k or "
+                           "more images")
+
+
 def fit_segmenter(dense: DenseFeatures, k: int, *, iters: int = 50, n_init: int = 1, seed: int = 0,
                   bg_share: float | None = None, weight_threshold: float = 0.07, resolution: float = 1.0, device=None,
                   params: dict | None = None, progress: bool | None = None) -> tuple[Segmenter, KMeansResult]:

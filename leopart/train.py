@@ -551,11 +551,9 @@ class _GracefulStop:
 
 def _check_eval_data(cfg: TrainConfig, patch_size: int):
     from .evaluate import read_voc
+    from .segment import check_k
 
-    n_patches = len(read_voc(cfg.eval_data, "val").images) * (cfg.global_size // patch_size) ** 2
-    if cfg.eval_k > n_patches:
-        raise LeopartError(f"eval_k={cfg.eval_k} is larger than the number of patches in eval_data's val split "
-                           f"({n_patches})")
+    check_k(cfg.eval_k, len(read_voc(cfg.eval_data, "val").images), cfg.global_size, patch_size, name="eval_k")
 
 
 def _evaluate_during_training(model: LeopartViT, cfg: TrainConfig, step: int, out: Path, device):

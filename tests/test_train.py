@@ -216,7 +216,7 @@ def test_evaluation_during_training(train_dir, tmp_path):
     assert [r["step"] for r in lines] == [2, 3]
     assert all(0 < r["overclustering"]["4"] <= 100 for r in lines), lines
     for bad, match in ((dict(eval_data=str(tmp_path / "nowhere")), "not a VOC-layout folder"),
-                       (dict(eval_data=str(voc), eval_k=49), r"eval_k=49 is larger than the number of patches .* \(48\)")):
+                       (dict(eval_data=str(voc), eval_k=49), r"eval_k=49 is larger than the number of patches \(48\)")):
         with pytest.raises(LeopartError, match=match):
             leopart.train(train_dir, tmp_path / "bad", steps=3, **{**TINY, **bad})
         assert not (tmp_path / "bad" / "metrics.jsonl").exists()
