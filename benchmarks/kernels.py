@@ -8,6 +8,8 @@ Bandwidth for Sinkhorn counts the minimum traffic of the algorithm: (1 + n_iters
 scores and one fp32 write; FLOP/s for the similarity kernels count 2*N*K*D.
 --profile also writes results/sinkhorn_profile_<device>.md: each Sinkhorn implementation's kernels at the
 training size with their GPU time, to tell launch overhead (wall >> kernel total) from slow kernels.
+On a GPU the Sinkhorn rows also time eager and Triton replayed from a CUDA graph: the same kernels without
+the host's launch overhead (the issue's target compares plain calls).
 --sweep also writes results/sinkhorn_sweep_<device>.md: the Triton Sinkhorn with other launch parameters
 (rows per tile, warps, persistent programs per SM) against the shipped ones, each checked against torch.
 """
@@ -52,6 +54,29 @@ def bench(name, size, impls, device, work, unit):
                      "speedup vs eager": t_base / t, unit: work / t / 1e9 if unit == "GB/s" else work / t / 1e12,
                      "peak extra MiB": peak_extra_mib(fn, device, base)})
     return rows
+
+
+def graphed(fn):
+    """``fn`` replayed from a CUDA graph captured at its first call: its kernels without the host's launch
+    overhead, to tell how much of a small call's time is launching (not a mode the library uses)."""
+    replay = None
+
+    def run():
+        nonlocal replay
+        if replay is None:
+            fn()  # compile / autotune before the capture
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            replay = graph.replay
+        replay()
+
+    return run
 
 
 def profile_calls(impls: dict, device: str, title: str) -> str:
@@ -156,6 +181,8 @@ def main():
             impls["torch.compile"] = lambda: compiled_sinkhorn(scores)
         if gpu:
             impls["leopart triton"] = lambda: sinkhorn(scores, backend="triton")
+            impls["torch eager, CUDA graph"] = graphed(lambda: sinkhorn_torch(scores))
+            impls["leopart triton, CUDA graph"] = graphed(lambda: sinkhorn(scores, backend="triton"))
         rows += bench("sinkhorn", f"{label}: {n}x{k}", impls, dev, (1 + 3 + 1) * n * k * 4, "GB/s")
         if args.profile and label == sinkhorn_sizes[0][0]:
             path = RESULTS / f"sinkhorn_profile_{dev.split(':')[0]}.md"
