@@ -116,22 +116,44 @@ def _load_release(alias: str) -> LeopartViT:
 
 
 def download(url: str, dest: Path, timeout: float = 30.0) -> Path:
-    """Download ``url`` to ``dest`` with a progress bar; ``dest`` appears only when complete."""
+    """Download ``url`` to ``dest`` with a progress bar; ``dest`` appears only when complete.
+
+    Bytes go to ``<dest>.part`` as they arrive, so a download that is interrupted (Ctrl-C, a dropped
+    connection) resumes from there next time when the server takes byte ranges (HTTP 206); else it restarts.
+    """
+    import http.client
+
     from tqdm.auto import tqdm
 
     if dest.is_file():
         return dest
+    part = dest.with_name(dest.name + ".part")
+    part.parent.mkdir(parents=True, exist_ok=True)
+    have = part.stat().st_size if part.is_file() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, serialization.atomic_path(dest) as tmp:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            if getattr(response, "status", None) != 206:  # the whole file, from the start
+                have = 0
+            length = int(response.headers.get("Content-Length") or 0)
+            total = have + length if length else None
+            with open(part, "ab" if have else "wb") as f, \
+                    tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=dest.name) as bar:
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))
-            if total is not None and tmp.stat().st_size != total:
-                raise LeopartError(f"download of {url} was cut short ({tmp.stat().st_size} of {total} bytes)")
-    except (urllib.error.URLError, OSError) as e:
-        raise LeopartError(f"cannot download {url}: {getattr(e, 'reason', e)}") from None
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # the part file is already whole (or stale): fetch afresh
+            part.unlink()
+            return download(url, dest, timeout)
+        raise LeopartError(f"cannot download {url}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        kept = f"; {part.stat().st_size} bytes kept, run again to resume" if part.is_file() else ""
+        raise LeopartError(f"cannot download {url}: {getattr(e, 'reason', None) or e!r}{kept}") from None
+    if total is not None and part.stat().st_size != total:
+        raise LeopartError(f"download of {url} was cut short ({part.stat().st_size} of {total} bytes): run again "
+                           "to resume")
+    os.replace(part, dest)
     return dest
 
 

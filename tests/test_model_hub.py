@@ -372,6 +372,51 @@ def test_release_alias_downloads_converts_and_caches(tmp_path, monkeypatch):
     check_converted(leopart.from_pretrained("vitt16"), sd, vit)
 
 
+class RangeServer(http.server.BaseHTTPRequestHandler):
+    """Serves ``data`` and honours "Range: bytes=N-" with HTTP 206; ``cut_at`` drops the next body early."""
+    data = bytes(range(256)) * 12_000  # ~3 MB: several of download()'s 1 MiB reads
+    cut_at: int | None = None
+    ranges: list = []
+
+    def do_GET(self):
+        rng = self.headers.get("Range")
+        type(self).ranges.append(rng)
+        start = int(rng.removeprefix("bytes=").removesuffix("-")) if rng else 0
+        body = self.data[start:]
+        self.send_response(206 if rng else 200)
+        self.send_header("Content-Length", str(len(body)))
+        if rng:
+            self.send_header("Content-Range", f"bytes {start}-{len(self.data) - 1}/{len(self.data)}")
+        self.end_headers()
+        if self.cut_at is not None:
+            body, type(self).cut_at = body[:self.cut_at], None
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_release_download_resumes_after_a_cut(tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/leopart_vitt16.ckpt"
+    dest = tmp_path / "downloads" / "leopart_vitt16.ckpt"
+    RangeServer.cut_at, RangeServer.ranges = 1_500_000, []
+    try:
+        with pytest.raises(LeopartError, match="run again to resume"):
+            hub.download(url, dest)
+        assert not dest.exists()
+        kept = (tmp_path / "downloads" / "leopart_vitt16.ckpt.part").stat().st_size
+        assert 0 < kept <= 1_500_000
+        assert hub.download(url, dest) == dest
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert dest.read_bytes() == RangeServer.data
+    assert RangeServer.ranges == [None, f"bytes={kept}-"]
+    assert not (tmp_path / "downloads" / "leopart_vitt16.ckpt.part").exists()
+
+
 def test_release_alias_bad_download_leaves_cache_clean(tmp_path, monkeypatch):
     src = tmp_path / "broken.ckpt"
     src.write_bytes(b"\x00" * 1000)
