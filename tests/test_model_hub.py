@@ -382,6 +382,9 @@ class RangeServer(http.server.BaseHTTPRequestHandler):
         rng = self.headers.get("Range")
         type(self).ranges.append(rng)
         start = int(rng.removeprefix("bytes=").removesuffix("-")) if rng else 0
+        if start >= len(self.data):
+            self.send_error(416)  # Range Not Satisfiable
+            return
         body = self.data[start:]
         self.send_response(206 if rng else 200)
         self.send_header("Content-Length", str(len(body)))
@@ -409,11 +412,17 @@ def test_release_download_resumes_after_a_cut(tmp_path):
         kept = (tmp_path / "downloads" / "leopart_vitt16.ckpt.part").stat().st_size
         assert 0 < kept <= 1_500_000
         assert hub.download(url, dest) == dest
+        assert dest.read_bytes() == RangeServer.data
+        assert RangeServer.ranges == [None, f"bytes={kept}-"]
+        # A part file that is already whole (stopped before its rename): the server refuses the range, the
+        # download starts over.
+        dest.rename(dest.with_name(dest.name + ".part"))
+        RangeServer.ranges = []
+        assert hub.download(url, dest).read_bytes() == RangeServer.data
+        assert RangeServer.ranges == [f"bytes={len(RangeServer.data)}-", None]
     finally:
         server.shutdown()
         server.server_close()
-    assert dest.read_bytes() == RangeServer.data
-    assert RangeServer.ranges == [None, f"bytes={kept}-"]
     assert not (tmp_path / "downloads" / "leopart_vitt16.ckpt.part").exists()
 
 
