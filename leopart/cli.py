@@ -5,6 +5,7 @@ status 1, and writes its output files atomically, so a failed run leaves nothing
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -92,9 +93,20 @@ def _device_option(f):
 
 
 def _cache_option(f):
+    """--cache DIR; a run interrupted without it says how to make the next one resume."""
+
+    @functools.wraps(f)
+    def run(*args, cache_dir=None, **kwargs):
+        try:
+            return f(*args, cache_dir=cache_dir, **kwargs)
+        except KeyboardInterrupt:
+            if cache_dir is None:
+                click.echo("The features computed so far are lost: with --cache DIR a rerun resumes.", err=True)
+            raise
+
     return click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
                         help="Keep the patch features here (files of 256 images): an interrupted run resumes, "
-                             "a rerun reuses them.")(f)
+                             "a rerun reuses them.")(run)
 
 
 @main.command()

@@ -413,6 +413,18 @@ def test_help_and_import_do_not_load_torch():
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
 
 
+def test_interrupted_run_without_cache_says_how_to_resume(tiny_model_dir, image_dir, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys.modules["leopart.embed"], "iter_embeddings", interrupted)
+    args = ["embed", str(image_dir), "--model", str(tiny_model_dir), "--resolution", "64", "-o", str(tmp_path / "f.npy")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 130 and "with --cache DIR a rerun resumes" in r.output, r.output
+    r = CliRunner().invoke(main, [*args, "--cache", str(tmp_path / "cache")])
+    assert r.exit_code == 130 and "--cache" not in r.output, r.output
+
+
 def test_every_command_and_option_has_help():
     missing = [f"{name} {' '.join(param.opts)}" for name, command in main.commands.items()
                for param in command.params if isinstance(param, click.Option) and not param.help]
