@@ -452,7 +452,12 @@ def train(ctx, data_dir, output, resume, **options):
                 if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
     if not resume:
         explicit = options
-    run_training(data_dir, output, resume=resume, **explicit)
+    try:
+        run_training(data_dir, output, resume=resume, **explicit)
+    except KeyboardInterrupt:
+        if (Path(output) / "checkpoint.pt").is_file() and os.environ.get("RANK", "0") == "0":
+            click.echo("Continue it with the same command and --resume.", err=True)
+        raise
     if os.environ.get("RANK", "0") == "0":  # under torchrun only the first process reports
         click.echo(f"wrote {Path(output) / 'model'}")
 

@@ -181,18 +181,26 @@ def run_demo(**overrides) -> dict:
     torch.manual_seed(cfg.seed)
     untrained = build_model(train_cfg).eval()
     elapsed = time.perf_counter() - start
-    if cfg.steps is None:
+    run_dir = out / "run"
+    resume = (run_dir / "checkpoint.pt").is_file()
+    if cfg.steps is not None:
+        steps = cfg.steps
+    elif resume:  # the interrupted run's own length, so that it ends as it would have
+        steps = json.loads((run_dir / "config.json").read_text())["steps"]
+    else:
         # Evaluation, segmentation and outputs take well under a minute at the default sizes.
         steps = calibrate_steps(train_cfg, data_root / "train_images.txt", cfg.minutes * 60 - elapsed - 60,
                                 cfg.max_steps)
-    else:
-        steps = cfg.steps
-    say(f"[2/5] training a tiny ViT from random init with leopart.train: {steps} steps")
-    run_dir = out / "run"
-    resume = (run_dir / "checkpoint.pt").is_file()
+    say(f"[2/5] training a tiny ViT from random init with leopart.train: {steps} steps"
+        + (" (continuing the interrupted run)" if resume else ""))
     options = {k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in ("data", "output")}
-    model = train(data_root / "train_images.txt", run_dir, resume=resume,
-                  **{**options, "steps": steps, "save_every": max(1, steps // 4)}).eval()
+    try:
+        model = train(data_root / "train_images.txt", run_dir, resume=resume,
+                      **{**options, "steps": steps, "save_every": max(1, steps // 4)}).eval()
+    except KeyboardInterrupt:
+        if (run_dir / "checkpoint.pt").is_file():
+            say("Run the same `leopart demo` command again to continue training where it stopped.")
+        raise
 
     say("[3/5] evaluating: pixel colours, untrained ViT, Leopart-trained ViT")
     ks = (cfg.k_over, num_classes)

@@ -505,7 +505,7 @@ def train(data_source: str | os.PathLike = "", output: str | os.PathLike = "runs
                 checkpoint()
                 bar.close()
                 if is_main:
-                    print(f"Interrupted at step {step}: checkpoint saved; continue with --resume")
+                    print(f"Interrupted at step {step}: checkpoint saved in {ckpt_path}")
                 raise KeyboardInterrupt
     finally:
         stop.restore()

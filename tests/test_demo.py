@@ -1,6 +1,7 @@
 """The synthetic parts dataset and a short end-to-end ``leopart demo`` run."""
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -58,6 +59,40 @@ def test_short_demo_run_writes_everything(tmp_path):
     assert isinstance(saved["trained_beats_baselines"], bool) and res["train_steps"] == 4
     with pytest.raises(LeopartError, match="already holds a finished demo"):
         run_demo(output=str(out), steps=4, n_train=32, n_val=4, image_size=48)
+
+
+def test_interrupted_demo_resumes_with_its_own_step_count(tmp_path, monkeypatch, capsys):
+    """Rerunning an interrupted demo continues its training to the step count it had chosen (no new
+    calibration), and ends as an uninterrupted run does."""
+    demo, learner = sys.modules["leopart.demo"], sys.modules["leopart.train"].Learner
+    sizes = dict(n_train=32, n_val=4, image_size=48, k_over=8, fu_k=6, progress=False)
+    monkeypatch.setattr(demo, "calibrate_steps", lambda *args: 8)
+    real_step, calls = learner.step, []
+
+    def interrupted_at_step_4(self, *args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_step(self, *args)
+
+    monkeypatch.setattr(learner, "step", interrupted_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(output=str(tmp_path / "cut"), **sizes)
+    assert "Run the same `leopart demo` command again" in capsys.readouterr().out
+    monkeypatch.setattr(learner, "step", real_step)
+
+    def no_calibration(*args):
+        raise AssertionError("a resumed demo must keep the interrupted run's step count")
+
+    monkeypatch.setattr(demo, "calibrate_steps", no_calibration)
+    res = run_demo(output=str(tmp_path / "cut"), **sizes)
+    assert res["train_steps"] == 8
+    monkeypatch.setattr(demo, "calibrate_steps", lambda *args: 8)
+    full = run_demo(output=str(tmp_path / "full"), **sizes)
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / d / "run" / "metrics.jsonl").read_text().splitlines()]
+              for d in ("cut", "full")]
+    assert len(losses[0]) == 8 and losses[0] == pytest.approx(losses[1], abs=1e-6)
+    assert res["methods"] == full["methods"]
 
 
 def test_demo_cli_rejects_bad_options(tmp_path):

@@ -289,6 +289,24 @@ def test_train_cli_guards(train_dir, tmp_path):
     assert r.exit_code == 1 and "need at least 64 images" in r.output
 
 
+def test_interrupted_train_cli_says_how_to_continue(train_dir, tmp_path, monkeypatch):
+    learner = sys.modules["leopart.train"].Learner
+    real_step, calls = learner.step, []
+
+    def interrupted_at_step_2(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_step(self, *args)
+
+    monkeypatch.setattr(learner, "step", interrupted_at_step_2)
+    r = CliRunner().invoke(main, ["train", str(train_dir), "--output", str(tmp_path / "r"), "--init", "random",
+                                  "--arch", "test_vit", "--batch-size", "4", "--global-size", "64", "--local-size",
+                                  "32", "--num-prototypes", "10", "--workers", "0", "--save-every", "1",
+                                  "--steps", "3"])
+    assert r.exit_code == 130 and "Continue it with the same command and --resume." in r.output, r.output
+
+
 def test_bad_training_options():
     with pytest.raises(LeopartError, match="unknown training option"):
         leopart.train("x", "y", learning_rate=1)
