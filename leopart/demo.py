@@ -31,6 +31,7 @@ from .cluster import cluster
 from .errors import LeopartError
 from .evaluate import evaluate, load_mask, read_voc
 from .metrics import hungarian_miou
+from .model import LeopartViT
 from .segment import dense_features, fit_segmenter, mask_image, overlay_image, predict_objects, save_png
 from .serialization import write_text
 from .train import Learner, TrainConfig, build_model, train
@@ -111,6 +112,34 @@ def calibrate_steps(cfg: TrainConfig, data_file: Path, seconds: float, max_steps
     return int(max(20, min(max_steps, seconds / per_step)))
 
 
+def train_or_resume(cfg: DemoConfig, train_cfg: TrainConfig, data_file: Path, run_dir: Path,
+                    seconds: float) -> tuple[LeopartViT, int]:
+    """Step 2: train for as many steps as fit in ``seconds`` (or ``cfg.steps``). A run that was interrupted
+    continues with its own step count, so it ends as it would have; one that finished is loaded."""
+    resume = (run_dir / "checkpoint.pt").is_file()
+    if cfg.steps is not None:
+        steps = cfg.steps
+    elif resume:
+        steps = json.loads((run_dir / "config.json").read_text())["steps"]
+    else:  # evaluation, segmentation and outputs take well under a minute at the default sizes
+        steps = calibrate_steps(train_cfg, data_file, seconds, cfg.max_steps)
+    if resume and (run_dir / "model" / "config.json").is_file() \
+            and json.loads((run_dir / "config.json").read_text())["steps"] == steps:
+        print(f"[2/5] the tiny ViT's {steps} training steps are done: loading it")
+        return LeopartViT.from_folder(run_dir / "model").eval(), steps
+    print(f"[2/5] training a tiny ViT from random init with leopart.train: {steps} steps"
+          + (" (continuing the interrupted run)" if resume else ""))
+    options = {k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in ("data", "output")}
+    try:
+        model = train(data_file, run_dir, resume=resume,
+                      **{**options, "steps": steps, "save_every": max(1, steps // 4)})
+    except KeyboardInterrupt:
+        if (run_dir / "checkpoint.pt").is_file():
+            print("Run the same `leopart demo` command again to continue training where it stopped.")
+        raise
+    return model.eval(), steps
+
+
 def loss_curve_png(losses: list[float], path: Path, size=(640, 360)):
     """A plain line plot of the per-step loss and its moving average (no plotting library needed)."""
     w, h = size
@@ -180,27 +209,9 @@ def run_demo(**overrides) -> dict:
 
     torch.manual_seed(cfg.seed)
     untrained = build_model(train_cfg).eval()
-    elapsed = time.perf_counter() - start
     run_dir = out / "run"
-    resume = (run_dir / "checkpoint.pt").is_file()
-    if cfg.steps is not None:
-        steps = cfg.steps
-    elif resume:  # the interrupted run's own length, so that it ends as it would have
-        steps = json.loads((run_dir / "config.json").read_text())["steps"]
-    else:
-        # Evaluation, segmentation and outputs take well under a minute at the default sizes.
-        steps = calibrate_steps(train_cfg, data_root / "train_images.txt", cfg.minutes * 60 - elapsed - 60,
-                                cfg.max_steps)
-    say(f"[2/5] training a tiny ViT from random init with leopart.train: {steps} steps"
-        + (" (continuing the interrupted run)" if resume else ""))
-    options = {k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in ("data", "output")}
-    try:
-        model = train(data_root / "train_images.txt", run_dir, resume=resume,
-                      **{**options, "steps": steps, "save_every": max(1, steps // 4)}).eval()
-    except KeyboardInterrupt:
-        if (run_dir / "checkpoint.pt").is_file():
-            say("Run the same `leopart demo` command again to continue training where it stopped.")
-        raise
+    model, steps = train_or_resume(cfg, train_cfg, data_root / "train_images.txt", run_dir,
+                                   seconds=cfg.minutes * 60 - (time.perf_counter() - start) - 60)
 
     say("[3/5] evaluating: pixel colours, untrained ViT, Leopart-trained ViT")
     ks = (cfg.k_over, num_classes)

@@ -63,7 +63,7 @@ def test_short_demo_run_writes_everything(tmp_path):
 
 def test_interrupted_demo_resumes_with_its_own_step_count(tmp_path, monkeypatch, capsys):
     """Rerunning an interrupted demo continues its training to the step count it had chosen (no new
-    calibration), and ends as an uninterrupted run does."""
+    calibration), and ends as an uninterrupted run does; interrupted after training, it loads the model."""
     demo, learner = sys.modules["leopart.demo"], sys.modules["leopart.train"].Learner
     sizes = dict(n_train=32, n_val=4, image_size=48, k_over=8, fu_k=6, progress=False)
     monkeypatch.setattr(demo, "calibrate_steps", lambda *args: 8)
@@ -93,6 +93,10 @@ def test_interrupted_demo_resumes_with_its_own_step_count(tmp_path, monkeypatch,
               for d in ("cut", "full")]
     assert len(losses[0]) == 8 and losses[0] == pytest.approx(losses[1], abs=1e-6)
     assert res["methods"] == full["methods"]
+    # Interrupted after training (no results.json yet): the trained model is loaded, not trained further.
+    (tmp_path / "full" / "results.json").unlink()
+    monkeypatch.setattr(learner, "step", lambda *args: pytest.fail("trained again"))
+    assert run_demo(output=str(tmp_path / "full"), **sizes)["methods"] == full["methods"]
 
 
 def test_demo_cli_rejects_bad_options(tmp_path):
