@@ -117,14 +117,14 @@ def train_or_resume(cfg: DemoConfig, train_cfg: TrainConfig, data_file: Path, ru
     """Step 2: train for as many steps as fit in ``seconds`` (or ``cfg.steps``). A run that was interrupted
     continues with its own step count, so it ends as it would have; one that finished is loaded."""
     resume = (run_dir / "checkpoint.pt").is_file()
+    run_steps = json.loads((run_dir / "config.json").read_text())["steps"] if resume else None
     if cfg.steps is not None:
         steps = cfg.steps
     elif resume:
-        steps = json.loads((run_dir / "config.json").read_text())["steps"]
+        steps = run_steps
     else:  # evaluation, segmentation and outputs take well under a minute at the default sizes
         steps = calibrate_steps(train_cfg, data_file, seconds, cfg.max_steps)
-    if resume and (run_dir / "model" / "config.json").is_file() \
-            and json.loads((run_dir / "config.json").read_text())["steps"] == steps:
+    if run_steps == steps and (run_dir / "model" / "config.json").is_file():
         print(f"[2/5] the tiny ViT's {steps} training steps are done: loading it")
         return LeopartViT.from_folder(run_dir / "model").eval(), steps
     print(f"[2/5] training a tiny ViT from random init with leopart.train: {steps} steps"

@@ -147,7 +147,7 @@ def download(url: str, dest: Path, timeout: float = 30.0) -> Path:
             part.unlink()
             return download(url, dest, timeout)
         raise LeopartError(f"cannot download {url}: HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+    except (OSError, http.client.HTTPException) as e:  # URLError is an OSError
         kept = f"; {part.stat().st_size} bytes kept, run again to resume" if part.is_file() else ""
         raise LeopartError(f"cannot download {url}: {getattr(e, 'reason', None) or e!r}{kept}") from None
     if total is not None and part.stat().st_size != total:

@@ -278,8 +278,12 @@ def download_from_hub(name: str, filenames: list[str]) -> Path:
     )
 
     repo_id, _, revision = name.partition("@")
-    not_cached = (f"'{name}' is not in the Hugging Face cache and the Hub cannot be reached"
-                  " ({why}): run once with network access, or `" + _hub_cli("download", repo_id) + "`")
+    fetch = _hub_cli(f"hf download {repo_id}", f"huggingface-cli download {repo_id}")
+
+    def not_cached(why: str) -> LeopartError:
+        return LeopartError(f"'{name}' is not in the Hugging Face cache and the Hub cannot be reached ({why}): "
+                            f"run once with network access, or `{fetch}`")
+
     folder, probed = None, False
     for filename in filenames:
         try:
@@ -290,12 +294,13 @@ def download_from_hub(name: str, filenames: list[str]) -> Path:
                 probed = True
                 why = unreachable(constants.ENDPOINT)
                 if why:
-                    raise LeopartError(not_cached.format(why=f"{constants.ENDPOINT}: {why}"))
+                    raise not_cached(f"{constants.ENDPOINT}: {why}")
             path = hf_hub_download(repo_id, filename, revision=revision or None)
         except LocalEntryNotFoundError:
-            raise LeopartError(not_cached.format(why="HF_HUB_OFFLINE=1" if hub_offline() else "offline?")) from None
+            raise not_cached("HF_HUB_OFFLINE=1" if hub_offline() else "offline?") from None
         except GatedRepoError:
-            raise LeopartError(f"'{repo_id}' is gated on the Hub: log in with `{_hub_cli('login')}`") from None
+            login = _hub_cli("hf auth login", "huggingface-cli login")
+            raise LeopartError(f"'{repo_id}' is gated on the Hub: log in with `{login}`") from None
         except RepositoryNotFoundError:
             raise LeopartError(f"no Hub repository '{repo_id}' (or it is private: log in first)") from None
         except RevisionNotFoundError:
@@ -331,7 +336,7 @@ def unreachable(url: str, timeout: float = 10.0) -> str | None:
         urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
     except urllib.error.HTTPError:
         return None
-    except (urllib.error.URLError, OSError) as e:
+    except OSError as e:  # URLError included
         reason = getattr(e, "reason", e)
         no_route = getattr(reason, "errno", None) in (errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH)
         if isinstance(reason, socket.gaierror) or no_route:
@@ -339,15 +344,13 @@ def unreachable(url: str, timeout: float = 10.0) -> str | None:
     return None
 
 
-def _hub_cli(*args: str) -> str:
-    """A Hub command line as the installed huggingface_hub spells it: `hf` from 0.34 on (2.4 has no
-    `huggingface-cli`), `huggingface-cli` before."""
+def _hub_cli(new: str, old: str) -> str:
+    """The Hub command line as the installed huggingface_hub spells it: ``hf ...`` from 0.34 on (2.4 has no
+    ``huggingface-cli``), ``huggingface-cli ...`` before."""
     import huggingface_hub
 
     major, minor = (int(part) for part in huggingface_hub.__version__.split(".")[:2])
-    if (major, minor) >= (0, 34):
-        return " ".join(["hf", *(("auth", "login") if args == ("login",) else args)])
-    return " ".join(["huggingface-cli", *args])
+    return new if (major, minor) >= (0, 34) else old
 
 
 def push_folder(save: Callable[[Path], object], repo_id: str, *, private: bool | None = None,

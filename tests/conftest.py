@@ -50,6 +50,21 @@ def hf_cache_dir() -> Path:
     return Path(os.environ["HF_HUB_CACHE"])
 
 
+def interrupt_at_call(monkeypatch, owner, name: str, n: int) -> list:
+    """Replace ``owner.name`` with a wrapper that raises KeyboardInterrupt (a Ctrl-C) at its ``n``-th call and
+    calls through otherwise; returns the list that grows by one per call."""
+    real, calls = getattr(owner, name), []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+    return calls
+
+
 def populate_hf_cache(repo_id: str, files: dict[str, bytes], revision: str = "main",
                       commit: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
     """Lay files out as huggingface_hub's cache does after a download (snapshot + ref)."""

@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import interrupt_at_call
 from PIL import Image
 
 from leopart.cli import main
@@ -67,15 +68,8 @@ def test_interrupted_demo_resumes_with_its_own_step_count(tmp_path, monkeypatch,
     demo, learner = sys.modules["leopart.demo"], sys.modules["leopart.train"].Learner
     sizes = dict(n_train=32, n_val=4, image_size=48, k_over=8, fu_k=6, progress=False)
     monkeypatch.setattr(demo, "calibrate_steps", lambda *args: 8)
-    real_step, calls = learner.step, []
-
-    def interrupted_at_step_4(self, *args):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real_step(self, *args)
-
-    monkeypatch.setattr(learner, "step", interrupted_at_step_4)
+    real_step = learner.step
+    interrupt_at_call(monkeypatch, learner, "step", 4)
     with pytest.raises(KeyboardInterrupt):
         run_demo(output=str(tmp_path / "cut"), **sizes)
     assert "Run the same `leopart demo` command again" in capsys.readouterr().out

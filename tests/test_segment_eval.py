@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import random_image
+from conftest import interrupt_at_call, random_image
 from PIL import Image
 
 import leopart
@@ -97,16 +97,7 @@ def test_segment_cli_skip_existing_finishes_an_interrupted_run(tiny_model_dir, t
         Image.fromarray(scene(64, 64, i)[0]).save(images / f"{i}.png")
     out = tmp_path / "out"
     args = ["segment", str(images), "--model", str(tiny_model_dir), "--resolution", "64", "--output", str(out)]
-    module = sys.modules["leopart.segment"]
-    real, calls = module.segment, []
-
-    def interrupted_at_the_second(*a, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(module, "segment", interrupted_at_the_second)
+    calls = interrupt_at_call(monkeypatch, sys.modules["leopart.segment"], "segment", 2)
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 130 and "Stopped after 1 of 3 images; rerun with --skip-existing" in r.output
     assert sorted(p.name for p in out.iterdir()) == ["0_mask.png", "0_overlay.png"]

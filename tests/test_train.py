@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from click.testing import CliRunner
+from conftest import interrupt_at_call
 from PIL import Image
 from torchvision.ops import roi_align
 
@@ -290,16 +291,7 @@ def test_train_cli_guards(train_dir, tmp_path):
 
 
 def test_interrupted_train_cli_says_how_to_continue(train_dir, tmp_path, monkeypatch):
-    learner = sys.modules["leopart.train"].Learner
-    real_step, calls = learner.step, []
-
-    def interrupted_at_step_2(self, *args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_step(self, *args)
-
-    monkeypatch.setattr(learner, "step", interrupted_at_step_2)
+    interrupt_at_call(monkeypatch, sys.modules["leopart.train"].Learner, "step", 2)
     r = CliRunner().invoke(main, ["train", str(train_dir), "--output", str(tmp_path / "r"), "--init", "random",
                                   "--arch", "test_vit", "--batch-size", "4", "--global-size", "64", "--local-size",
                                   "32", "--num-prototypes", "10", "--workers", "0", "--save-every", "1",
