@@ -26,7 +26,7 @@ from PIL import Image
 
 from benchmarks.common import sync, timeit, write_results
 from leopart import data
-from leopart.embed import autocast
+from leopart.device import autocast
 from leopart.train import Learner, TrainConfig, build_model
 
 RECIPES = {

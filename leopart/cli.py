@@ -205,7 +205,7 @@ def cluster(inputs, model, k, output, resolution, iters, seed, batch_size, devic
 
     from . import data
     from .cluster import cluster as kmeans
-    from .embed import default_device
+    from .device import default_device
     from .hub import from_pretrained
     from .segment import check_k, dense_features
     from .serialization import save_folder

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .device import default_device
 from .errors import LeopartError
 from .kernels import nearest_prototype
 
@@ -168,7 +169,7 @@ def cluster(features, k: int, iters: int = 50, n_init: int = 1, seed: int = 0, m
         raise LeopartError("need iters >= 0 and n_init >= 1")
     if not torch.isfinite(x).all():
         raise LeopartError("features contain NaN or infinite values")
-    device = torch.device(device) if device is not None else x.device
+    device = default_device(device) if device is not None else x.device
     x = _place(x, device)
     best: KMeansResult | None = None
     for run in range(n_init):

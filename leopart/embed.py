@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import collections
-import contextlib
 import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -12,22 +11,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data, serialization
+from .device import autocast, default_device
 from .errors import LeopartError
 from .hub import from_pretrained
 from .model import LeopartViT
-
-
-def default_device(device=None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; full precision elsewhere (CPU bf16 is slower and less exact)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _preprocess(i: int, item: Any, resolution: int | None, patch_size: int) -> tuple[str, torch.Tensor]:

@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .cluster import cluster
-from .embed import default_device
+from .device import default_device
 from .errors import LeopartError
 from .merge import merge
 from .metrics import hungarian_miou

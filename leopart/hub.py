@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from . import serialization
+from .device import default_device
 from .errors import LeopartError
 from .model import LeopartConfig, LeopartViT
 
@@ -69,7 +70,7 @@ def from_pretrained(name: str | os.PathLike | LeopartViT, *, arch: str | None = 
         model = _resolve(str(name), arch=arch, trust_pickle=trust_pickle)
     model.eval()
     if device is not None:
-        model.to(device)
+        model.to(default_device(device))
     return model
 
 

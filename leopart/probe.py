@@ -29,7 +29,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import serialization
-from .embed import autocast, default_device, iter_batches
+from .device import autocast, default_device
+from .embed import iter_batches
 from .errors import LeopartError
 from .evaluate import image_size, load_mask, read_voc, resize_mask
 from .metrics import Confusion

@@ -19,7 +19,8 @@ from PIL import Image
 
 from . import data, serialization
 from .cluster import KMeansResult, cluster
-from .embed import default_device, iter_batches
+from .device import default_device
+from .embed import iter_batches
 from .errors import LeopartError
 from .foreground import foreground_mask
 from .hub import from_pretrained

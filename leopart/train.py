@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from . import data
 from .augment import CropConfig
-from .embed import autocast
+from .device import autocast, default_device
 from .errors import LeopartError
 from .foreground import foreground_mask
 from .hub import from_pretrained
@@ -337,7 +337,7 @@ def _setup_distributed(cfg: TrainConfig) -> torch.device:
     if cfg.batch_size % world_size:
         raise LeopartError(f"batch size {cfg.batch_size} does not split evenly over {world_size} processes")
     if cfg.device is not None:
-        return torch.device(cfg.device)
+        return default_device(cfg.device)
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)

@@ -355,8 +355,9 @@ def test_cli_names_the_bad_input_before_loading_the_model(tmp_path, command):
     assert r.output.startswith(f"Error: {expected}"), r.output
 
 
-@pytest.mark.parametrize("case", ["missing", "text", "tiny", "empty", "model", "suffix", "npy_native", "unwritable"])
-def test_cli_bad_input_one_line_no_file(tiny_model_dir, tmp_path, case):
+@pytest.mark.parametrize("case", ["missing", "text", "tiny", "empty", "model", "suffix", "npy_native", "unwritable",
+                                  "device_unknown", "device_absent"])
+def test_cli_bad_input_one_line_no_file(tiny_model_dir, tmp_path, case, monkeypatch):
     good = tmp_path / "good.png"
     Image.fromarray(random_image(64, 64)).save(good)
     out = tmp_path / "out.safetensors"
@@ -380,6 +381,11 @@ def test_cli_bad_input_one_line_no_file(tiny_model_dir, tmp_path, case):
     elif case == "unwritable":
         out = good / "out.npy"  # its folder is a file
         args[-1] = str(out)
+    elif case == "device_unknown":
+        args += ["--device", "gpu"]
+    elif case == "device_absent":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        args += ["--device", "cuda"]
     else:
         out = tmp_path / "out.npy"
         args[-3:] = ["native", "--output", str(out)]
@@ -389,8 +395,29 @@ def test_cli_bad_input_one_line_no_file(tiny_model_dir, tmp_path, case):
     assert len(lines) == 1 and lines[0].startswith("Error: "), r.output
     if case == "unwritable":
         assert lines[0].startswith(f"Error: cannot write {out}: "), r.output
+    if case.startswith("device"):
+        assert "device 'gpu'" in lines[0] or "device 'cuda'" in lines[0], r.output
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary file left behind"
+
+
+def test_named_devices_are_checked_before_any_work(monkeypatch):
+    from leopart.device import default_device
+    from leopart.errors import LeopartError
+
+    assert default_device("cpu") == torch.device("cpu")
+    with pytest.raises(LeopartError, match="unknown device 'gpu': use cpu, cuda or cuda:N"):
+        default_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert default_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(LeopartError, match=r"no device 'cuda:2': torch sees 2 CUDA GPU\(s\), cuda:0 to cuda:1"):
+        default_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(LeopartError, match="torch sees no CUDA GPU here"):
+        default_device("cuda")
+    with pytest.raises(LeopartError, match="torch sees no CUDA GPU here"):  # the API checks as the CLI does
+        leopart.cluster(torch.randn(20, 4), k=2, device="cuda")
 
 
 def test_console_script_one_line_error_without_traceback(tmp_path):

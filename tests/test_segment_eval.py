@@ -183,7 +183,7 @@ def test_eval_and_cluster_cli_run_kmeans_where_the_model_runs(tiny_model_dir, vo
     the CPU where the features are collected."""
     import sys
 
-    from leopart.embed import default_device
+    from leopart.device import default_device
     from leopart.evaluate import evaluate
 
     kmeans_module = sys.modules["leopart.cluster"]  # the package's `cluster` attribute is the function
