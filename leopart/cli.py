@@ -282,7 +282,7 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
     from . import data
     from .hub import from_pretrained
     from .merge import Segmenter
-    from .segment import mask_image, overlay_image, save_png, segment as segment_image
+    from .segment import mask_image, save_overlay, save_png, segment as segment_image
 
     paths = list(data.expand_inputs(list(inputs)))
     _check_images(paths)
@@ -320,7 +320,7 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
                                      device=device)
             mask_file, overlay_file = outputs[path]
             save_png(mask_image(mask), mask_file)
-            save_png(overlay_image(image, mask), overlay_file)
+            save_overlay(image, mask, overlay_file)
             done += 1
     except KeyboardInterrupt:
         if done < len(paths):

@@ -32,7 +32,7 @@ from .errors import LeopartError
 from .evaluate import evaluate, load_mask, read_voc
 from .metrics import hungarian_miou
 from .model import LeopartViT
-from .segment import dense_features, fit_segmenter, mask_image, overlay_image, predict_objects, save_png
+from .segment import dense_features, fit_segmenter, mask_image, predict_objects, save_overlay, save_png
 from .serialization import write_text
 from .train import Learner, TrainConfig, build_model, train
 
@@ -239,7 +239,7 @@ def run_demo(**overrides) -> dict:
         img = Image.open(voc.images[i]).convert("RGB")
         pred = predict_objects(segmenter, dense.features[i], (img.height, img.width)).numpy()
         save_png(mask_image(pred), examples / f"{voc.names[i]}_mask.png")
-        save_png(overlay_image(img, pred), examples / f"{voc.names[i]}_overlay.png")
+        save_overlay(img, pred, examples / f"{voc.names[i]}_overlay.png")
         images.append(img)
         truths.append(load_mask(voc.masks[i]))
         preds.append(pred)

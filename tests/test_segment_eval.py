@@ -80,6 +80,20 @@ def test_segment_cli_writes_mask_and_overlay(tiny_model_dir, tmp_path):
         assert o.mode == "RGB" and o.size == size
 
 
+def test_overlay_tints_objects_and_leaves_background():
+    from leopart.segment import overlay_image
+
+    image = random_image(30, 40, seed=3)
+    mask = np.zeros((30, 40), dtype=np.int64)
+    mask[5:20, 10:30], mask[22:, :8] = 1, 7
+    got = np.asarray(overlay_image(Image.fromarray(image).convert("L"), mask, alpha=0.3)).astype(float)
+    base = np.asarray(Image.fromarray(image).convert("L").convert("RGB")).astype(float)
+    colours = np.array(voc_palette(), dtype=float).reshape(256, 3)[mask]
+    want = np.where(mask[..., None] > 0, 0.7 * base + 0.3 * colours, base)
+    assert np.abs(got - want).max() <= 1.0  # uint8 rounding
+    assert np.array_equal(got[mask == 0], base[mask == 0])
+
+
 def test_segment_cli_one_liner_writes_to_current_folder(tiny_model_dir, tmp_path, monkeypatch):
     """`leopart segment img.jpg`, the documented one-liner, needs no --output."""
     Image.fromarray(scene(64, 64, 2)[0]).save(tmp_path / "img.jpg")
