@@ -44,8 +44,8 @@ def expand_inputs(inputs: Any) -> Iterator[Any]:
         else:
             yield path
     elif isinstance(inputs, (Image.Image, np.ndarray, torch.Tensor)):
-        if isinstance(inputs, torch.Tensor) and inputs.ndim == 4:
-            yield from inputs  # a batch [B, C, H, W]
+        if isinstance(inputs, (np.ndarray, torch.Tensor)) and inputs.ndim == 4:
+            yield from inputs  # a batch: tensors [B, C, H, W], arrays [B, H, W, C] (stacked frames)
         else:
             yield inputs
     elif isinstance(inputs, Iterable):

@@ -7,6 +7,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -58,7 +59,7 @@ def iter_preprocessed(images: Any, resolution: int | None, patch_size: int,
 def _count(images: Any) -> int | None:
     if isinstance(images, (list, tuple)):
         return len(images)
-    if isinstance(images, torch.Tensor) and images.ndim == 4:
+    if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4:
         return images.shape[0]
     return None
 
@@ -92,8 +93,8 @@ def embed(images: Any, model: str | LeopartViT = "vits16", resolution: int | Non
           cache_dir: str | os.PathLike | None = None) -> torch.Tensor | list[torch.Tensor]:
     """Backbone patch tokens of ``images``.
 
-    images: a path, a folder (recursive), a PIL image, an HxWx3 uint8 array, a CxHxW tensor, or a
-        list / iterator of them. Decoded one batch at a time; the result is allocated once (an iterator's
+    images: a path, a folder (recursive), a PIL image, an HxWx3 uint8 array, a CxHxW tensor, a batch
+        (BxHxWx3 array, BxCxHxW tensor), or a list / iterator of them. Decoded one batch at a time; the result is allocated once (an iterator's
         maps are collected first, since its length is unknown: twice the result's memory at the end).
     resolution: side of the square every image is resized to (bicubic); ``None`` keeps each image's own
         size rounded down to the patch size and returns a list of [h_i, w_i, D] tensors.

@@ -59,6 +59,11 @@ def test_every_input_type_gives_the_same_features(tiny_model, tmp_path):
     torch.testing.assert_close(batch, expected.expand(3, -1, -1, -1), atol=1e-5, rtol=0)
     gen = leopart.embed((a for a in [arr, arr]), model=tiny_model, resolution=64)
     assert gen.shape == (2, 4, 4, 64)
+    stacked = {"numpy [B, H, W, 3]": np.stack([arr, arr]),
+               "tensor [B, 3, H, W]": torch.from_numpy(np.stack([arr, arr])).permute(0, 3, 1, 2)}
+    for name, item in stacked.items():
+        torch.testing.assert_close(leopart.embed(item, model=tiny_model, resolution=64),
+                                   expected.expand(2, -1, -1, -1), atol=1e-5, rtol=0, msg=name)
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK", "I;16", "I", "1"])
