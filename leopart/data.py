@@ -1,6 +1,8 @@
 """Reading images from whatever users have: paths, folders, PIL images, numpy arrays, tensors.
 
 Every input becomes an RGB PIL image: grayscale, RGBA, palette, CMYK and 16-bit files included.
+Files are read upright, as image viewers show them: an EXIF orientation (phone photos) is applied;
+images passed in memory are taken as they are.
 Folders are walked recursively in sorted order. Nothing is decoded before it is needed, so a folder of
 any size streams through in constant memory.
 """
@@ -12,13 +14,14 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import LeopartError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+EXIF_ORIENTATION = 0x0112  # 1 = upright; 2-8 = mirrored and/or rotated; 5-8 swap width and height
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
@@ -74,7 +77,7 @@ def load_image(item: Any, name: str = "image") -> Image.Image:
         try:
             with Image.open(path) as img:
                 img.load()
-                return to_rgb(img)
+                return to_rgb(upright(img))
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise LeopartError(f"cannot read image {path}: {e}") from None
     if isinstance(item, Image.Image):
@@ -84,6 +87,25 @@ def load_image(item: Any, name: str = "image") -> Image.Image:
     if isinstance(item, np.ndarray):
         return _array_to_pil(item, name)
     raise LeopartError(f"cannot read an image from a {type(item).__name__}")
+
+
+def _orientation(img: Image.Image) -> int:
+    return img.getexif().get(EXIF_ORIENTATION, 1)
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image as viewers show it: its EXIF orientation applied (no copy when there is none)."""
+    return ImageOps.exif_transpose(img) if _orientation(img) in range(2, 9) else img
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of an image file as ``load_image`` returns it, from its header alone."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            return (h, w) if _orientation(img) in range(5, 9) else (w, h)
+    except (UnidentifiedImageError, OSError) as e:
+        raise LeopartError(f"cannot read image {path}: {e}") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

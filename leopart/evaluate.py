@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .cluster import cluster
+from .data import image_size
 from .device import default_device
 from .errors import LeopartError
 from .merge import merge
@@ -81,14 +82,6 @@ def load_mask(path: Path, image_size: tuple[int, int] | None = None) -> np.ndarr
             return np.asarray(m).astype(np.int64)
     except (UnidentifiedImageError, OSError) as e:
         raise LeopartError(f"cannot read mask {path}: {e}") from None
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except (UnidentifiedImageError, OSError) as e:
-        raise LeopartError(f"cannot read image {path}: {e}") from None
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:

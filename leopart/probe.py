@@ -29,10 +29,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import serialization
+from .data import image_size
 from .device import autocast, default_device
 from .embed import iter_batches
 from .errors import LeopartError
-from .evaluate import image_size, load_mask, read_voc, resize_mask
+from .evaluate import load_mask, read_voc, resize_mask
 from .metrics import Confusion
 from .model import LeopartViT
 

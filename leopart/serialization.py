@@ -152,6 +152,8 @@ def load_or_compute(path: str | os.PathLike | None,
 
 
 CACHE_SHARD = 256  # images per cache file: an interrupted run loses at most this many images' work
+# Changes when the same files would give other features: 2 = files read upright (EXIF orientation applied).
+CACHE_VERSION = "2"
 
 
 def cached_shards(cache_dir: str | os.PathLike | None, items, compute: Callable[[list], dict[str, torch.Tensor]],
@@ -198,7 +200,7 @@ def cache_key(modules: list[torch.nn.Module], files: list, *settings) -> str:
     sample), with each input file's path, size and modification time, and with the settings."""
     if not all(isinstance(f, (str, os.PathLike)) for f in files):
         raise LeopartError("a feature cache needs image files, not images in memory")
-    h = hashlib.sha256()
+    h = hashlib.sha256(CACHE_VERSION.encode())
     for f in files:
         st = os.stat(f)
         h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())

@@ -79,6 +79,27 @@ def test_image_modes_become_rgb(tiny_model, tmp_path, mode):
     assert feats.shape == (1, 2, 2, 64) and torch.isfinite(feats).all()
 
 
+def test_files_are_read_upright_with_their_exif_orientation(tiny_model, tmp_path):
+    """A phone photo stored sideways with EXIF orientation 6 (display rotated 90 degrees clockwise) is read
+    as viewers show it; images passed in memory are taken as they are."""
+    from leopart.data import image_size, load_image
+
+    stored = Image.fromarray(random_image(48, 80))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "phone.jpg"
+    stored.save(path, exif=exif, quality=95)
+    with Image.open(path) as raw:
+        shown = np.asarray(raw.convert("RGB").transpose(Image.Transpose.ROTATE_270))
+    assert image_size(path) == (48, 80) and load_image(path).size == (48, 80)
+    assert np.array_equal(np.asarray(load_image(path)), shown)
+    maps = leopart.embed(path, model=tiny_model, resolution=None)
+    assert maps[0].shape == (5, 3, 64)  # 80 x 48 upright, patch 16
+    torch.testing.assert_close(maps[0], leopart.embed(shown, model=tiny_model, resolution=None)[0])
+    stored.save(tmp_path / "plain.jpg", quality=95)
+    assert image_size(tmp_path / "plain.jpg") == (80, 48)
+
+
 def test_sixteen_bit_png_is_scaled_not_clipped(tiny_model, tmp_path):
     gray = np.random.default_rng(0).integers(0, 256, size=(32, 32), dtype=np.uint8)
     Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "g16.png")

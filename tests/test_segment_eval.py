@@ -80,6 +80,17 @@ def test_segment_cli_writes_mask_and_overlay(tiny_model_dir, tmp_path):
         assert o.mode == "RGB" and o.size == size
 
 
+def test_segment_cli_masks_a_sideways_phone_photo_as_it_is_shown(tiny_model_dir, tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 8  # shown rotated 90 degrees counter-clockwise
+    Image.fromarray(scene(64, 96, 3)[0]).save(tmp_path / "phone.jpg", exif=exif)
+    r = CliRunner().invoke(main, ["segment", str(tmp_path / "phone.jpg"), "--model", str(tiny_model_dir), "--k", "3",
+                                  "--resolution", "64", "--output", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    for name in ("phone_mask.png", "phone_overlay.png"):
+        assert Image.open(tmp_path / name).size == (64, 96)  # upright: 64 wide, 96 high
+
+
 def test_overlay_tints_objects_and_leaves_background():
     from leopart.segment import overlay_image
 
