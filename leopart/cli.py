@@ -285,6 +285,15 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
     from .segment import mask_image, save_overlay, save_png, segment as segment_image
 
     paths = list(data.expand_inputs(list(inputs)))
+    outputs = {p: (output / f"{Path(p).stem}_mask.png", output / f"{Path(p).stem}_overlay.png") for p in paths}
+    # A rerun over a folder that also holds the outputs would segment them, or overwrite them while they are inputs.
+    produced = {f.resolve() for pair in outputs.values() for f in pair}
+    own = [p for p in paths if Path(p).resolve() in produced]
+    if own:
+        click.echo(f"leaving out {len(own)} input{'s' * (len(own) != 1)} that this command writes (masks and "
+                   f"overlays of the other inputs), e.g. {own[0]}")
+        paths = [p for p in paths if p not in own]
+        outputs = {p: outputs[p] for p in paths}
     _check_images(paths)
     stems = [Path(p).stem for p in paths]
     dupes = sorted({s for s in stems if stems.count(s) > 1})
@@ -292,7 +301,6 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
         raise LeopartError(f"several inputs share the name {dupes[0]!r}: their output files would collide")
     if head and (segmenter or k):
         raise LeopartError("--head gives supervised class masks: leave out --segmenter and --k")
-    outputs = {p: (output / f"{Path(p).stem}_mask.png", output / f"{Path(p).stem}_overlay.png") for p in paths}
     if skip_existing:
         todo = [p for p in paths if not all(f.is_file() for f in outputs[p])]
         if len(todo) < len(paths):

@@ -115,6 +115,21 @@ def test_segment_cli_one_liner_writes_to_current_folder(tiny_model_dir, tmp_path
     assert "wrote 2 files to ." in r.output
 
 
+def test_segment_cli_rerun_in_its_own_output_folder_leaves_its_outputs_out(tiny_model_dir, tmp_path):
+    """`leopart segment photos/ -o photos/` twice: the second run must not segment (or overwrite as inputs)
+    the masks and overlays of the first."""
+    for i in range(2):
+        Image.fromarray(scene(64, 64, i)[0]).save(tmp_path / f"{i}.jpg")
+    args = ["segment", str(tmp_path), "--model", str(tiny_model_dir), "--resolution", "64", "--output", str(tmp_path)]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    first = sorted(p.name for p in tmp_path.iterdir())
+    assert first == ["0.jpg", "0_mask.png", "0_overlay.png", "1.jpg", "1_mask.png", "1_overlay.png"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "leaving out 4 inputs that this command writes" in r.output and "wrote 4 files" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == first
+
+
 def test_segment_cli_skip_existing_finishes_an_interrupted_run(tiny_model_dir, tmp_path, monkeypatch):
     images = tmp_path / "images"
     images.mkdir()
