@@ -30,11 +30,21 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             sys.exit(130)
+        except OSError as e:
+            if os.environ.get("LEOPART_DEBUG") or not (e.filename and e.strerror):
+                raise _unexpected(e) from None
+            # A file-system error names its path: that and the reason are the whole story.
+            raise click.ClickException(f"cannot use {e.filename}: {e.strerror}") from None
         except Exception as e:  # noqa: BLE001 - the last line of defence against tracebacks
-            if os.environ.get("LEOPART_DEBUG"):
-                raise
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise click.ClickException(f"{type(e).__name__}: {msg} (set LEOPART_DEBUG=1 for the traceback)") from None
+            raise _unexpected(e) from None
+
+
+def _unexpected(e: Exception) -> Exception:
+    """The exception itself under LEOPART_DEBUG=1, else its first line as a one-line error."""
+    if os.environ.get("LEOPART_DEBUG"):
+        return e
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return click.ClickException(f"{type(e).__name__}: {msg} (set LEOPART_DEBUG=1 for the traceback)")
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):

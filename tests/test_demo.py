@@ -96,3 +96,12 @@ def test_interrupted_demo_resumes_with_its_own_step_count(tmp_path, monkeypatch,
 def test_demo_cli_rejects_bad_options(tmp_path):
     r = CliRunner().invoke(main, ["demo", "--output", str(tmp_path / "d"), "--n-train", "3"])
     assert r.exit_code == 2 and "n-train" in r.output
+
+
+def test_demo_output_that_is_a_file_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "taken").write_text("")
+    r = CliRunner().invoke(main, ["demo", "--output", str(tmp_path / "taken")])
+    assert r.exit_code == 1 and r.output.strip() == f"Error: cannot use {tmp_path / 'taken'}: File exists", r.output
+    monkeypatch.setenv("LEOPART_DEBUG", "1")  # the traceback is still there for whoever asks
+    r = CliRunner().invoke(main, ["demo", "--output", str(tmp_path / "taken")])
+    assert isinstance(r.exception, FileExistsError)
