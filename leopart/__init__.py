@@ -16,6 +16,7 @@ _API = {
     "KMeansResult": "cluster", "cluster": "cluster",
     "embed": "embed", "iter_embeddings": "embed",
     "LeopartError": "errors",
+    "evaluate": "evaluate",
     "from_pretrained": "hub",
     "Segmenter": "merge", "merge": "merge",
     "LeopartConfig": "model", "LeopartOutput": "model", "LeopartViT": "model",
@@ -30,6 +31,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .cluster import KMeansResult, cluster
     from .embed import embed, iter_embeddings
     from .errors import LeopartError
+    from .evaluate import evaluate
     from .hub import from_pretrained
     from .merge import Segmenter, merge
     from .model import LeopartConfig, LeopartOutput, LeopartViT
@@ -58,7 +60,7 @@ def __dir__():
 
 class _Package(types.ModuleType):
     """Python binds each submodule on its package once it has loaded (``leopart.cluster`` = the module).
-    Where a public function shares its module's name (cluster, embed, merge, probe, segment, train), the
+    Where a public function shares its module's name (cluster, embed, evaluate, merge, probe, segment, train), the
     function is what ``leopart.<name>`` means, whichever module happened to load first."""
 
     def __setattr__(self, name, value):

@@ -355,6 +355,10 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
 @click.option("--fully-unsupervised", is_flag=True, help="Also run CBFE + CD fully unsupervised segmentation.")
 @click.option("--fu-k", default=None, type=click.IntRange(min=1),
               help="Parts for --fully-unsupervised (default 149 for /16, 109 for /8).")
+@click.option("--weight-threshold", default=None, type=click.FloatRange(min=0),
+              help="CD graph edges lighter than this are dropped (default 0.09 for /16, 0.07 for /8).")
+@click.option("--cd-resolution", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="Louvain resolution of CD: higher gives more, smaller objects.")
 @click.option("--num-classes", default=None, type=click.IntRange(min=1), help="Default: read from the masks.")
 @click.option("--split", default="val", show_default=True, help="ImageSets/Segmentation/<split>.txt, if present.")
 @click.option("--resolution", default=448, show_default=True, type=click.IntRange(min=1),
@@ -378,9 +382,9 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
               help="Token cache, per-epoch checkpoints (resumable) and trained heads: <dir>/<linear|fcn>/head.")
 @_cache_option
 @_fg_option
-def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, num_classes, split, resolution, json_path, seed,
-             n_init, batch_size, device, linear, fcn, train_split, probe_epochs, probe_mask_size, probe_dir, cache_dir,
-             fg_model):
+def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, weight_threshold, cd_resolution, num_classes, split,
+             resolution, json_path, seed, n_init, batch_size, device, linear, fcn, train_split, probe_epochs,
+             probe_mask_size, probe_dir, cache_dir, fg_model):
     """Score MODEL on a PASCAL-VOC-layout folder DATA with the paper's protocols.
 
     k-means over-clustering (default k = 500 and 21) and, with --fully-unsupervised, CBFE + CD; with
@@ -401,7 +405,7 @@ def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, num_classes, split, 
     if ks or fully_unsupervised:
         results = run_eval(data_dir, m, ks=ks, fully_unsupervised=fully_unsupervised,
                            num_classes=num_classes, split=split, resolution=resolution, fg_model=fg, fu_k=fu_k,
-                           n_init=n_init, seed=seed, batch_size=batch_size, device=device, progress=True,
+                           weight_threshold=weight_threshold, cd_resolution=cd_resolution, n_init=n_init, seed=seed, batch_size=batch_size, device=device, progress=True,
                            cache_dir=cache_dir)
     else:
         results = {"n_images": len(read_voc(data_dir, split).names), "overclustering": {}}

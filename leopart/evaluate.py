@@ -22,6 +22,7 @@ from .cluster import cluster
 from .data import image_size
 from .device import default_device
 from .errors import LeopartError
+from .hub import from_pretrained
 from .merge import merge
 from .metrics import hungarian_miou
 from .model import LeopartViT
@@ -88,9 +89,9 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((size, size), Image.NEAREST), dtype=np.int64)
 
 
-def evaluate(data_root: str | Path, model: LeopartViT, ks=(500, 21), fully_unsupervised: bool = False,
+def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500, 21), fully_unsupervised: bool = False,
              num_classes: int | None = None, split: str = "val", resolution: int = DEFAULT_RESOLUTION,
-             mask_size: int = 100, fg_model: LeopartViT | None = None, fu_k: int | None = None,
+             mask_size: int = 100, fg_model: str | LeopartViT | None = None, fu_k: int | None = None,
              weight_threshold: float | None = None, cd_resolution: float = 1.0, bg_shares=BG_SHARES,
              iters: int = 50, n_init: int = 1, seed: int = 0, batch_size: int = 16, device=None,
              progress: bool | None = None, cache_dir: str | Path | None = None) -> dict:
@@ -98,7 +99,9 @@ def evaluate(data_root: str | Path, model: LeopartViT, ks=(500, 21), fully_unsup
     with mIoU in percent. ``n_init`` > 1 keeps the lowest-inertia of that many k-means runs: at small k a
     single run's mIoU swings by ten points with the seed. ``cache_dir``: see segment.dense_features."""
     device = default_device(device)  # the model's and k-means' (default: cuda when available)
-    voc = read_voc(data_root, split)
+    voc = read_voc(data_root, split)  # a wrong folder fails before a model loads (or downloads)
+    model = from_pretrained(model, device=device)
+    fg_model = from_pretrained(fg_model, device=device) if fg_model is not None else None
     targets = []
     for img_path, mask_path in zip(voc.images, voc.masks):
         targets.append(resize_mask(load_mask(mask_path, image_size(img_path)), mask_size))

@@ -491,7 +491,7 @@ def test_public_names_resolve_to_the_api_whichever_module_loads_first():
     code = """
 import leopart.segment, leopart.evaluate, leopart.demo
 import leopart
-for name in ("cluster", "embed", "merge", "probe", "segment", "train"):
+for name in ("cluster", "embed", "evaluate", "merge", "probe", "segment", "train"):
     f = getattr(leopart, name)
     assert callable(f) and not isinstance(f, type(leopart)) and f.__module__ == "leopart." + name, (name, f)
 assert all(getattr(leopart, name) is not None for name in leopart.__all__)

@@ -197,6 +197,14 @@ def test_eval_cli_json(tiny_model_dir, voc_dir, tmp_path):
     assert res["fully_unsupervised_details"]["bg_share"] in res["fully_unsupervised_details"]["bg_share_sweep"]
     assert "k-means k=8 (over-clustering, many-to-one)" in r.output
     assert "k-means k=3 (Hungarian, one-to-one)" in r.output
+    details = res["fully_unsupervised_details"]
+    assert details["weight_threshold"] == 0.09 and details["cd_resolution"] == 1.0  # the paper's, for a /16 model
+    r = CliRunner().invoke(main, ["eval", str(voc_dir), "--model", str(tiny_model_dir), "--k", "3",
+                                  "--fully-unsupervised", "--fu-k", "6", "--resolution", "64", "--json", str(out),
+                                  "--weight-threshold", "0.2", "--cd-resolution", "2"])
+    assert r.exit_code == 0, r.output
+    details = json.loads(out.read_text())["fully_unsupervised_details"]
+    assert details["weight_threshold"] == 0.2 and details["cd_resolution"] == 2.0
 
 
 def test_eval_n_init_scores_the_lowest_inertia_run(tiny_model_dir, voc_dir):
@@ -226,14 +234,14 @@ def test_eval_and_cluster_cli_run_kmeans_where_the_model_runs(tiny_model_dir, vo
     from leopart.device import default_device
     from leopart.evaluate import evaluate
 
-    kmeans_module = sys.modules["leopart.cluster"]  # the package's `cluster` attribute is the function
+    kmeans_module = sys.modules["leopart.cluster"]  # the package's `cluster` (and `evaluate`) is the function
     seen, real = [], kmeans_module.cluster
 
     def spy(*args, device=None, **kwargs):
         seen.append(device)
         return real(*args, device=device, **kwargs)
 
-    monkeypatch.setattr("leopart.evaluate.cluster", spy)
+    monkeypatch.setattr(sys.modules["leopart.evaluate"], "cluster", spy)
     monkeypatch.setattr(kmeans_module, "cluster", spy)  # where the CLI imports it from
     model = leopart.from_pretrained(str(tiny_model_dir))
     evaluate(voc_dir, model, ks=(3,), resolution=64, mask_size=32, iters=2, progress=False)
