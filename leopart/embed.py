@@ -94,8 +94,9 @@ def embed(images: Any, model: str | LeopartViT = "vits16", resolution: int | Non
     """Backbone patch tokens of ``images``.
 
     images: a path, a folder (recursive), a PIL image, an HxWx3 uint8 array, a CxHxW tensor, a batch
-        (BxHxWx3 array, BxCxHxW tensor), or a list / iterator of them. Decoded one batch at a time; the result is allocated once (an iterator's
-        maps are collected first, since its length is unknown: twice the result's memory at the end).
+        (BxHxWx3 array, BxCxHxW tensor), or a list / iterator of them. Decoded one batch at a time; the
+        result is allocated once (an iterator's maps are collected first, since its length is unknown: twice
+        the result's memory at the end).
     resolution: side of the square every image is resized to (bicubic); ``None`` keeps each image's own
         size rounded down to the patch size and returns a list of [h_i, w_i, D] tensors.
     cache_dir: keep the features there in files of 256 images (image files only), named by the model's

@@ -71,9 +71,9 @@ def _dense_batch(images: list, model: LeopartViT, resolution: int, batch_size: i
                                             attention=fg_model is None, progress=progress, desc="features"):
             if attn is not None:
                 masks.append(foreground_mask(attn).cpu())
-            yield {"features": tokens.cpu()}
+            yield {"features": tokens}  # from the GPU straight into the result, with no staging copy
 
-    features = serialization.concat_rows(batches(), len(images))["features"]
+    features = serialization.concat_rows(batches(), len(images), device="cpu")["features"]
     if fg_model is not None:
         for _, _, attn in iter_batches(images, fg_model, resolution, batch_size, device, attention=True,
                                        progress=progress, desc="foreground"):

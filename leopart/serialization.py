@@ -171,10 +171,12 @@ def cached_shards(cache_dir: str | os.PathLike | None, items, compute: Callable[
                               lambda: compute(items[lo:lo + CACHE_SHARD]))
 
 
-def concat_rows(chunks: Iterable[dict[str, torch.Tensor]], total: int) -> dict[str, torch.Tensor]:
-    """``torch.cat`` of each named tensor over ``chunks`` (``total`` rows in all) into tensors allocated once, so
-    memory peaks at the result plus one chunk rather than at every chunk plus the result (a ViT-B/8 evaluation
-    at 448 px holds 14 GB of features). A first chunk that already holds every row is returned (contiguous)."""
+def concat_rows(chunks: Iterable[dict[str, torch.Tensor]], total: int,
+                device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """``torch.cat`` of each named tensor over ``chunks`` (``total`` rows in all) into tensors allocated once on
+    ``device`` (default: the first chunk's), so memory peaks at the result plus one chunk rather than at every
+    chunk plus the result (a ViT-B/8 evaluation at 448 px holds 14 GB of features), and GPU chunks are copied
+    straight into host memory. A first chunk that already holds every row is returned (contiguous)."""
     out: dict[str, torch.Tensor] = {}
     row = 0
     for chunk in chunks:
@@ -182,10 +184,11 @@ def concat_rows(chunks: Iterable[dict[str, torch.Tensor]], total: int) -> dict[s
         if row + rows > total:
             raise LeopartError(f"got more than the {total} rows expected")
         if row == 0 and rows == total:
-            out = {name: t.contiguous() for name, t in chunk.items()}
+            out = {name: t.to(device or t.device).contiguous() for name, t in chunk.items()}
         else:
             if row == 0:
-                out = {name: t.new_empty((total, *t.shape[1:])) for name, t in chunk.items()}
+                out = {name: t.new_empty((total, *t.shape[1:]), device=device or t.device)
+                       for name, t in chunk.items()}
             for name in chunk:
                 out[name][row:row + rows] = chunk[name]
         row += rows
