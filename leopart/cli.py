@@ -298,10 +298,10 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
     outputs = {p: (output / f"{Path(p).stem}_mask.png", output / f"{Path(p).stem}_overlay.png") for p in paths}
     # A rerun over a folder that also holds the outputs would segment them, or overwrite them while they are inputs.
     produced = {f.resolve() for pair in outputs.values() for f in pair}
-    own = [p for p in paths if Path(p).resolve() in produced]
+    own = {p for p in paths if Path(p).resolve() in produced}
     if own:
         click.echo(f"leaving out {len(own)} input{'s' * (len(own) != 1)} that this command writes (masks and "
-                   f"overlays of the other inputs), e.g. {own[0]}")
+                   f"overlays of the other inputs), e.g. {min(own)}")
         paths = [p for p in paths if p not in own]
         outputs = {p: outputs[p] for p in paths}
     _check_images(paths)
@@ -405,8 +405,8 @@ def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, weight_threshold, cd
     if ks or fully_unsupervised:
         results = run_eval(data_dir, m, ks=ks, fully_unsupervised=fully_unsupervised,
                            num_classes=num_classes, split=split, resolution=resolution, fg_model=fg, fu_k=fu_k,
-                           weight_threshold=weight_threshold, cd_resolution=cd_resolution, n_init=n_init, seed=seed, batch_size=batch_size, device=device, progress=True,
-                           cache_dir=cache_dir)
+                           weight_threshold=weight_threshold, cd_resolution=cd_resolution, n_init=n_init, seed=seed,
+                           batch_size=batch_size, device=device, progress=True, cache_dir=cache_dir)
     else:
         results = {"n_images": len(read_voc(data_dir, split).names), "overclustering": {}}
     if heads:
