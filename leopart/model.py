@@ -60,15 +60,21 @@ class LeopartViT(nn.Module):
         super().__init__()
         config = dataclasses.replace(config or LeopartConfig(), **overrides)
         self.config = config
+        if not timm.is_model(config.arch):
+            raise LeopartError(f"unknown timm model '{config.arch}' (timm.list_models('vit_*') lists the ViTs)")
+        not_a_vit = LeopartError(f"'{config.arch}' is not a Vision Transformer: leopart needs a timm ViT "
+                                 "(vit_*, deit_*, eva02_*, ...)")
         try:
             self.backbone = timm.create_model(
                 config.arch, pretrained=False, num_classes=0, img_size=config.img_size, dynamic_img_size=True,
                 **config.backbone_kwargs,
             )
-        except (RuntimeError, TypeError) as e:  # unknown name, or a timm model that is not a ViT
+        except (TypeError, RuntimeError, ValueError, AssertionError) as e:  # e.g. a bad backbone_kwargs override
+            if isinstance(e, TypeError) and "img_size" in str(e):  # a timm model without ViT arguments
+                raise not_a_vit from None
             raise LeopartError(f"cannot build backbone '{config.arch}': {e}") from None
         if not hasattr(self.backbone, "blocks") or not hasattr(self.backbone, "patch_embed"):
-            raise LeopartError(f"'{config.arch}' is not a Vision Transformer")
+            raise not_a_vit
         self.embed_dim = self.backbone.embed_dim
         self.patch_size = self.backbone.patch_embed.patch_size[0]
         self.num_prefix_tokens = self.backbone.num_prefix_tokens

@@ -73,10 +73,13 @@ def test_bad_input_shapes(tiny_model):
 
 
 def test_unknown_arch():
-    with pytest.raises(LeopartError, match="cannot build backbone"):
+    with pytest.raises(LeopartError, match="unknown timm model 'vit_does_not_exist'"):
         LeopartViT(LeopartConfig(arch="vit_does_not_exist"))
-    with pytest.raises(LeopartError, match="resnet18"):
-        LeopartViT(LeopartConfig(arch="resnet18"))
+    for arch in ("resnet18", "convnext_tiny"):
+        with pytest.raises(LeopartError, match=f"'{arch}' is not a Vision Transformer"):
+            LeopartViT(LeopartConfig(arch=arch))
+    with pytest.raises(LeopartError, match="cannot build backbone .*divisible by num_heads"):
+        LeopartViT(LeopartConfig(arch="vit_tiny_patch16_224", backbone_kwargs={"embed_dim": 100}))
 
 
 def test_save_load_round_trip(tiny_model, tmp_path):
