@@ -143,9 +143,7 @@ def embed(inputs, model, resolution, batch_size, device, output, cache_dir):
     if res is None and suffix == ".npy":
         raise LeopartError("--resolution native gives one array per image: write .safetensors instead of .npy")
     paths = list(data.expand_inputs(list(inputs)))
-    missing = next((p for p in paths if not Path(p).is_file()), None)
-    if missing is not None:  # before the model loads (or downloads)
-        raise LeopartError(f"no such file: {missing}")
+    _check_images(paths)  # before the model loads (or downloads), and before hours of work on the good ones
     # One batch at a time from the model into the file: memory does not grow with the number of images.
     features = iter_embeddings(paths, model=model, resolution=res, batch_size=batch_size, device=device,
                                progress=True if len(paths) > batch_size else None, cache_dir=cache_dir)

@@ -379,6 +379,15 @@ def test_cli_names_the_bad_input_before_loading_the_model(tmp_path, command):
     assert r.exit_code == 1
     expected = f"{tmp_path / 'nope'} is not a VOC-layout folder" if command == "eval" else "no such file: "
     assert r.output.startswith(f"Error: {expected}"), r.output
+    if command != "eval":  # a file that is not an image, last in a folder of good ones, fails first too
+        folder = tmp_path / "photos"
+        folder.mkdir()
+        for i in range(3):
+            Image.fromarray(random_image(32, 32, seed=i)).save(folder / f"{i}.png")
+        (folder / "z_notes.jpg").write_text("not an image")
+        args[1] = str(folder)
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 1 and r.output.startswith(f"Error: cannot read image {folder / 'z_notes.jpg'}")
 
 
 @pytest.mark.parametrize("case", ["missing", "text", "tiny", "empty", "model", "suffix", "npy_native", "unwritable",
