@@ -273,8 +273,9 @@ def merge(clusters_dir, output, bg_share, weight_threshold, cd_resolution, seed)
               help="Parts per image when no segmenter is given (default 8).")
 @click.option("--output", "-o", default=".", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for <stem>_mask.png and <stem>_overlay.png.  [default: current folder]")
-@click.option("--resolution", default=448, show_default=True, type=click.IntRange(min=1),
-              help="Square input side in pixels, a multiple of the patch size (the paper: 448).")
+@click.option("--resolution", default=None, type=click.IntRange(min=1),
+              help="Square input side in pixels, a multiple of the patch size (default: the one the segmenter's "
+                   "parts were clustered at, else 448 as in the paper).")
 @_device_option
 @click.option("--head", default=None,
               help="A trained probe head (folder, Hub id or released .ckpt): supervised class masks instead.")
@@ -307,8 +308,9 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
     dupes = sorted({s for s in stems if stems.count(s) > 1})
     if dupes:
         raise LeopartError(f"several inputs share the name {dupes[0]!r}: their output files would collide")
-    if head and (segmenter or k):
-        raise LeopartError("--head gives supervised class masks: leave out --segmenter and --k")
+    if head and (segmenter or k or resolution):
+        raise LeopartError("--head gives supervised class masks at the head's own resolution: leave out "
+                           "--segmenter, --k and --resolution")
     if skip_existing:
         todo = [p for p in paths if not all(f.is_file() for f in outputs[p])]
         if len(todo) < len(paths):

@@ -137,13 +137,14 @@ def predict_objects(segmenter: Segmenter, features: torch.Tensor, size: tuple[in
 
 
 def segment(image: Any, model: str | LeopartViT = "vits16", segmenter: str | Path | Segmenter | None = None,
-            k: int | None = None, resolution: int = DEFAULT_RESOLUTION, fg_model: str | LeopartViT | None = None,
+            k: int | None = None, resolution: int | None = None, fg_model: str | LeopartViT | None = None,
             device=None, seed: int = 0) -> np.ndarray:
     """Object ids (0 = background) of one image, [H, W] int64 at the image's own size.
 
     Without a segmenter the image's own patches are clustered into ``k`` parts (default 8) and merged by
     CBFE + CD on that image alone; with one (a Segmenter, or a folder / Hub id of a saved one) the parts and
-    objects are the segmenter's, so ids are consistent across images.
+    objects are the segmenter's, so ids are consistent across images. ``resolution``: the square input side;
+    default the one the segmenter's parts were clustered at (``leopart cluster --resolution``), else 448.
     """
     device = default_device(device)
     model = from_pretrained(model, device=device)
@@ -151,6 +152,9 @@ def segment(image: Any, model: str | LeopartViT = "vits16", segmenter: str | Pat
     data.check_size(img, model.patch_size, data.describe(image, 0))
     if segmenter is not None and not isinstance(segmenter, Segmenter):
         segmenter = Segmenter.from_pretrained(segmenter)
+    if resolution is None:  # the parts are patch features at one scale: keep it
+        fitted_at = segmenter.params.get("image_resolution") if segmenter is not None else None
+        resolution = int(fitted_at) if fitted_at else DEFAULT_RESOLUTION
     fg = from_pretrained(fg_model, device=device) if fg_model is not None else None
     dense = dense_features([img], model, resolution, device=device, fg_model=fg, progress=False)
     if segmenter is None:
