@@ -51,7 +51,10 @@ def read_voc(root: str | Path, split: str = "val") -> VOCSplit:
     img_dir, mask_dir = root / "JPEGImages", root / "SegmentationClass"
     for d in (img_dir, mask_dir):
         if not d.is_dir():
-            raise LeopartError(f"{root} is not a VOC-layout folder: {d.name}/ is missing")
+            # VOCdevkit/ for VOCdevkit/VOC2012/, or the folder the archive was unpacked into
+            inner = sorted(p.parent for p in [*root.glob("*/JPEGImages"), *root.glob("*/*/JPEGImages")])
+            hint = f" (did you mean {inner[0]}?)" if inner else ""
+            raise LeopartError(f"{root} is not a VOC-layout folder: {d.name}/ is missing{hint}")
     split_file = Path(split) if Path(split).is_file() else root / "ImageSets" / "Segmentation" / f"{split}.txt"
     if split_file.is_file():
         names = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]

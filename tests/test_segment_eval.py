@@ -277,6 +277,8 @@ def test_eval_num_classes_and_bad_layouts(tiny_model_dir, voc_dir, tmp_path, mon
     r = runner.invoke(main, ["eval", str(voc_dir), *base, "--json", str(tmp_path / "b.json")])
     assert r.exit_code == 1 and "is 10x10 but its image is 64x64" in r.output
     assert not (tmp_path / "b.json").exists()
+    r = runner.invoke(main, ["eval", str(tmp_path), *base])  # the folder above VOC2012/, as VOCdevkit/ is
+    assert r.exit_code == 1 and f"(did you mean {voc_dir}?)" in r.output, r.output
     empty = tmp_path / "empty"
     (empty / "JPEGImages").mkdir(parents=True)
     (empty / "SegmentationClass").mkdir()
