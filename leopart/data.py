@@ -90,7 +90,10 @@ def load_image(item: Any, name: str = "image") -> Image.Image:
 
 
 def _orientation(img: Image.Image) -> int:
-    return img.getexif().get(EXIF_ORIENTATION, 1)
+    try:
+        return int(img.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - a damaged EXIF block must not make good pixels unreadable
+        return 1
 
 
 def upright(img: Image.Image) -> Image.Image:
