@@ -178,6 +178,12 @@ def _fg_option(f):
                              "the paper used dino-vits16).")(f)
 
 
+def _model_ref(name: str) -> str:
+    """A model name to record in an output: local paths made absolute, so it still resolves from elsewhere."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
 def _check_images(paths: list) -> None:
     """Fail before any work on inputs that are missing or not images (headers only)."""
     from PIL import Image, UnidentifiedImageError
@@ -227,7 +233,7 @@ def cluster(inputs, model, k, output, resolution, iters, seed, batch_size, devic
     dense = dense_features(paths, m, resolution, batch_size, device, fg_model=fg, progress=True,
                            cache_dir=cache_dir)
     km = kmeans(dense.features, k, iters=iters, seed=seed, device=device, progress=True)
-    config = {"leopart_kind": "clusters", "model": model, "fg_model": fg_model or model, "k": k,
+    config = {"leopart_kind": "clusters", "model": _model_ref(model), "fg_model": _model_ref(fg_model or model), "k": k,
               "metric": km.metric, "resolution": resolution, "inertia": km.inertia, "seed": seed,
               "names": [str(p) for p in paths]}
     tensors = {"centroids": km.centroids, "labels": km.labels.view(dense.features.shape[:3]),
@@ -267,7 +273,8 @@ def merge(clusters_dir, output, bg_share, weight_threshold, cd_resolution, seed)
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--model", default="vits16", show_default=True, help="Alias, Hub id, folder or checkpoint.")
+@click.option("--model", default=None,
+              help="Alias, Hub id, folder or checkpoint (default: the segmenter's own model, else vits16).")
 @click.option("--segmenter", default=None, help="Folder or Hub id of a fitted segmenter (from `leopart merge`).")
 @click.option("--k", default=None, type=click.IntRange(min=1),
               help="Parts per image when no segmenter is given (default 8).")
@@ -291,7 +298,7 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
     from . import data
     from .hub import from_pretrained
     from .merge import Segmenter
-    from .segment import mask_image, save_overlay, save_png, segment as segment_image
+    from .segment import fitted_model, mask_image, save_overlay, save_png, segment as segment_image
 
     paths = list(data.expand_inputs(list(inputs)))
     outputs = {p: (output / f"{Path(p).stem}_mask.png", output / f"{Path(p).stem}_overlay.png") for p in paths}
@@ -318,8 +325,8 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
         if not todo:
             return
         paths = todo
-    m = from_pretrained(model, device=device)
     seg = Segmenter.from_pretrained(segmenter) if segmenter else None
+    m = from_pretrained(model or fitted_model(seg), device=device)
     fg = from_pretrained(fg_model, device=device) if fg_model else None
     probe_head = None
     if head:

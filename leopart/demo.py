@@ -229,9 +229,9 @@ def run_demo(**overrides) -> dict:
     voc = read_voc(data_root, "val")
     dense = dense_features(voc.images, model, cfg.image_size, progress=False, cache_dir=features)
     best_share = methods[METHODS[2]]["fully_unsupervised_details"]["bg_share"]
+    fitted_on = {"model": str((run_dir / "model").resolve()), "image_resolution": cfg.image_size}
     segmenter, _ = fit_segmenter(dense, cfg.fu_k, iters=30, n_init=cfg.n_init, seed=cfg.seed, bg_share=best_share,
-                                 params={"model": str(run_dir / "model"), "image_resolution": cfg.image_size},
-                                 progress=False)
+                                 params=fitted_on, progress=False)
     segmenter.save_pretrained(out / "segmenter")
     examples = out / "examples"
     examples.mkdir(exist_ok=True)

@@ -136,22 +136,29 @@ def predict_objects(segmenter: Segmenter, features: torch.Tensor, size: tuple[in
     return segmenter.objects(parts)
 
 
-def segment(image: Any, model: str | LeopartViT = "vits16", segmenter: str | Path | Segmenter | None = None,
+def fitted_model(segmenter: Segmenter | None) -> str:
+    """The model whose features a segmenter's parts were clustered from (as ``leopart cluster`` and the demo
+    record it), else the released ViT-S/16."""
+    recorded = segmenter.params.get("model") if segmenter is not None else None
+    return str(recorded) if recorded else "vits16"
+
+
+def segment(image: Any, model: str | LeopartViT | None = None, segmenter: str | Path | Segmenter | None = None,
             k: int | None = None, resolution: int | None = None, fg_model: str | LeopartViT | None = None,
             device=None, seed: int = 0) -> np.ndarray:
     """Object ids (0 = background) of one image, [H, W] int64 at the image's own size.
 
     Without a segmenter the image's own patches are clustered into ``k`` parts (default 8) and merged by
     CBFE + CD on that image alone; with one (a Segmenter, or a folder / Hub id of a saved one) the parts and
-    objects are the segmenter's, so ids are consistent across images. ``resolution``: the square input side;
-    default the one the segmenter's parts were clustered at (``leopart cluster --resolution``), else 448.
+    objects are the segmenter's, so ids are consistent across images. ``model`` and ``resolution`` default to
+    those the segmenter's parts were clustered with (``leopart cluster --model / --resolution``), else vits16 and 448.
     """
     device = default_device(device)
-    model = from_pretrained(model, device=device)
-    img = data.load_image(image, data.describe(image, 0))
-    data.check_size(img, model.patch_size, data.describe(image, 0))
     if segmenter is not None and not isinstance(segmenter, Segmenter):
         segmenter = Segmenter.from_pretrained(segmenter)
+    model = from_pretrained(model if model is not None else fitted_model(segmenter), device=device)
+    img = data.load_image(image, data.describe(image, 0))
+    data.check_size(img, model.patch_size, data.describe(image, 0))
     if resolution is None:  # the parts are patch features at one scale: keep it
         fitted_at = segmenter.params.get("image_resolution") if segmenter is not None else None
         resolution = int(fitted_at) if fitted_at else DEFAULT_RESOLUTION

@@ -172,9 +172,10 @@ def test_cluster_merge_segment_chain(tiny_model_dir, voc_dir, tmp_path, monkeypa
     assert r.exit_code == 0, r.output
     mask = np.asarray(Image.open(tmp_path / "m" / "2007_000002_mask.png"))
     assert mask.shape == (80, 60) and mask.max() <= seg.n_objects
-    # Without --resolution the image is embedded at the segmenter's own (64 px here), not at 448.
-    r = runner.invoke(main, ["segment", str(images / "2007_000002.jpg"), "--model", str(tiny_model_dir),
-                             "--segmenter", str(tmp_path / "seg"), "-o", str(tmp_path / "m2")])
+    # Without --model and --resolution the segmenter's own are used (the tiny model at 64 px), not vits16 at 448.
+    assert config["model"] == str(tiny_model_dir.resolve())  # absolute: it resolves from any folder
+    r = runner.invoke(main, ["segment", str(images / "2007_000002.jpg"), "--segmenter", str(tmp_path / "seg"),
+                             "-o", str(tmp_path / "m2")])
     assert r.exit_code == 0, r.output
     for name in ("2007_000002_mask.png", "2007_000002_overlay.png"):
         assert (tmp_path / "m" / name).read_bytes() == (tmp_path / "m2" / name).read_bytes()
