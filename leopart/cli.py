@@ -186,16 +186,12 @@ def _model_ref(name: str) -> str:
 
 def _check_images(paths: list) -> None:
     """Fail before any work on inputs that are missing or not images (headers only)."""
-    from PIL import Image, UnidentifiedImageError
+    from .data import image_size
 
     for p in paths:
         if not Path(p).exists():
             raise LeopartError(f"no such file: {p}")
-        try:
-            with Image.open(p):
-                pass
-        except (UnidentifiedImageError, OSError) as e:
-            raise LeopartError(f"cannot read image {p}: {e}") from None
+        image_size(p)  # "cannot read image ..." for a file that is not one
 
 
 @main.command()
@@ -298,7 +294,7 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
     from . import data
     from .hub import from_pretrained
     from .merge import Segmenter
-    from .segment import fitted_model, mask_image, save_overlay, save_png, segment as segment_image
+    from .segment import fitted_with, mask_image, save_overlay, save_png, segment as segment_image
 
     paths = list(data.expand_inputs(list(inputs)))
     outputs = {p: (output / f"{Path(p).stem}_mask.png", output / f"{Path(p).stem}_overlay.png") for p in paths}
@@ -326,7 +322,7 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
             return
         paths = todo
     seg = Segmenter.from_pretrained(segmenter) if segmenter else None
-    m = from_pretrained(model or fitted_model(seg), device=device)
+    m = from_pretrained(model or fitted_with(seg)[0], device=device)
     fg = from_pretrained(fg_model, device=device) if fg_model else None
     probe_head = None
     if head:

@@ -136,11 +136,11 @@ def predict_objects(segmenter: Segmenter, features: torch.Tensor, size: tuple[in
     return segmenter.objects(parts)
 
 
-def fitted_model(segmenter: Segmenter | None) -> str:
-    """The model whose features a segmenter's parts were clustered from (as ``leopart cluster`` and the demo
-    record it), else the released ViT-S/16."""
-    recorded = segmenter.params.get("model") if segmenter is not None else None
-    return str(recorded) if recorded else "vits16"
+def fitted_with(segmenter: Segmenter | None) -> tuple[str, int]:
+    """The model and input resolution a segmenter's parts were clustered with (as ``leopart cluster`` and the
+    demo record them), else the released ViT-S/16 at 448 px."""
+    params = segmenter.params if segmenter is not None else {}
+    return str(params.get("model") or "vits16"), int(params.get("image_resolution") or DEFAULT_RESOLUTION)
 
 
 def segment(image: Any, model: str | LeopartViT | None = None, segmenter: str | Path | Segmenter | None = None,
@@ -156,12 +156,11 @@ def segment(image: Any, model: str | LeopartViT | None = None, segmenter: str | 
     device = default_device(device)
     if segmenter is not None and not isinstance(segmenter, Segmenter):
         segmenter = Segmenter.from_pretrained(segmenter)
-    model = from_pretrained(model if model is not None else fitted_model(segmenter), device=device)
+    fitted_model, fitted_resolution = fitted_with(segmenter)  # parts are patch features of one model at one scale
+    model = from_pretrained(model if model is not None else fitted_model, device=device)
+    resolution = resolution if resolution is not None else fitted_resolution
     img = data.load_image(image, data.describe(image, 0))
     data.check_size(img, model.patch_size, data.describe(image, 0))
-    if resolution is None:  # the parts are patch features at one scale: keep it
-        fitted_at = segmenter.params.get("image_resolution") if segmenter is not None else None
-        resolution = int(fitted_at) if fitted_at else DEFAULT_RESOLUTION
     fg = from_pretrained(fg_model, device=device) if fg_model is not None else None
     dense = dense_features([img], model, resolution, device=device, fg_model=fg, progress=False)
     if segmenter is None:
