@@ -333,7 +333,6 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
     try:
         for path in tqdm(paths, desc="segment", unit="img", disable=None if len(paths) > 1 else True):
             image = data.load_image(path)  # decoded once, for the model and the overlay
-            data.check_size(image, m.patch_size, str(path))
             if probe_head is not None:
                 mask = segment_with_head(image, m, probe_head, device=device)
             else:

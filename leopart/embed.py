@@ -21,8 +21,8 @@ from .model import LeopartViT
 def _preprocess(i: int, item: Any, resolution: int | None, patch_size: int) -> tuple[str, torch.Tensor]:
     name = data.describe(item, i)
     img = data.load_image(item, name)
-    data.check_size(img, patch_size, name)
-    if resolution is None:
+    if resolution is None:  # native size: at least one patch; a fixed resolution resizes any image
+        data.check_size(img, patch_size, name)
         size = (img.height // patch_size * patch_size, img.width // patch_size * patch_size)
     else:
         size = (resolution, resolution)

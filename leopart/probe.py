@@ -352,7 +352,6 @@ def segment_with_head(image, model: LeopartViT, head: ProbeHead, device=None) ->
 
     device = default_device(device)
     img = data.load_image(image, data.describe(image, 0))
-    data.check_size(img, model.patch_size, data.describe(image, 0))
     if head.config.in_dim != model.embed_dim:
         raise LeopartError(f"the head reads {head.config.in_dim}-dim tokens but the model gives {model.embed_dim}: "
                            "use the head's own backbone")

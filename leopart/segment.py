@@ -160,7 +160,6 @@ def segment(image: Any, model: str | LeopartViT | None = None, segmenter: str | 
     model = from_pretrained(model if model is not None else fitted_model, device=device)
     resolution = resolution if resolution is not None else fitted_resolution
     img = data.load_image(image, data.describe(image, 0))
-    data.check_size(img, model.patch_size, data.describe(image, 0))
     fg = from_pretrained(fg_model, device=device) if fg_model is not None else None
     dense = dense_features([img], model, resolution, device=device, fg_model=fg, progress=False)
     if segmenter is None:

@@ -122,6 +122,14 @@ def test_native_resolution_returns_a_list(tiny_model):
     assert [tuple(f.shape) for f in feats] == [(2, 4, 64), (2, 2, 64)]
 
 
+def test_images_smaller_than_a_patch_are_resized_to_a_fixed_resolution(tiny_model):
+    small = random_image(10, 12)  # below one 16 px patch: only the native size has no patch to give
+    upscaled = np.asarray(Image.fromarray(small).resize((64, 64), Image.BICUBIC))
+    feats = leopart.embed([small, upscaled], model=tiny_model, resolution=64)
+    assert feats.shape == (2, 4, 4, 64)
+    torch.testing.assert_close(feats[0], feats[1])
+
+
 @pytest.mark.parametrize("case", ["missing", "corrupt", "truncated", "text", "tiny", "empty_dir", "model",
                                   "resolution", "array_shape"])
 def test_bad_inputs_raise_one_line(tiny_model, tmp_path, case):
@@ -146,7 +154,7 @@ def test_bad_inputs_raise_one_line(tiny_model, tmp_path, case):
     elif case == "tiny":
         item = tmp_path / "one.png"
         Image.new("RGB", (1, 1)).save(item)
-        match = "1x1 pixels"
+        resolution, match = None, "1x1 pixels: smaller than one 16x16 patch"  # native size; a fixed one resizes
     elif case == "empty_dir":
         item = tmp_path / "empty"
         item.mkdir()
@@ -403,8 +411,9 @@ def test_cli_bad_input_one_line_no_file(tiny_model_dir, tmp_path, case, monkeypa
         (tmp_path / "t.jpg").write_text("hello")
         args.insert(2, str(tmp_path / "t.jpg"))
     elif case == "tiny":
-        Image.new("RGB", (1, 1)).save(tmp_path / "one.png")
+        Image.new("RGB", (1, 1)).save(tmp_path / "one.png")  # no patch at its native size
         args.insert(2, str(tmp_path / "one.png"))
+        args[args.index("32")] = "native"
     elif case == "empty":
         (tmp_path / "empty").mkdir()
         args[1] = str(tmp_path / "empty")

@@ -68,11 +68,13 @@ def test_segment_api_without_and_with_segmenter(tiny_model):
 def test_segment_cli_writes_mask_and_overlay(tiny_model_dir, tmp_path):
     Image.fromarray(scene(70, 90, 1)[0]).save(tmp_path / "a.jpg")
     Image.fromarray(random_image(50, 40)).convert("L").save(tmp_path / "b.png")
+    Image.fromarray(random_image(10, 12)).save(tmp_path / "icon.png")  # smaller than a patch: resized like any
     out = tmp_path / "out"
-    r = CliRunner().invoke(main, ["segment", str(tmp_path / "a.jpg"), str(tmp_path / "b.png"), "--model",
-                                  str(tiny_model_dir), "--k", "3", "--resolution", "64", "--output", str(out)])
+    r = CliRunner().invoke(main, ["segment", str(tmp_path / "a.jpg"), str(tmp_path / "b.png"),
+                                  str(tmp_path / "icon.png"), "--model", str(tiny_model_dir), "--k", "3",
+                                  "--resolution", "64", "--output", str(out)])
     assert r.exit_code == 0, r.output
-    for stem, size in (("a", (90, 70)), ("b", (40, 50))):
+    for stem, size in (("a", (90, 70)), ("b", (40, 50)), ("icon", (12, 10))):
         m = Image.open(out / f"{stem}_mask.png")
         assert m.mode == "P" and m.size == size
         assert m.getpalette()[3:6] == [128, 0, 0]  # VOC colour of id 1
