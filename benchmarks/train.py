@@ -117,7 +117,7 @@ def main():
         sync(args.device)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else "-"
         label = f"{name}: {cfg.arch}, batch {cfg.batch_size}, {cfg.n_global}x{cfg.global_size}+" \
-                f"{cfg.n_local}x{cfg.local_size} px, K={cfg.num_prototypes}, queue {cfg.queue_length}"
+                f"{cfg.n_local}x{cfg.local_size} px, K={learner.model.config.num_prototypes}, queue {cfg.queue_length}"
         rows.append({"recipe": label, "what": "backbone fwd+bwd (floor)", "ms/step": t_backbone * 1e3,
                      "images/s": cfg.batch_size / t_backbone})
         rows.append({"recipe": label, "what": "backbone + projection head fwd+bwd", "ms/step": t_network * 1e3,

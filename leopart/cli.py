@@ -444,8 +444,8 @@ def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, weight_threshold, cd
               help="Side of the 2 global crops, pixels.")
 @click.option("--local-size", default=96, show_default=True, type=click.IntRange(min=16),
               help="Side of the 4 local crops, pixels.")
-@click.option("--num-prototypes", default=300, show_default=True, type=click.IntRange(min=1),
-              help="Prototypes (Sinkhorn targets) K.")
+@click.option("--num-prototypes", default=None, type=click.IntRange(min=1),
+              help="Prototypes (Sinkhorn targets) K (default: the --init model's own; 300 for DINO and random init).")
 @click.option("--lr-backbone", default=1e-5, show_default=True, type=float,
               help="Backbone learning rate, cosine to 0 (ViT-B/8: 5e-6).")
 @click.option("--lr-heads", default=1e-4, show_default=True, type=float,

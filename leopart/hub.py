@@ -23,6 +23,7 @@ import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -214,6 +215,10 @@ UNREADABLE = "the file is corrupt or truncated, or not a torch checkpoint"
 
 def read_checkpoint(path: Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """A flat {name: tensor} dict from a .safetensors file, a torch state_dict or a Lightning checkpoint."""
+    return _state_dict_of(_load_checkpoint_file(path, trust_pickle), path)
+
+
+def _load_checkpoint_file(path: Path, trust_pickle: bool) -> Any:
     if path.suffix.lower() == ".safetensors":
         return serialization.load_tensors(path)
     try:
@@ -227,6 +232,12 @@ def read_checkpoint(path: Path, trust_pickle: bool = False) -> dict[str, torch.T
         raise LeopartError(f"cannot read checkpoint {path}: {UNREADABLE}") from None
     except Exception as e:  # noqa: BLE001 - unpickling arbitrary bytes fails in many ways (KeyError, EOFError, ...)
         raise LeopartError(f"cannot read checkpoint {path}: {UNREADABLE} ({type(e).__name__}: {e})") from None
+    return obj
+
+
+def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if _is_training_checkpoint(obj):
+        obj = obj["student"]
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # Lightning
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -285,8 +296,10 @@ def infer_config(state: dict[str, torch.Tensor], arch: str | None, source: str) 
 def convert_checkpoint(path: str | os.PathLike, arch: str | None = None, trust_pickle: bool = False) -> LeopartViT:
     """Build a LeopartViT from an original-format checkpoint file."""
     path = Path(path)
-    raw = read_checkpoint(path, trust_pickle=trust_pickle)
-    state, ignored = convert_state_dict(raw, str(path))
+    obj = _load_checkpoint_file(path, trust_pickle)
+    if _is_training_checkpoint(obj):
+        return _from_training_checkpoint(obj, arch, path)
+    state, ignored = convert_state_dict(_state_dict_of(obj, path), str(path))
     if ignored:
         shown = ", ".join(ignored[:6]) + (f" and {len(ignored) - 6} more" if len(ignored) > 6 else "")
         warnings.warn(f"ignored keys in {path}: {shown}", stacklevel=2)
@@ -298,4 +311,21 @@ def convert_checkpoint(path: str | os.PathLike, arch: str | None = None, trust_p
     if missing:
         warnings.warn(f"{path} has no {', '.join(sorted({k.split('.')[0] for k in missing}))} weights: "
                       f"those start from a seeded random init", stacklevel=2)
+    return model
+
+
+# ------------------------------------------------- `leopart train` checkpoints
+def _is_training_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, dict) and isinstance(obj.get("student"), dict) and "step" in obj
+
+
+def _from_training_checkpoint(ckpt: dict, arch: str | None, path: Path) -> LeopartViT:
+    """The student of a run's checkpoint.pt: what ``<run>/model`` will hold, readable while the run goes on."""
+    state = ckpt["student"]
+    if isinstance(ckpt.get("model_config"), dict):
+        config = LeopartConfig.from_dict(ckpt["model_config"])
+    else:  # written before checkpoints recorded the model's config: read the sizes off the weights
+        config = infer_config(state, arch, str(path))
+    model = LeopartViT(config)
+    model.load_weights(state, source=str(path))
     return model

@@ -72,7 +72,7 @@ class TrainConfig:
     jitter: bool = True                  # colour jitter, grayscale and blur (flips always)
     hue: float = 0.1                     # largest hue shift of the jitter
     blur: bool = True                    # Gaussian blur in the jitter
-    num_prototypes: int = 300
+    num_prototypes: int | None = None    # default: the init model's own (300 for DINO and random init)
     lr_backbone: float = 1e-5
     lr_heads: float = 1e-4
     final_lr: float = 0.0
@@ -111,7 +111,7 @@ class TrainConfig:
         if self.loss_mask not in LOSS_MASKS:
             raise LeopartError(f"loss_mask must be one of {', '.join(LOSS_MASKS)}, not '{self.loss_mask}'")
         for name in ("batch_size", "global_size", "local_size", "n_global", "num_prototypes", "save_every"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise LeopartError(f"{name} must be positive")
         if self.n_local < 0 or (self.steps is not None and self.steps < 1) or self.epochs < 1:
             raise LeopartError("need n_local >= 0 and a positive number of steps or epochs")
@@ -126,12 +126,14 @@ def cosine(start: float, end: float, step: int, total: int) -> float:
 # ---------------------------------------------------------------------- model
 def build_model(cfg: TrainConfig) -> LeopartViT:
     if cfg.init == "random":
-        model = LeopartViT(LeopartConfig(arch=cfg.arch, img_size=cfg.global_size, num_prototypes=cfg.num_prototypes,
+        model = LeopartViT(LeopartConfig(arch=cfg.arch, img_size=cfg.global_size,
+                                         num_prototypes=cfg.num_prototypes or LeopartConfig.num_prototypes,
                                          proj_hidden_dim=cfg.proj_hidden_dim, proj_dim=cfg.proj_dim,
                                          backbone_kwargs=dict(cfg.backbone_kwargs)))
     else:
         model = from_pretrained(cfg.init)
-        if model.config.num_prototypes != cfg.num_prototypes:
+        # A Leopart model keeps its trained prototypes unless another count is asked for.
+        if cfg.num_prototypes is not None and model.config.num_prototypes != cfg.num_prototypes:
             model.config.num_prototypes = cfg.num_prototypes
             model.prototypes = nn.Linear(model.config.proj_dim, cfg.num_prototypes, bias=False)
             nn.init.trunc_normal_(model.prototypes.weight, std=0.02)
@@ -474,7 +476,8 @@ def train(data_source: str | os.PathLike = "", output: str | os.PathLike = "runs
     def checkpoint():
         if is_main:
             save_checkpoint(ckpt_path, config=dataclasses.asdict(cfg), step=step, rng=_rng_state(),
-                            skipped=sorted(skipped), **learner.state_dict())
+                            skipped=sorted(skipped), model_config=dataclasses.asdict(learner.model.config),
+                            **learner.state_dict())
 
     bar = tqdm(total=total, initial=step, desc="train", unit="step",
                disable=not is_main or ((not cfg.progress) if cfg.progress is not None else None))

@@ -206,6 +206,19 @@ def test_train_api_run_and_outputs(train_dir, tmp_path):
     loaded = leopart.from_pretrained(tmp_path / "run" / "model")
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k])
+    # The checkpoint loads as a model too (its student, what run/model holds at the end), so a run can be
+    # evaluated while it goes on; older checkpoints without the model's config read it off the weights.
+    from_checkpoint = leopart.from_pretrained(tmp_path / "run" / "checkpoint.pt")
+    assert from_checkpoint.config == loaded.config
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, from_checkpoint.state_dict()[k])
+    del ckpt["model_config"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    with pytest.raises(LeopartError, match="cannot tell the ViT size"):
+        leopart.from_pretrained(tmp_path / "old.pt")
+    old = leopart.from_pretrained(tmp_path / "old.pt", arch=TINY["arch"])
+    assert old.config.num_prototypes == 10
+    torch.testing.assert_close(old.prototypes.weight, model.prototypes.weight, rtol=0, atol=0)
 
 
 def test_evaluation_during_training(train_dir, tmp_path):
@@ -297,6 +310,17 @@ def test_interrupted_train_cli_says_how_to_continue(train_dir, tmp_path, monkeyp
                                   "32", "--num-prototypes", "10", "--workers", "0", "--save-every", "1",
                                   "--steps", "3"])
     assert r.exit_code == 130 and "Continue it with the same command and --resume." in r.output, r.output
+
+
+def test_init_from_a_leopart_model_keeps_its_prototypes_unless_another_count_is_asked(tiny_model_dir):
+    trained = leopart.from_pretrained(tiny_model_dir)  # 10 prototypes
+    kept = build_model(TrainConfig(init=str(tiny_model_dir)))
+    assert kept.config.num_prototypes == 10
+    torch.testing.assert_close(kept.prototypes.weight, trained.prototypes.weight)
+    replaced = build_model(TrainConfig(init=str(tiny_model_dir), num_prototypes=20))
+    assert replaced.config.num_prototypes == 20 and replaced.prototypes.weight.shape == (20, 16)
+    torch.testing.assert_close(replaced.projection_head[0].weight, trained.projection_head[0].weight)
+    assert build_model(TrainConfig(init="random", arch="test_vit")).config.num_prototypes == 300
 
 
 def test_bad_training_options():
