@@ -78,8 +78,8 @@ def load_image(item: Any, name: str = "image") -> Image.Image:
             with Image.open(path) as img:
                 img.load()
                 return to_rgb(upright(img))
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise LeopartError(f"cannot read image {path}: {e}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise LeopartError(f"cannot read image {path}: {_reason(e)}") from None
     if isinstance(item, Image.Image):
         return to_rgb(item)
     if isinstance(item, torch.Tensor):
@@ -107,8 +107,15 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         with Image.open(path) as img:
             w, h = img.size
             return (h, w) if _orientation(img) in range(5, 9) else (w, h)
-    except (UnidentifiedImageError, OSError) as e:
-        raise LeopartError(f"cannot read image {path}: {e}") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise LeopartError(f"cannot read image {path}: {_reason(e)}") from None
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, Image.DecompressionBombError):  # Pillow's guard against tiny files that decode to huge images
+        return (f"{e.args[0].split(',')[0]} (Pillow's guard against decompression bombs; for a file you trust, "
+                "raise PIL.Image.MAX_IMAGE_PIXELS or downscale it first)")
+    return str(e)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

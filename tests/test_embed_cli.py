@@ -131,8 +131,8 @@ def test_images_smaller_than_a_patch_are_resized_to_a_fixed_resolution(tiny_mode
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "truncated", "text", "tiny", "empty_dir", "model",
-                                  "resolution", "array_shape"])
-def test_bad_inputs_raise_one_line(tiny_model, tmp_path, case):
+                                  "resolution", "array_shape", "bomb"])
+def test_bad_inputs_raise_one_line(tiny_model, tmp_path, case, monkeypatch):
     good = tmp_path / "good.png"
     Image.fromarray(random_image(64, 64)).save(good)
     model, item, resolution = tiny_model, None, 64
@@ -163,6 +163,11 @@ def test_bad_inputs_raise_one_line(tiny_model, tmp_path, case):
         item, model, match = good, "no-such-model", "unknown model"
     elif case == "resolution":
         item, resolution, match = good, 50, "multiple of the patch size"
+    elif case == "bomb":  # above twice Pillow's pixel limit it refuses to decode (a decompression-bomb guard)
+        item = tmp_path / "big.png"
+        Image.new("RGB", (100, 100)).save(item)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4096)  # good.png's 64x64 stays within it
+        match = r"big.png: Image size \(10000 pixels\) exceeds limit of 8192 pixels \(Pillow's guard"
     else:
         item, match = np.zeros((4, 4, 7), dtype=np.uint8), "expected an HxW"
     with pytest.raises(LeopartError, match=match) as e:
