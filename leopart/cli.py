@@ -244,8 +244,9 @@ def cluster(inputs, model, k, output, resolution, iters, seed, batch_size, devic
               help="Folder for the fitted segmenter.")
 @click.option("--bg-share", default=None, type=click.FloatRange(0, 1),
               help="Share of patches to call background (default: the attention masks' own, within 0.55-0.75).")
-@click.option("--weight-threshold", default=0.07, show_default=True, type=click.FloatRange(min=0),
-              help="Co-occurrence graph edges lighter than this are dropped before community detection.")
+@click.option("--weight-threshold", default=None, type=click.FloatRange(min=0),
+              help="Co-occurrence graph edges lighter than this are dropped before community detection "
+                   "(default: the reference's, 0.09 for parts of a /16 model, 0.07 for /8).")
 @click.option("--resolution", "cd_resolution", default=1.0, show_default=True, type=click.FloatRange(min=0),
               help="Louvain resolution: higher gives more, smaller objects.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the Louvain community detection.")
@@ -253,9 +254,13 @@ def merge(clusters_dir, output, bg_share, weight_threshold, cd_resolution, seed)
     """Merge the part clusters in DIR (from `leopart cluster`) into objects: CBFE + community detection."""
     from .cluster import KMeansResult
     from .merge import merge as merge_parts
+    from .merge import reference_weight_threshold
     from .serialization import load_folder
 
     config, t = load_folder(clusters_dir, "clusters")
+    if weight_threshold is None:  # the patch size is the input side over the label grid's
+        patch_size = (config.get("resolution") or 0) // t["labels"].shape[-1]
+        weight_threshold = reference_weight_threshold(patch_size)
     km = KMeansResult(t["centroids"], t["labels"].flatten(), config.get("inertia", float("nan")), 0,
                       config.get("metric", "cosine"))
     seg = merge_parts(km, t["labels"], t["foreground"].bool(), bg_share=bg_share, weight_threshold=weight_threshold,

@@ -23,7 +23,7 @@ from .data import image_size
 from .device import default_device
 from .errors import LeopartError
 from .hub import from_pretrained
-from .merge import merge
+from .merge import merge, reference_weight_threshold
 from .metrics import hungarian_miou
 from .model import LeopartViT
 from .segment import DEFAULT_RESOLUTION, check_k, dense_features, predict_objects, upsample_argmax
@@ -140,7 +140,7 @@ def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500,
     if fully_unsupervised:
         fu_k = fu_k or (109 if model.patch_size == 8 else 149)
         if weight_threshold is None:
-            weight_threshold = 0.07 if model.patch_size == 8 else 0.09
+            weight_threshold = reference_weight_threshold(model.patch_size)
         n_patches = dense.features[..., 0].numel()
         km = cluster(dense.features, min(fu_k, n_patches), iters=iters, n_init=n_init, seed=seed, device=device,
                      progress=progress)

@@ -196,6 +196,11 @@ def communities(weights: np.ndarray, fg: np.ndarray, weight_threshold: float = 0
     return part_to_object
 
 
+def reference_weight_threshold(patch_size: int) -> float:
+    """The reference's CD edge threshold: 0.07 for ViT-B/8 parts, 0.09 for ViT-S/16 ones."""
+    return 0.07 if patch_size == 8 else 0.09
+
+
 def merge(centroids: torch.Tensor | KMeansResult, labels: Sequence[torch.Tensor], foreground: Sequence[torch.Tensor],
           *, bg_share: float | None = None, weight_threshold: float = 0.07, resolution: float = 1.0, seed: int = 0,
           metric: str = "cosine", params: dict | None = None) -> Segmenter:
