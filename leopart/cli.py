@@ -159,7 +159,9 @@ def embed(inputs, model, resolution, batch_size, device, output, cache_dir):
 @click.option("--arch", default=None, help="timm model name, when it cannot be read off the weights.")
 @click.option("--trust-pickle", is_flag=True, help="Allow checkpoints that pickle Python objects besides tensors.")
 def convert(checkpoint, out_dir, arch, trust_pickle):
-    """Convert an original Leopart CHECKPOINT (.ckpt/.pth/.pt/.safetensors) into a model folder OUT_DIR."""
+    """Convert an original Leopart CHECKPOINT (.ckpt/.pth/.pt/.safetensors) into a model folder OUT_DIR.
+
+    A `leopart train` run's checkpoint.pt converts too (its student)."""
     from .hub import convert_checkpoint, save_converted
     from .serialization import CONFIG_NAME
 

@@ -294,7 +294,7 @@ def infer_config(state: dict[str, torch.Tensor], arch: str | None, source: str) 
 
 
 def convert_checkpoint(path: str | os.PathLike, arch: str | None = None, trust_pickle: bool = False) -> LeopartViT:
-    """Build a LeopartViT from an original-format checkpoint file."""
+    """Build a LeopartViT from an original-format checkpoint file, or from a `leopart train` checkpoint.pt."""
     path = Path(path)
     obj = _load_checkpoint_file(path, trust_pickle)
     if _is_training_checkpoint(obj):
