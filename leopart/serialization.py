@@ -262,8 +262,14 @@ def load_folder(folder: str | os.PathLike, kind: str) -> tuple[dict, dict[str, t
         raise LeopartError(f"{folder} is not a saved leopart {kind} folder: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
     config = read_config(folder / CONFIG_NAME)
     if config.get("leopart_kind", kind) != kind:
-        raise LeopartError(f"{folder} holds a leopart {config['leopart_kind']}, not a {kind}")
+        found = config["leopart_kind"]
+        hint = f": fit one with `leopart merge {folder}`" if (found, kind) == ("clusters", "segmenter") else ""
+        raise LeopartError(f"{folder} holds {_kind_phrase(found)}, not {_kind_phrase(kind)}{hint}")
     return config, load_tensors(folder / WEIGHTS_NAME)
+
+
+def _kind_phrase(kind: str) -> str:
+    return "leopart part clusters" if kind == "clusters" else f"a leopart {kind}"
 
 
 def download_from_hub(name: str, filenames: list[str]) -> Path:
