@@ -282,7 +282,8 @@ def merge(clusters_dir, output, bg_share, weight_threshold, cd_resolution, seed)
 @click.option("--k", default=None, type=click.IntRange(min=1),
               help="Parts per image when no segmenter is given (default 8).")
 @click.option("--output", "-o", default=".", type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for <stem>_mask.png and <stem>_overlay.png.  [default: current folder]")
+              help="Folder for <stem>_mask.png and <stem>_overlay.png (subfolders of a folder input kept).  "
+                   "[default: current folder]")
 @click.option("--resolution", default=None, type=click.IntRange(min=1),
               help="Square input side in pixels, a multiple of the patch size (default: the one the segmenter's "
                    "parts were clustered at, else 448 as in the paper).")
@@ -303,8 +304,8 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
     from .merge import Segmenter
     from .segment import fitted_with, mask_image, save_overlay, save_png, segment as segment_image
 
-    paths = list(data.expand_inputs(list(inputs)))
-    outputs = {p: (output / f"{Path(p).stem}_mask.png", output / f"{Path(p).stem}_overlay.png") for p in paths}
+    outputs = _segment_outputs(inputs, output)
+    paths = list(outputs)
     # A rerun over a folder that also holds the outputs would segment them, or overwrite them while they are inputs.
     produced = {f.resolve() for pair in outputs.values() for f in pair}
     own = {p for p in paths if Path(p).resolve() in produced}
@@ -314,10 +315,6 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
         paths = [p for p in paths if p not in own]
         outputs = {p: outputs[p] for p in paths}
     _check_images(paths)
-    stems = [Path(p).stem for p in paths]
-    dupes = sorted({s for s in stems if stems.count(s) > 1})
-    if dupes:
-        raise LeopartError(f"several inputs share the name {dupes[0]!r}: their output files would collide")
     if head and (segmenter or k or resolution):
         raise LeopartError("--head gives supervised class masks at the head's own resolution: leave out "
                            "--segmenter, --k and --resolution")
@@ -354,6 +351,25 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
             click.echo(f"Stopped after {done} of {len(paths)} images; rerun with --skip-existing to finish.", err=True)
         raise
     click.echo(f"wrote {2 * len(paths)} files to {output}")
+
+
+def _segment_outputs(inputs: tuple[str, ...], output: Path) -> dict[Path, tuple[Path, Path]]:
+    """Each input image's (mask, overlay) files: OUTPUT/<stem>_mask.png and _overlay.png, under the same
+    subfolders as in a folder input (cameras restart their numbering, so a/IMG_0001.JPG and b/IMG_0001.JPG
+    are common). Two inputs that would write the same file are an error."""
+    from . import data
+
+    outputs, writer = {}, {}
+    for item in inputs:
+        root = Path(item)
+        for path in data.expand_inputs(item):
+            folder = output / path.parent.relative_to(root) if root.is_dir() else output
+            mask = folder / f"{path.stem}_mask.png"
+            if writer.setdefault(mask, path) != path:
+                raise LeopartError(f"{writer[mask]} and {path} would both write {mask}: rename one or segment "
+                                   "them into different --output folders")
+            outputs[path] = (mask, folder / f"{path.stem}_overlay.png")
+    return outputs
 
 
 @main.command(name="eval")

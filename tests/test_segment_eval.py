@@ -300,6 +300,25 @@ def test_eval_num_classes_and_bad_layouts(tiny_model_dir, voc_dir, tmp_path, mon
     assert r.exit_code == 1 and "--json must name a .json file" in r.output
 
 
+def test_segment_cli_keeps_the_subfolders_of_a_folder_input(tiny_model_dir, tmp_path):
+    """Cameras restart their numbering: photos/a/IMG_0001.JPG and photos/b/IMG_0001.JPG get masks in
+    out/a/ and out/b/ rather than one file written twice (or an error)."""
+    for d in ("a", "b/deeper"):
+        (tmp_path / "photos" / d).mkdir(parents=True)
+        Image.fromarray(random_image(48, 40)).save(tmp_path / "photos" / d / "IMG_0001.jpg")
+    Image.fromarray(random_image(40, 48)).save(tmp_path / "loose.png")
+    out = tmp_path / "out"
+    args = ["segment", str(tmp_path / "photos"), str(tmp_path / "loose.png"), "--model", str(tiny_model_dir),
+            "--k", "2", "--resolution", "64", "-o", str(out)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
+    assert written == ["a/IMG_0001_mask.png", "a/IMG_0001_overlay.png", "b/deeper/IMG_0001_mask.png",
+                       "b/deeper/IMG_0001_overlay.png", "loose_mask.png", "loose_overlay.png"]
+    r = CliRunner().invoke(main, [*args, "--skip-existing"])
+    assert r.exit_code == 0 and "skipping 3 of 3 inputs" in r.output, r.output
+
+
 def test_segment_cli_bad_inputs(tiny_model_dir, tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "y").mkdir()
@@ -309,7 +328,9 @@ def test_segment_cli_bad_inputs(tiny_model_dir, tmp_path):
     runner = CliRunner()
     base = ["--model", str(tiny_model_dir), "--resolution", "64", "--output", str(tmp_path / "out")]
     r = runner.invoke(main, ["segment", str(tmp_path / "x"), str(tmp_path / "y"), *base])
-    assert r.exit_code == 1 and "share the name 'same'" in r.output
+    assert r.exit_code == 1 and r.output.strip() == (
+        f"Error: {tmp_path / 'x' / 'same.png'} and {tmp_path / 'y' / 'same.png'} would both write "
+        f"{tmp_path / 'out' / 'same_mask.png'}: rename one or segment them into different --output folders"), r.output
     r = runner.invoke(main, ["segment", str(tmp_path / "text.jpg"), *base])
     assert r.exit_code == 1 and "cannot read image" in r.output
     r = runner.invoke(main, ["segment", str(tmp_path / "x"), *base, "--segmenter", str(tmp_path / "nope")])
