@@ -269,7 +269,7 @@ def load_folder(folder: str | os.PathLike, kind: str) -> tuple[dict, dict[str, t
 
 
 def _kind_phrase(kind: str) -> str:
-    return "leopart part clusters" if kind == "clusters" else f"a leopart {kind}"
+    return "leopart part clusters" if kind == "clusters" else f"a leopart {kind.replace('_', ' ')}"
 
 
 def download_from_hub(name: str, filenames: list[str]) -> Path:

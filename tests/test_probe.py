@@ -88,7 +88,7 @@ def test_save_load_round_trip(tmp_path):
     torch.testing.assert_close(loaded(x), head(x))
     (tmp_path / "model").mkdir()
     leopart.LeopartViT(leopart.LeopartConfig(arch="test_vit", img_size=64)).save_pretrained(tmp_path / "model")
-    with pytest.raises(LeopartError, match="not a probe_head"):
+    with pytest.raises(LeopartError, match="holds a leopart model, not a leopart probe head$"):
         load_head(tmp_path / "model")
 
 
