@@ -270,7 +270,7 @@ def merge(clusters_dir, output, bg_share, weight_threshold, cd_resolution, seed)
                       params={"model": config.get("model"), "image_resolution": config.get("resolution")})
     seg.save_pretrained(output)
     n_fg = int(seg.foreground.sum())
-    click.echo(f"wrote {output} ({seg.k} parts -> {seg.n_objects} object{'s' * (seg.n_objects != 1)}, "
+    click.echo(f"wrote {output} ({seg.k} part{'s' * (seg.k != 1)} -> {seg.n_objects} object{'s' * (seg.n_objects != 1)}, "
                f"{n_fg} foreground part{'s' * (n_fg != 1)}, background share {seg.params['bg_share_actual']:.2f})")
 
 
