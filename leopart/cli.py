@@ -186,6 +186,10 @@ def _model_ref(name: str) -> str:
     return str(path.resolve()) if path.exists() else name
 
 
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
 def _check_images(paths: list) -> None:
     """Fail before any work on inputs that are missing or not images (headers only)."""
     from .data import image_size
@@ -270,8 +274,8 @@ def merge(clusters_dir, output, bg_share, weight_threshold, cd_resolution, seed)
                       params={"model": config.get("model"), "image_resolution": config.get("resolution")})
     seg.save_pretrained(output)
     n_fg = int(seg.foreground.sum())
-    click.echo(f"wrote {output} ({seg.k} part{'s' * (seg.k != 1)} -> {seg.n_objects} object{'s' * (seg.n_objects != 1)}, "
-               f"{n_fg} foreground part{'s' * (n_fg != 1)}, background share {seg.params['bg_share_actual']:.2f})")
+    click.echo(f"wrote {output} ({_plural(seg.k, 'part')} -> {_plural(seg.n_objects, 'object')}, "
+               f"{_plural(n_fg, 'foreground part')}, background share {seg.params['bg_share_actual']:.2f})")
 
 
 @main.command()
@@ -310,7 +314,7 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
     produced = {f.resolve() for pair in outputs.values() for f in pair}
     own = {p for p in paths if Path(p).resolve() in produced}
     if own:
-        click.echo(f"leaving out {len(own)} input{'s' * (len(own) != 1)} that this command writes (masks and "
+        click.echo(f"leaving out {_plural(len(own), 'input')} that this command writes (masks and "
                    f"overlays of the other inputs), e.g. {min(own)}")
         paths = [p for p in paths if p not in own]
         outputs = {p: outputs[p] for p in paths}
