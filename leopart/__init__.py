@@ -4,10 +4,11 @@ The public names load on first use, so ``import leopart`` is instant and ``leopa
 for torch and timm to import (5 s on a 2-core machine); ``leopart.embed`` and the rest import what they need
 when first touched.
 """
-import importlib
-import sys
-import types
-from typing import TYPE_CHECKING
+# Underscored, so that dir(leopart) and tab completion show the API rather than these helpers.
+import importlib as _importlib
+import sys as _sys
+import types as _types
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 __version__ = "0.1.0"
 
@@ -26,7 +27,7 @@ _API = {
 }
 __all__ = sorted([*_API, "metrics"])
 
-if TYPE_CHECKING:  # what the names are, for type checkers and editors
+if _TYPE_CHECKING:  # what the names are, for type checkers and editors
     from . import metrics
     from .cluster import KMeansResult, cluster
     from .embed import embed, iter_embeddings
@@ -42,10 +43,10 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
 
 def __getattr__(name: str):
     if name in _API:
-        value = getattr(importlib.import_module(f"{__name__}.{_API[name]}"), name)
+        value = getattr(_importlib.import_module(f"{__name__}.{_API[name]}"), name)
     else:  # a submodule: leopart.metrics, leopart.data, leopart.kernels, ...
         try:
-            value = importlib.import_module(f"{__name__}.{name}")
+            value = _importlib.import_module(f"{__name__}.{name}")
         except ModuleNotFoundError as e:
             if e.name != f"{__name__}.{name}":
                 raise
@@ -58,15 +59,15 @@ def __dir__():
     return sorted(set(globals()) | set(__all__))
 
 
-class _Package(types.ModuleType):
+class _Package(_types.ModuleType):
     """Python binds each submodule on its package once it has loaded (``leopart.cluster`` = the module).
     Where a public function shares its module's name (cluster, embed, evaluate, merge, probe, segment, train), the
     function is what ``leopart.<name>`` means, whichever module happened to load first."""
 
     def __setattr__(self, name, value):
-        if isinstance(value, types.ModuleType) and _API.get(name) == name:
+        if isinstance(value, _types.ModuleType) and _API.get(name) == name:
             value = getattr(value, name)
         super().__setattr__(name, value)
 
 
-sys.modules[__name__].__class__ = _Package
+_sys.modules[__name__].__class__ = _Package

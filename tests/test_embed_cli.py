@@ -511,6 +511,13 @@ def test_every_command_and_option_has_help():
 def test_public_names_resolve_to_the_api_whichever_module_loads_first():
     """leopart.cluster (embed, merge, ...) is the function even when its module of the same name was loaded
     first by another import; every name in __all__ resolves; unknown names raise AttributeError."""
+    fresh = """
+import leopart
+public = {name for name in dir(leopart) if not name.startswith("_")}
+assert public == set(leopart.__all__), public ^ set(leopart.__all__)  # no helper imports in tab completion
+"""
+    r = subprocess.run([sys.executable, "-c", fresh], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
     code = """
 import leopart.segment, leopart.evaluate, leopart.demo
 import leopart
