@@ -30,6 +30,8 @@ METRICS = ("cosine", "euclidean")
 
 @dataclass
 class KMeansResult:
+    """What ``leopart.cluster`` found; ``predict(features)`` assigns new features [..., D] to its centroids."""
+
     centroids: torch.Tensor  # [K, D] fp32 (unit norm for cosine)
     labels: torch.Tensor     # [N] int64
     inertia: float           # sum of (1 - cos) for cosine, of squared distances for euclidean

@@ -31,6 +31,10 @@ NEIGHBOUR_OFFSETS = ((0, 1), (1, 0), (1, 1), (1, -1))
 
 @dataclass
 class Segmenter:
+    """Parts and the objects they form (from ``leopart.merge``): a patch goes to its nearest part centroid, a
+    part to its object (0 = background). Saved and loaded like a model (``save_pretrained``, ``from_pretrained``,
+    ``push_to_hub``); ``leopart.segment(image, segmenter=...)`` applies it."""
+
     centroids: torch.Tensor        # [K, D] part centroids
     part_to_object: torch.Tensor   # [K] int64, 0 = background
     foreground: torch.Tensor       # [K] bool

@@ -24,6 +24,7 @@ from .errors import LeopartError
 
 @dataclass
 class LeopartConfig:
+    """What a LeopartViT is built from (its config.json): the timm ViT, the projection head and the prototypes."""
     arch: str = "vit_small_patch16_224"  # any timm ViT name
     img_size: int = 224                  # size the position embeddings were trained at
     num_prototypes: int = 300
@@ -56,6 +57,14 @@ def projection_head(in_dim: int, hidden_dim: int, out_dim: int, n_layers: int) -
 
 
 class LeopartViT(nn.Module):
+    """A timm ViT backbone with Leopart's projection head and prototypes.
+
+    ``model(x, attention=True)`` on normalised images [B, 3, H, W] (H, W multiples of the patch size) gives a
+    LeopartOutput: patch tokens [B, h, w, D], embeddings, prototype scores and the last layer's CLS attention.
+    Load one with ``leopart.from_pretrained``; ``save_pretrained`` / ``push_to_hub`` write config.json +
+    model.safetensors.
+    """
+
     def __init__(self, config: LeopartConfig | None = None, **overrides):
         super().__init__()
         config = dataclasses.replace(config or LeopartConfig(), **overrides)

@@ -53,6 +53,9 @@ RESUMABLE_OVERRIDES = {"steps", "epochs", "save_every", "workers", "device", "ev
 
 @dataclass
 class TrainConfig:
+    """Every setting of a training run (the keyword arguments of ``leopart.train``); the defaults are the
+    paper's ViT-S/16 recipe, but for the queue, which is off unless asked."""
+
     data: str = ""
     output: str = "runs/leopart"
     init: str = "dino-vits16"            # alias | org/repo | path | "random"
