@@ -100,8 +100,9 @@ def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500,
              progress: bool | None = None, cache_dir: str | Path | None = None) -> dict:
     """Score ``model`` on a VOC-layout folder with the paper's protocols (what ``leopart eval`` runs): k-means
     over-clustering for each k in ``ks`` and, with ``fully_unsupervised``, CBFE + CD. Returns
-    {"overclustering": {k: miou}, "fully_unsupervised": miou, "n_images": n, ...} with mIoU in percent. ``n_init`` > 1 keeps the lowest-inertia of that many k-means runs: at small k a
-    single run's mIoU swings by ten points with the seed. ``cache_dir``: see segment.dense_features."""
+    {"overclustering": {k: miou}, "fully_unsupervised": miou, "n_images": n, ...} with mIoU in percent.
+    ``n_init`` > 1 keeps the lowest-inertia of that many k-means runs: at small k a single run's mIoU swings
+    by ten points with the seed. ``cache_dir``: see segment.dense_features."""
     device = default_device(device)  # the model's and k-means' (default: cuda when available)
     voc = read_voc(data_root, split)  # a wrong folder fails before a model loads (or downloads)
     model = from_pretrained(model, device=device)
