@@ -303,6 +303,17 @@ def test_train_cli_guards(train_dir, tmp_path):
     assert r.exit_code == 1 and "need at least 64 images" in r.output
 
 
+def test_train_cli_from_a_leopart_model_records_its_prototype_count(train_dir, tiny_model_dir, tmp_path):
+    base = ["train", str(train_dir), "--output", str(tmp_path / "r"), "--init", str(tiny_model_dir), "--batch-size",
+            "4", "--global-size", "64", "--local-size", "32", "--workers", "0"]
+    r = CliRunner().invoke(main, [*base, "--steps", "1"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["num_prototypes"] == 10  # the init model's
+    r = CliRunner().invoke(main, [*base, "--steps", "2", "--resume", "--num-prototypes", "10"])  # the same count
+    assert r.exit_code == 0, r.output
+    assert leopart.from_pretrained(tmp_path / "r" / "model").config.num_prototypes == 10
+
+
 def test_interrupted_train_cli_says_how_to_continue(train_dir, tmp_path, monkeypatch):
     interrupt_at_call(monkeypatch, sys.modules["leopart.train"].Learner, "step", 2)
     r = CliRunner().invoke(main, ["train", str(train_dir), "--output", str(tmp_path / "r"), "--init", "random",
