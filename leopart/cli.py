@@ -180,12 +180,6 @@ def _fg_option(f):
                              "the paper used dino-vits16).")(f)
 
 
-def _model_ref(name: str) -> str:
-    """A model name to record in an output: local paths made absolute, so it still resolves from elsewhere."""
-    path = Path(name).expanduser()
-    return str(path.resolve()) if path.exists() else name
-
-
 def _plural(n: int, noun: str) -> str:
     return f"{n} {noun}{'s' * (n != 1)}"
 
@@ -235,7 +229,7 @@ def cluster(inputs, model, k, output, resolution, iters, seed, batch_size, devic
     dense = dense_features(paths, m, resolution, batch_size, device, fg_model=fg, progress=True,
                            cache_dir=cache_dir)
     km = kmeans(dense.features, k, iters=iters, seed=seed, device=device, progress=True)
-    config = {"leopart_kind": "clusters", "model": _model_ref(model), "fg_model": _model_ref(fg_model or model), "k": k,
+    config = {"leopart_kind": "clusters", "model": m.name_or_path, "fg_model": (fg or m).name_or_path, "k": k,
               "metric": km.metric, "resolution": resolution, "inertia": km.inertia, "seed": seed,
               "names": [str(p) for p in paths]}
     tensors = {"centroids": km.centroids, "labels": km.labels.view(dense.features.shape[:3]),
@@ -281,7 +275,7 @@ def merge(clusters_dir, output, bg_share, weight_threshold, cd_resolution, seed)
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--model", default=None,
-              help="Alias, Hub id, folder or checkpoint (default: the segmenter's own model, else vits16).")
+              help="Alias, Hub id, folder or checkpoint (default: the segmenter's or head's own model, else vits16).")
 @click.option("--segmenter", default=None, help="Folder or Hub id of a fitted segmenter (from `leopart merge`).")
 @click.option("--k", default=None, type=click.IntRange(min=1),
               help="Parts per image when no segmenter is given (default 8).")
@@ -330,13 +324,15 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
             return
         paths = todo
     seg = Segmenter.from_pretrained(segmenter) if segmenter else None
-    m = from_pretrained(model or fitted_with(seg)[0], device=device)
-    fg = from_pretrained(fg_model, device=device) if fg_model else None
     probe_head = None
     if head:
         from .probe import load_head, segment_with_head
 
         probe_head = load_head(head)
+    # Without --model: the one the segmenter's parts or the head were fitted on, when they record it.
+    fitted_model = (probe_head.config.model if probe_head else None) or fitted_with(seg)[0]
+    m = from_pretrained(model or fitted_model, device=device)
+    fg = from_pretrained(fg_model, device=device) if fg_model else None
     done = 0
     try:
         for path in tqdm(paths, desc="segment", unit="img", disable=None if len(paths) > 1 else True):

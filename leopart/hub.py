@@ -69,10 +69,20 @@ def from_pretrained(name: str | os.PathLike | LeopartViT, *, arch: str | None = 
         model = name
     else:
         model = _resolve(str(name), arch=arch, trust_pickle=trust_pickle)
+        model.name_or_path = recorded_name(name)
     model.eval()
     if device is not None:
         model.to(default_device(device))
     return model
+
+
+def recorded_name(name: str | os.PathLike) -> str:
+    """A model name to record in an output: local paths made absolute, so it still resolves from elsewhere;
+    aliases stay aliases (they win over a folder of the same name, as in _resolve)."""
+    path = Path(name).expanduser()
+    if str(name) in RELEASES or str(name) in DINO or not path.exists():
+        return str(name)
+    return str(path.resolve())
 
 
 def _resolve(name: str, arch: str | None, trust_pickle: bool) -> LeopartViT:

@@ -65,6 +65,10 @@ class LeopartViT(nn.Module):
     model.safetensors.
     """
 
+    # What from_pretrained loaded it from (alias, Hub id, or absolute local path), so outputs made with it
+    # (segmenters, probe heads) can name it; None for a model built in code.
+    name_or_path: str | None = None
+
     def __init__(self, config: LeopartConfig | None = None, **overrides):
         super().__init__()
         config = dataclasses.replace(config or LeopartConfig(), **overrides)

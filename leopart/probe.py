@@ -70,6 +70,7 @@ class ProbeConfig:
     dropout: float = 0.1
     mask_size: int = 100      # tokens are upsampled to mask_size x mask_size before the head
     resolution: int = 448     # input size the head was trained at
+    model: str | None = None  # the backbone it reads (name or absolute path), when known
 
 
 class ProbeHead(nn.Module):
@@ -268,7 +269,7 @@ def probe(model: LeopartViT | str, train_data: str | os.PathLike, head: str = "l
     num_classes = cfg.num_classes or _count_classes(voc)
     torch.manual_seed(cfg.seed)
     probe_head = ProbeHead(ProbeConfig(head=cfg.head, in_dim=model.embed_dim, num_classes=num_classes,
-                                       mask_size=cfg.mask_size, resolution=cfg.resolution))
+                                       mask_size=cfg.mask_size, resolution=cfg.resolution, model=model.name_or_path))
     probe_head.to(device).train()
     trained = probe_head if world == 1 else nn.parallel.DistributedDataParallel(
         probe_head, device_ids=[device.index] if device.type == "cuda" else None)

@@ -254,6 +254,19 @@ def test_hub_repo_from_cache_offline(tiny_model, tmp_path):
     for name in ("someone/tiny-leopart", "someone/tiny-leopart@v1"):
         loaded = leopart.from_pretrained(name)
         assert torch.equal(loaded.prototypes.weight, tiny_model.prototypes.weight)
+        assert loaded.name_or_path == name
+
+
+def test_name_or_path_records_what_to_load_again(tiny_model, tmp_path, monkeypatch):
+    """Outputs made with a model (segmenters, probe heads) record it: local paths absolute, aliases as aliases
+    even beside a folder of the same name (the alias wins when loading too)."""
+    tiny_model.save_pretrained(tmp_path / "m")
+    monkeypatch.chdir(tmp_path)
+    assert leopart.from_pretrained("m").name_or_path == str(tmp_path / "m")
+    assert tiny_model.name_or_path is None  # built in code
+    assert leopart.from_pretrained(tiny_model) is tiny_model and tiny_model.name_or_path is None
+    (tmp_path / "vits16").mkdir()
+    assert hub.recorded_name("vits16") == "vits16" and hub.recorded_name("m") == str(tmp_path / "m")
 
 
 def test_timm_repo_and_dino_alias(monkeypatch):

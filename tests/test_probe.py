@@ -156,6 +156,13 @@ def test_eval_cli_probes_json_and_segment_head(block_voc, tiny_model_dir, tmp_pa
     assert r.exit_code == 0, r.output
     with Image.open(seg_out / "val000_mask.png") as m:
         assert m.mode == "P" and m.size == (64, 64) and np.asarray(m).max() < 4
+    # The head records its backbone, so --model can be left out (it defaulted to vits16 and failed offline).
+    head_config = json.loads((tmp_path / "p" / "linear" / "head" / "config.json").read_text())
+    assert head_config["model"] == str(tiny_model_dir.resolve())
+    r = runner.invoke(main, ["segment", str(block_voc / "JPEGImages" / "val000.png"), "--head",
+                             str(tmp_path / "p" / "linear" / "head"), "--output", str(tmp_path / "seg2")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "seg2" / "val000_mask.png").read_bytes() == (seg_out / "val000_mask.png").read_bytes()
     r = runner.invoke(main, ["segment", str(block_voc / "JPEGImages" / "val000.png"), "--model",
                              str(tiny_model_dir), "--head", str(tmp_path / "nothing"), "--output", str(seg_out)])
     assert r.exit_code == 1 and "no probe head" in r.output
