@@ -99,7 +99,7 @@ tags:
 ---
 # leopart segmenter
 
-{seg.k} part clusters merged into {seg.n_objects} objects ({int(seg.foreground.sum())} foreground parts),
+{seg.k} part clusters merged into {seg.n_objects} object(s) ({int(seg.foreground.sum())} foreground part(s)),
 fitted without labels by CBFE + community detection (Ziegler & Asano, CVPR 2022, section 4).
 
 | parameter | value |
@@ -108,7 +108,9 @@ fitted without labels by CBFE + community detection (Ziegler & Asano, CVPR 2022,
 
 ```python
 import leopart
-mask = leopart.segment("image.jpg", model="<its model>", segmenter="<this repo or folder>")
+# model and resolution default to the ones its parts were clustered with (parameters model, image_resolution);
+# pass model= where that model is a local path that does not exist on your machine
+mask = leopart.segment("image.jpg", segmenter="<this repo or folder>")
 ```
 """
 
