@@ -27,6 +27,29 @@ def default_device(device=None) -> torch.device:
     return device
 
 
+def host_memory_available(meminfo: str = "/proc/meminfo") -> int | None:
+    """Bytes a new host allocation can still get (Linux: MemAvailable + SwapFree), or None where unknown."""
+    fields = {}
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                name, value = line.split(":", 1)
+                fields[name] = int(value.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    if "MemAvailable" not in fields:
+        return None
+    return fields["MemAvailable"] + fields.get("SwapFree", 0)
+
+
+def check_host_memory(n_bytes: int, what: str, advice: str) -> None:
+    """Fail at once, rather than be killed for memory hours in, when ``what`` cannot fit in host memory."""
+    available = host_memory_available()
+    if available is not None and n_bytes > available:
+        raise LeopartError(f"{what} take {n_bytes / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB of "
+                           f"memory available here: {advice}")
+
+
 def autocast(device: torch.device):
     """bf16 autocast on CUDA; full precision elsewhere (CPU bf16 is slower and less exact)."""
     if device.type == "cuda":

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import serialization
 from .data import image_size
-from .device import autocast, default_device
+from .device import autocast, check_host_memory, default_device
 from .embed import iter_batches
 from .errors import LeopartError
 from .evaluate import load_mask, read_voc, resize_mask
@@ -208,6 +208,10 @@ class TokenCache:
         self.folder = None if folder is None else Path(folder) / serialization.cache_key(
             [model.backbone], [*voc.images, *voc.masks], model.config.arch, resolution, mask_size)
         self.memory: dict[int, dict[str, torch.Tensor]] = {}
+        if self.folder is None:
+            grid = resolution // model.patch_size
+            check_host_memory(self.n * grid * grid * model.embed_dim * 2, f"the fp16 tokens of {self.n} images",
+                              "keep them on disk instead with --probe-dir (probe(..., output=DIR))")
 
     def shard(self, s: int) -> dict[str, torch.Tensor]:
         if s in self.memory:

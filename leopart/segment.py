@@ -19,7 +19,7 @@ from PIL import Image
 
 from . import data, serialization
 from .cluster import KMeansResult, cluster
-from .device import default_device
+from .device import check_host_memory, default_device
 from .embed import iter_batches
 from .errors import LeopartError
 from .foreground import foreground_mask
@@ -52,6 +52,9 @@ def dense_features(images: Any, model: LeopartViT, resolution: int = DEFAULT_RES
     images = list(data.expand_inputs(images)) if not isinstance(images, torch.Tensor) else images
     if len(images) == 0:
         raise LeopartError("no images given")
+    grid = resolution // model.patch_size
+    check_host_memory(len(images) * grid * grid * model.embed_dim * 4, f"the patch features of {len(images)} images",
+                      "use fewer images, a lower resolution or a machine with more memory")
 
     models = [model] if fg_model is None else [model, fg_model]
     shards = serialization.cached_shards(

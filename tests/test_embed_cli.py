@@ -469,6 +469,18 @@ def test_named_devices_are_checked_before_any_work(monkeypatch):
         leopart.cluster(torch.randn(20, 4), k=2, device="cuda")
 
 
+def test_host_memory_is_read_from_meminfo(tmp_path):
+    from leopart.device import host_memory_available
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   1000 kB\nSwapTotal: 0 kB\nSwapFree:  24 kB\n")
+    assert host_memory_available(str(meminfo)) == 1024 * 1024
+    meminfo.write_text("MemTotal:       24000000 kB\n")  # kernels before 3.14 lack MemAvailable: no guess
+    assert host_memory_available(str(meminfo)) is None
+    assert host_memory_available(str(tmp_path / "none")) is None  # not Linux
+    assert host_memory_available() is None or host_memory_available() > 0
+
+
 def test_console_script_one_line_error_without_traceback(tmp_path):
     """The real entry point, as a user runs it: a text file named .jpg."""
     bad = tmp_path / "notes.jpg"

@@ -54,6 +54,21 @@ def test_linear_probe_learns_separable_classes(block_voc, tiny_model, tmp_path):
     torch.testing.assert_close(again(x), head(x))
 
 
+def test_tokens_that_cannot_fit_in_memory_fail_at_once_unless_kept_on_disk(block_voc, tiny_model, tmp_path,
+                                                                            monkeypatch):
+    from leopart import device
+
+    # block_voc's 24 train images at 64 px: 24 x 4 x 4 tokens x 64 dims x 2 bytes = 49,152 bytes in memory
+    monkeypatch.setattr(device, "host_memory_available", lambda: 49_151)
+    args = dict(head="linear", epochs=1, resolution=64, mask_size=4, batch_size=6, progress=False)
+    with pytest.raises(LeopartError, match=r"the fp16 tokens of 24 images take 0.0 GiB, more than the 0.0 GiB of "
+                                           r"memory available here: keep them on disk instead with --probe-dir"):
+        leopart.probe(tiny_model, block_voc, **args)
+    leopart.probe(tiny_model, block_voc, output=str(tmp_path / "disk"), **args)  # on disk: no limit
+    monkeypatch.setattr(device, "host_memory_available", lambda: 49_152)
+    leopart.probe(tiny_model, block_voc, **args)
+
+
 def test_probe_resumes_from_its_checkpoint(block_voc, tiny_model, tmp_path):
     args = dict(head="linear", lr=0.5, resolution=64, mask_size=4, batch_size=6, output=str(tmp_path / "r"),
                 progress=False)

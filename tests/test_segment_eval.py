@@ -65,6 +65,16 @@ def test_segment_api_without_and_with_segmenter(tiny_model):
         leopart.segment(img, model=tiny_model, k=17, resolution=64)
 
 
+def test_features_that_cannot_fit_in_memory_fail_before_any_is_computed(tiny_model, monkeypatch):
+    from leopart import device
+
+    segment = sys.modules["leopart.segment"]
+    monkeypatch.setattr(device, "host_memory_available", lambda: 2 * 16 * 64 * 4 - 1)  # 2 images, 4x4 patches
+    monkeypatch.setattr(segment, "iter_batches", lambda *a, **k: pytest.fail("features computed before the check"))
+    with pytest.raises(LeopartError, match="the patch features of 2 images take .* GiB of memory available here"):
+        segment.dense_features([random_image(64, 64)] * 2, tiny_model, 64)
+
+
 def test_segment_cli_writes_mask_and_overlay(tiny_model_dir, tmp_path):
     Image.fromarray(scene(70, 90, 1)[0]).save(tmp_path / "a.jpg")
     Image.fromarray(random_image(50, 40)).convert("L").save(tmp_path / "b.png")
