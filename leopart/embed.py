@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data, serialization
-from .device import autocast, default_device
+from .device import autocast, check_host_memory, default_device
 from .errors import LeopartError
 from .hub import from_pretrained
 from .model import LeopartViT
@@ -104,6 +104,13 @@ def embed(images: Any, model: str | LeopartViT = "vits16", resolution: int | Non
     Returns a float32 CPU tensor [B, h, w, D] with h = w = resolution // patch_size.
     """
     images = data.listed(images)  # counted first (unless an iterator), so the result is allocated once
+    device = default_device(device)
+    model = from_pretrained(model, device=device)
+    if resolution is not None and isinstance(images, list):
+        grid = resolution // model.patch_size
+        check_host_memory(len(images) * grid * grid * model.embed_dim * 4, f"the features of {len(images)} images",
+                          "take them one at a time with leopart.iter_embeddings, or stream them to a file with "
+                          "`leopart embed -o FILE`")
     maps = _embeddings(images, model, resolution, batch_size, device, progress, cache_dir)
     if resolution is None:
         return list(maps)

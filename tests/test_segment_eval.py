@@ -73,6 +73,13 @@ def test_features_that_cannot_fit_in_memory_fail_before_any_is_computed(tiny_mod
     monkeypatch.setattr(segment, "iter_batches", lambda *a, **k: pytest.fail("features computed before the check"))
     with pytest.raises(LeopartError, match="the patch features of 2 images take .* GiB of memory available here"):
         segment.dense_features([random_image(64, 64)] * 2, tiny_model, 64)
+    embed = sys.modules["leopart.embed"]
+    monkeypatch.setattr(embed, "iter_batches", lambda *a, **k: pytest.fail("features computed before the check"))
+    with pytest.raises(LeopartError, match="the features of 2 images take .* leopart.iter_embeddings"):
+        leopart.embed([random_image(64, 64)] * 2, model=tiny_model, resolution=64)
+    monkeypatch.undo()
+    monkeypatch.setattr(device, "host_memory_available", lambda: 2 * 16 * 64 * 4)  # exactly fits
+    assert leopart.embed([random_image(64, 64)] * 2, model=tiny_model, resolution=64).shape == (2, 4, 4, 64)
 
 
 def test_segment_cli_writes_mask_and_overlay(tiny_model_dir, tmp_path):
