@@ -25,6 +25,7 @@ from .errors import LeopartError
 @dataclass
 class LeopartConfig:
     """What a LeopartViT is built from (its config.json): the timm ViT, the projection head and the prototypes."""
+
     arch: str = "vit_small_patch16_224"  # any timm ViT name
     img_size: int = 224                  # size the position embeddings were trained at
     num_prototypes: int = 300
