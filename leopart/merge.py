@@ -12,6 +12,7 @@ The result is a ``Segmenter``: centroids + part -> object map (0 = background), 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -85,6 +86,11 @@ class Segmenter:
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
                     commit_message: str = "Upload leopart segmenter") -> str:
+        model = self.params.get("model")
+        if model and Path(model).is_absolute():  # as `leopart cluster` records a local model
+            warnings.warn(f"this segmenter names its model by a local path ({model}), which users of {repo_id} "
+                          "cannot load: push the model too and set params['model'] to its repo id first",
+                          stacklevel=2)
         return serialization.push_folder(self.save_pretrained, repo_id, private=private, token=token,
                                          commit_message=commit_message)
 

@@ -6,6 +6,7 @@ import re
 import socket
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,17 @@ def test_push_to_hub_uploads_a_saved_folder(tiny_model, monkeypatch):
     assert calls["create"] == ("me/tiny", True, True) and calls["token"] == "t"
     assert calls["files"] == ["README.md", "config.json", "model.safetensors"]
     assert calls["config"]["arch"] == TINY_ARCH
+
+    # A segmenter that names its model by a local path says others cannot load it; a Hub id is fine.
+    seg = leopart.Segmenter(torch.randn(3, 8), torch.tensor([0, 1, 1]), torch.tensor([False, True, True]),
+                            params={"model": "/home/me/runs/x/model"})
+    with pytest.warns(UserWarning, match="local path .* push the model too"):
+        seg.push_to_hub("me/seg")
+    assert calls["create"][0] == "me/seg" and calls["config"]["params"]["model"] == "/home/me/runs/x/model"
+    seg.params["model"] = "me/tiny"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        seg.push_to_hub("me/seg")
 
 
 # ---------------------------------------------------------------- conversion
