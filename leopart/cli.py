@@ -300,7 +300,7 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
     from . import data
     from .hub import from_pretrained
     from .merge import Segmenter
-    from .segment import fitted_with, mask_image, save_overlay, save_png, segment as segment_image
+    from .segment import fitted_with, mask_image, recorded_model, save_overlay, save_png, segment as segment_image
 
     outputs = _segment_outputs(inputs, output)
     paths = list(outputs)
@@ -331,7 +331,7 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
         probe_head = load_head(head)
     # Without --model: the one the segmenter's parts or the head were fitted on, when they record it.
     fitted_model = (probe_head.config.model if probe_head else None) or fitted_with(seg)[0]
-    m = from_pretrained(model or fitted_model, device=device)
+    m = from_pretrained(model or recorded_model(fitted_model, head or segmenter or "the model"), device=device)
     fg = from_pretrained(fg_model, device=device) if fg_model else None
     done = 0
     try:

@@ -146,6 +146,15 @@ def fitted_with(segmenter: Segmenter | None) -> tuple[str, int]:
     return str(params.get("model") or "vits16"), int(params.get("image_resolution") or DEFAULT_RESOLUTION)
 
 
+def recorded_model(name: str, source: str) -> str:
+    """A model name that a segmenter or probe head recorded, checked to exist here when it is a local path
+    (one fitted on another machine names a folder of that machine)."""
+    if Path(name).is_absolute() and not Path(name).exists():
+        raise LeopartError(f"{source} was fitted with the model {name}, which is not on this machine: pass that "
+                           "model's folder or Hub id as --model (model=)")
+    return name
+
+
 def segment(image: Any, model: str | LeopartViT | None = None, segmenter: str | Path | Segmenter | None = None,
             k: int | None = None, resolution: int | None = None, fg_model: str | LeopartViT | None = None,
             device=None, seed: int = 0) -> np.ndarray:
@@ -160,7 +169,8 @@ def segment(image: Any, model: str | LeopartViT | None = None, segmenter: str | 
     if segmenter is not None and not isinstance(segmenter, Segmenter):
         segmenter = Segmenter.from_pretrained(segmenter)
     fitted_model, fitted_resolution = fitted_with(segmenter)  # parts are patch features of one model at one scale
-    model = from_pretrained(model if model is not None else fitted_model, device=device)
+    model = from_pretrained(model if model is not None else recorded_model(fitted_model, "the segmenter"),
+                            device=device)
     resolution = resolution if resolution is not None else fitted_resolution
     img = data.load_image(image, data.describe(image, 0))
     fg = from_pretrained(fg_model, device=device) if fg_model is not None else None

@@ -82,6 +82,23 @@ def test_features_that_cannot_fit_in_memory_fail_before_any_is_computed(tiny_mod
     assert leopart.embed([random_image(64, 64)] * 2, model=tiny_model, resolution=64).shape == (2, 4, 4, 64)
 
 
+def test_a_segmenter_fitted_elsewhere_says_to_pass_its_model(tiny_model, tiny_model_dir, tmp_path):
+    dense = sys.modules["leopart.segment"].dense_features([scene(64, 64, 0)[0]], tiny_model, 64)
+    seg, _ = sys.modules["leopart.segment"].fit_segmenter(dense, 3, params={"model": "/elsewhere/run/model",
+                                                                             "image_resolution": 64})
+    seg.save_pretrained(tmp_path / "seg")
+    Image.fromarray(scene(64, 64, 1)[0]).save(tmp_path / "a.png")
+    args = ["segment", str(tmp_path / "a.png"), "--segmenter", str(tmp_path / "seg"), "-o", str(tmp_path / "out")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and r.output.strip() == (
+        f"Error: {tmp_path / 'seg'} was fitted with the model /elsewhere/run/model, which is not on this machine: "
+        "pass that model's folder or Hub id as --model (model=)"), r.output
+    with pytest.raises(LeopartError, match="the segmenter was fitted with the model /elsewhere/run/model"):
+        leopart.segment(tmp_path / "a.png", segmenter=tmp_path / "seg")
+    r = CliRunner().invoke(main, [*args, "--model", str(tiny_model_dir)])
+    assert r.exit_code == 0, r.output
+
+
 def test_segment_cli_writes_mask_and_overlay(tiny_model_dir, tmp_path):
     Image.fromarray(scene(70, 90, 1)[0]).save(tmp_path / "a.jpg")
     Image.fromarray(random_image(50, 40)).convert("L").save(tmp_path / "b.png")
