@@ -30,6 +30,7 @@ from . import synthetic
 from .cluster import cluster
 from .errors import LeopartError
 from .evaluate import evaluate, load_mask, read_voc
+from .hub import recorded_name
 from .metrics import hungarian_miou
 from .model import LeopartViT
 from .segment import dense_features, fit_segmenter, mask_image, predict_objects, save_overlay, save_png
@@ -229,7 +230,7 @@ def run_demo(**overrides) -> dict:
     voc = read_voc(data_root, "val")
     dense = dense_features(voc.images, model, cfg.image_size, progress=False, cache_dir=features)
     best_share = methods[METHODS[2]]["fully_unsupervised_details"]["bg_share"]
-    fitted_on = {"model": str((run_dir / "model").resolve()), "image_resolution": cfg.image_size}
+    fitted_on = {"model": recorded_name(run_dir / "model"), "image_resolution": cfg.image_size}
     segmenter, _ = fit_segmenter(dense, cfg.fu_k, iters=30, n_init=cfg.n_init, seed=cfg.seed, bg_share=best_share,
                                  params=fitted_on, progress=False)
     segmenter.save_pretrained(out / "segmenter")

@@ -29,6 +29,14 @@ def _preprocess(i: int, item: Any, resolution: int | None, patch_size: int) -> t
     return name, data.to_tensor(img, size)
 
 
+def check_features_fit(n_images: int, model: LeopartViT, resolution: int, bytes_per_value: int, what: str,
+                       advice: str) -> None:
+    """Fail before any work when ``what`` (patch tokens of ``n_images`` square inputs) cannot fit in host memory."""
+    grid = resolution // model.patch_size
+    check_host_memory(n_images * grid * grid * model.embed_dim * bytes_per_value, f"{what} of {n_images} images",
+                      advice)
+
+
 def iter_preprocessed(images: Any, resolution: int | None, patch_size: int,
                       threads: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, normalised tensor [3, H, W]) in input order, decoding lazily.
@@ -107,10 +115,9 @@ def embed(images: Any, model: str | LeopartViT = "vits16", resolution: int | Non
     device = default_device(device)
     model = from_pretrained(model, device=device)
     if resolution is not None and isinstance(images, list):
-        grid = resolution // model.patch_size
-        check_host_memory(len(images) * grid * grid * model.embed_dim * 4, f"the features of {len(images)} images",
-                          "take them one at a time with leopart.iter_embeddings, or stream them to a file with "
-                          "`leopart embed -o FILE`")
+        check_features_fit(len(images), model, resolution, 4, "the features",
+                           "take them one at a time with leopart.iter_embeddings, or stream them to a file with "
+                           "`leopart embed -o FILE`")
     maps = _embeddings(images, model, resolution, batch_size, device, progress, cache_dir)
     if resolution is None:
         return list(maps)

@@ -246,8 +246,6 @@ def _load_checkpoint_file(path: Path, trust_pickle: bool) -> Any:
 
 
 def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    if _is_training_checkpoint(obj):
-        obj = obj["student"]
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # Lightning
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 
 from . import serialization
 from .data import image_size
-from .device import autocast, check_host_memory, default_device
-from .embed import iter_batches
+from .device import autocast, default_device
+from .embed import check_features_fit, iter_batches
 from .errors import LeopartError
 from .evaluate import load_mask, read_voc, resize_mask
 from .metrics import Confusion
@@ -209,9 +209,8 @@ class TokenCache:
             [model.backbone], [*voc.images, *voc.masks], model.config.arch, resolution, mask_size)
         self.memory: dict[int, dict[str, torch.Tensor]] = {}
         if self.folder is None:
-            grid = resolution // model.patch_size
-            check_host_memory(self.n * grid * grid * model.embed_dim * 2, f"the fp16 tokens of {self.n} images",
-                              "keep them on disk instead with --probe-dir (probe(..., output=DIR))")
+            check_features_fit(self.n, model, resolution, 2, "the fp16 tokens",
+                               "keep them on disk instead with --probe-dir (probe(..., output=DIR))")
 
     def shard(self, s: int) -> dict[str, torch.Tensor]:
         if s in self.memory:

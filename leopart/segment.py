@@ -19,8 +19,8 @@ from PIL import Image
 
 from . import data, serialization
 from .cluster import KMeansResult, cluster
-from .device import check_host_memory, default_device
-from .embed import iter_batches
+from .device import default_device
+from .embed import check_features_fit, iter_batches
 from .errors import LeopartError
 from .foreground import foreground_mask
 from .hub import from_pretrained
@@ -52,9 +52,8 @@ def dense_features(images: Any, model: LeopartViT, resolution: int = DEFAULT_RES
     images = list(data.expand_inputs(images)) if not isinstance(images, torch.Tensor) else images
     if len(images) == 0:
         raise LeopartError("no images given")
-    grid = resolution // model.patch_size
-    check_host_memory(len(images) * grid * grid * model.embed_dim * 4, f"the patch features of {len(images)} images",
-                      "use fewer images, a lower resolution or a machine with more memory")
+    check_features_fit(len(images), model, resolution, 4, "the patch features",
+                       "use fewer images, a lower resolution or a machine with more memory")
 
     models = [model] if fg_model is None else [model, fg_model]
     shards = serialization.cached_shards(
