@@ -131,7 +131,7 @@ def _cache_option(f):
               help="Where to write the features: FILE.safetensors or FILE.npy.")
 @_cache_option
 def embed(inputs, model, resolution, batch_size, device, output, cache_dir):
-    """Embed images (files or folders) into patch features [B, h, w, D]."""
+    """Embed images (files, folders or .txt lists of paths) into patch features [B, h, w, D]."""
     from . import data
     from .embed import iter_embeddings
     from .serialization import write_features
@@ -210,7 +210,7 @@ def _check_images(paths: list) -> None:
 @_cache_option
 @_fg_option
 def cluster(inputs, model, k, output, resolution, iters, seed, batch_size, device, cache_dir, fg_model):
-    """Cluster the patch tokens of INPUTS (files or folders) into K parts."""
+    """Cluster the patch tokens of INPUTS (files, folders or .txt lists of paths) into K parts."""
     import torch
 
     from . import data
@@ -293,8 +293,8 @@ def merge(clusters_dir, output, bg_share, weight_threshold, cd_resolution, seed)
               help="Leave out inputs whose mask and overlay are already in the output folder (finishes an "
                    "interrupted run).")
 def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_model, skip_existing):
-    """Segment images into objects without labels (or into classes with --head); writes VOC-coloured masks
-    and overlays."""
+    """Segment images (files, folders or .txt lists of paths) into objects without labels (or into classes
+    with --head); writes VOC-coloured masks and overlays."""
     from tqdm.auto import tqdm
 
     from . import data
@@ -355,15 +355,19 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
 
 def _segment_outputs(inputs: tuple[str, ...], output: Path) -> dict[Path, tuple[Path, Path]]:
     """Each input image's (mask, overlay) files: OUTPUT/<stem>_mask.png and _overlay.png, under the same
-    subfolders as in a folder input (cameras restart their numbering, so a/IMG_0001.JPG and b/IMG_0001.JPG
-    are common). Two inputs that would write the same file are an error."""
+    subfolders as in a folder input, or as below a list file's folder (cameras restart their numbering, so
+    a/IMG_0001.JPG and b/IMG_0001.JPG are common). Two inputs that would write the same file are an error."""
     from . import data
 
     outputs, writer = {}, {}
     for item in inputs:
         root = Path(item)
+        root = root if root.is_dir() else root.parent if data.is_image_list(root) else None
         for path in data.expand_inputs(item):
-            folder = output / path.parent.relative_to(root) if root.is_dir() else output
+            folder = output
+            if root is not None:  # normpath first: a listed ../x/a.jpg must not write outside OUTPUT
+                sub = os.path.relpath(os.path.normpath(path.parent), os.path.normpath(root))
+                folder = output if sub.split(os.sep)[0] == os.pardir else output / sub
             mask = folder / f"{path.stem}_mask.png"
             if writer.setdefault(mask, path) != path:
                 raise LeopartError(f"{writer[mask]} and {path} would both write {mask}: rename one or segment "

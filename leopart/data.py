@@ -8,7 +8,10 @@ any size streams through in constant memory.
 """
 from __future__ import annotations
 
+import collections
+import functools
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -18,21 +21,45 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import LeopartError
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                    ".pgm", ".pbm", ".pnm", ".tga"}
+# Photos that Pillow cannot decode: a folder's are skipped with a warning rather than silently (HEIC is what
+# iPhones save by default). AVIF joins IMAGE_EXTENSIONS where the installed Pillow reads it (11.2 and later).
+UNREADABLE_PHOTO_EXTENSIONS = {".heic", ".heif", ".avif", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf",
+                               ".rw2"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EXIF_ORIENTATION = 0x0112  # 1 = upright; 2-8 = mirrored and/or rotated; 5-8 swap width and height
 
 
+@functools.cache
+def _image_extensions() -> tuple[frozenset[str], frozenset[str]]:
+    """(extensions read, photo extensions Pillow cannot read), for the installed Pillow."""
+    Image.init()
+    readable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    extra = UNREADABLE_PHOTO_EXTENSIONS & readable
+    return frozenset(IMAGE_EXTENSIONS | extra), frozenset(UNREADABLE_PHOTO_EXTENSIONS - extra)
+
+
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files under ``folder``, recursively, in sorted order (hidden files skipped)."""
+    """Image files under ``folder``, recursively, in sorted order (hidden files skipped). Photos in formats
+    Pillow cannot read (HEIC, camera raw) are left out with a warning that counts them."""
     folder = Path(folder)
-    files = sorted(
-        p for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
-    return files
+    readable, unreadable = _image_extensions()
+    files, skipped = [], collections.Counter()
+    for p in folder.rglob("*"):
+        suffix = p.suffix.lower()
+        if (suffix in readable or suffix in unreadable) and p.is_file() \
+                and not any(part.startswith(".") for part in p.relative_to(folder).parts):
+            if suffix in readable:
+                files.append(p)
+            else:
+                skipped[suffix] += 1
+    if skipped:
+        counts = ", ".join(f"{n} {ext[1:].upper()}" for ext, n in sorted(skipped.items()))
+        warnings.warn(f"{folder}: leaving out {counts} file{'s' if sum(skipped.values()) > 1 else ''}, which "
+                      "Pillow cannot read: convert them to JPEG or PNG to include them", stacklevel=2)
+    return sorted(files)
 
 
 def expand_inputs(inputs: Any) -> Iterator[Any]:
@@ -44,6 +71,8 @@ def expand_inputs(inputs: Any) -> Iterator[Any]:
             if not files:
                 raise LeopartError(f"no images found in folder {path}")
             yield from files
+        elif is_image_list(path):
+            yield from read_image_list(path)
         else:
             yield path
     elif isinstance(inputs, (Image.Image, np.ndarray, torch.Tensor)):
@@ -56,6 +85,24 @@ def expand_inputs(inputs: Any) -> Iterator[Any]:
             yield from expand_inputs(item)
     else:
         raise LeopartError(f"cannot read an image from a {type(inputs).__name__}")
+
+
+def is_image_list(path: Path) -> bool:
+    """A .txt file names images, one per line (``expand_inputs`` reads it); any other file is an image."""
+    return path.suffix.lower() == ".txt" and path.is_file()
+
+
+def read_image_list(path: Path) -> list[Path]:
+    """The image paths a text file lists, one per line (blank lines and # comments skipped). Relative paths
+    are taken from the file's folder, so a list travels with its dataset."""
+    try:
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines()]
+    except OSError as e:
+        raise LeopartError(f"cannot read {path}: {e.strerror or e}") from None
+    files = [path.parent / line for line in lines if line and not line.startswith("#")]  # absolute lines stay so
+    if not files:
+        raise LeopartError(f"{path} lists no images")
+    return files
 
 
 def listed(inputs: Any) -> list | Iterator:
@@ -142,7 +189,12 @@ def _array_to_pil(a: np.ndarray, name: str) -> Image.Image:
     elif np.issubdtype(a.dtype, np.floating):
         if not np.isfinite(a).all():
             raise LeopartError(f"{name}: the array holds NaN or infinite values")
-        scale = 255.0 if a.max(initial=0.0) <= 1.0 else 1.0  # floats in [0, 1] or already in [0, 255]
+        lo, hi = float(a.min(initial=0.0)), float(a.max(initial=0.0))
+        if lo < -0.25 and hi < 10:  # ImageNet-normalised values span about -2.1 to 2.6: clipped, they'd be black
+            raise LeopartError(f"{name}: float values from {lo:.2f} to {hi:.2f} look mean/std-normalised: pass "
+                               "intensities in [0, 1] or [0, 255] (leopart normalises them itself)")
+        # Floats in [0, 1] or in [0, 255]; a little past 1 or 0 is a bicubic resize's overshoot, not a dark image.
+        scale = 255.0 if hi <= 1.5 else 1.0
         a = np.clip(a * scale, 0, 255).round().astype(np.uint8)
     elif np.issubdtype(a.dtype, np.integer):
         hi = a.max(initial=0)
@@ -179,21 +231,13 @@ def to_tensor(img: Image.Image, size: tuple[int, int] | None) -> torch.Tensor:
 
 # ------------------------------------------------------------------ training
 def list_training_images(source: str | os.PathLike) -> list[Path]:
-    """Images for training: a folder (recursive) or a text file with one path per line (relative paths are
-    taken from the file's folder)."""
+    """Images for training: a folder (recursive) or a text file with one path per line, whatever its name
+    (relative paths are taken from the file's folder)."""
     source = Path(source)
     if source.is_dir():
-        files = list_images(source)
-        if not files:
-            raise LeopartError(f"no images found in folder {source}")
-        return files
+        return list(expand_inputs(source))
     if source.is_file():
-        lines = [line.strip() for line in source.read_text(errors="replace").splitlines()]
-        files = [(source.parent / line) if not Path(line).is_absolute() else Path(line)
-                 for line in lines if line and not line.startswith("#")]
-        if not files:
-            raise LeopartError(f"{source} lists no images")
-        return files
+        return read_image_list(source)
     raise LeopartError(f"no such folder or file list: {source}")
 
 

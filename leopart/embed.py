@@ -101,10 +101,11 @@ def embed(images: Any, model: str | LeopartViT = "vits16", resolution: int | Non
           cache_dir: str | os.PathLike | None = None) -> torch.Tensor | list[torch.Tensor]:
     """Backbone patch tokens of ``images``.
 
-    images: a path, a folder (recursive), a PIL image, an HxWx3 uint8 array, a CxHxW tensor, a batch
-        (BxHxWx3 array, BxCxHxW tensor), or a list / iterator of them. Decoded one batch at a time; the
-        result is allocated once (an iterator's maps are collected first, since its length is unknown: twice
-        the result's memory at the end).
+    images: a path, a folder (recursive), a .txt file listing image paths (one per line, relative to its
+        folder), a PIL image, an HxWx3 array or CxHxW tensor (uint8, or floats in [0, 1] or [0, 255]; not
+        mean/std-normalised), a batch (BxHxWx3 array, BxCxHxW tensor), or a list / iterator of them.
+        Decoded one batch at a time; the result is allocated once (an iterator's maps are collected first,
+        since its length is unknown: twice the result's memory at the end).
     resolution: side of the square every image is resized to (bicubic); ``None`` keeps each image's own
         size rounded down to the patch size and returns a list of [h_i, w_i, D] tensors.
     cache_dir: keep the features there in files of 256 images (image files only), named by the model's

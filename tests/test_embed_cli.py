@@ -66,6 +66,44 @@ def test_every_input_type_gives_the_same_features(tiny_model, tmp_path):
                                    expected.expand(2, -1, -1, -1), atol=1e-5, rtol=0, msg=name)
 
 
+def test_float_images_in_either_range_and_normalised_ones_refused(tiny_model):
+    arr = random_image(48, 64)
+    expected = leopart.embed(arr, model=tiny_model, resolution=64)
+    unit = torch.from_numpy(arr).permute(2, 0, 1).double() / 255
+    overshoot = unit.clone()  # what a bicubic resize of a [0, 1] image gives at sharp edges
+    overshoot[0, 0, 0], overshoot[1, 0, 1] = 1.06, -0.04
+    clipped = arr.copy()
+    clipped[0, 0, 0], clipped[0, 1, 1] = 255, 0
+    torch.testing.assert_close(leopart.embed(overshoot, model=tiny_model, resolution=64),
+                               leopart.embed(clipped, model=tiny_model, resolution=64), atol=1e-5, rtol=0)
+    wide = unit * 255  # [0, 255] floats, with a resize's overshoot too
+    wide[2, 5, 5] = -9.0
+    torch.testing.assert_close(leopart.embed(wide, model=tiny_model, resolution=64),
+                               leopart.embed(wide.clamp(0, 255).round().to(torch.uint8), model=tiny_model,
+                                             resolution=64), atol=1e-5, rtol=0)
+    assert not torch.equal(expected, leopart.embed(overshoot, model=tiny_model, resolution=64))  # the 2 pixels
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    with pytest.raises(LeopartError, match=r"image #0: float values from -2\.\d\d to 2\.\d\d look mean/std-normalised"):
+        leopart.embed((unit.float() - mean) / std, model=tiny_model, resolution=64)
+
+
+def test_a_text_file_lists_images(tiny_model, tmp_path):
+    (tmp_path / "data" / "sub").mkdir(parents=True)
+    paths = [tmp_path / "data" / "sub" / "a.png", tmp_path / "b.png"]
+    for i, path in enumerate(paths):
+        Image.fromarray(random_image(40, 48, seed=i)).save(path)
+    listing = tmp_path / "data" / "val.txt"  # relative lines from its own folder, not the working directory's
+    listing.write_text(f"# val split\nsub/a.png\n\n  {paths[1]}  \n")
+    torch.testing.assert_close(leopart.embed(listing, model=tiny_model, resolution=32),
+                               leopart.embed(paths, model=tiny_model, resolution=32), atol=0, rtol=0)
+    (tmp_path / "empty.txt").write_text("# nothing yet\n")
+    with pytest.raises(LeopartError, match="empty.txt lists no images"):
+        leopart.embed(tmp_path / "empty.txt", model=tiny_model)
+    (tmp_path / "gone.txt").write_text("nope.png\n")
+    with pytest.raises(LeopartError, match=f"no such file: {tmp_path / 'nope.png'}"):
+        leopart.embed(tmp_path / "gone.txt", model=tiny_model)
+
+
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK", "I;16", "I", "1"])
 def test_image_modes_become_rgb(tiny_model, tmp_path, mode):
     rgb = Image.fromarray(random_image(32, 32))
@@ -114,6 +152,23 @@ def test_folder_is_recursive_and_sorted(tiny_model, image_dir):
     assert feats.shape == (4, 2, 2, 64)
     last = leopart.embed(image_dir / "sub" / "deep.jpg", model=tiny_model, resolution=32)
     torch.testing.assert_close(feats[3], last[0])
+
+
+def test_folders_leave_out_photos_pillow_cannot_read_with_a_warning(tmp_path, monkeypatch):
+    Image.fromarray(random_image(32, 32)).save(tmp_path / "b.jfif", format="JPEG")
+    for name in ("IMG_0001.HEIC", "IMG_0002.heic", "raw/DSC_1.NEF", ".trash/IMG_3.HEIC", "notes.md"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"\0" * 64)
+    with pytest.warns(UserWarning) as record:
+        assert leopart.data.list_images(tmp_path) == [tmp_path / "b.jfif"]
+    assert [str(w.message) for w in record] == [
+        f"{tmp_path}: leaving out 2 HEIC, 1 NEF files, which Pillow cannot read: convert them to JPEG or PNG to "
+        "include them"]
+    (tmp_path / "b.jfif").unlink()
+    r = CliRunner().invoke(main, ["embed", str(tmp_path), "-o", str(tmp_path / "f.npy")])
+    assert r.exit_code == 1
+    assert r.output.splitlines()[-1] == f"Error: no images found in folder {tmp_path}", r.output
+    assert "Warning: " in r.output and "2 HEIC" in r.output
 
 
 def test_native_resolution_returns_a_list(tiny_model):

@@ -334,16 +334,21 @@ def test_eval_num_classes_and_bad_layouts(tiny_model_dir, voc_dir, tmp_path, mon
     assert r.exit_code == 1 and "--json must name a .json file" in r.output
 
 
-def test_segment_cli_keeps_the_subfolders_of_a_folder_input(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("given", ["folder", "list"])
+def test_segment_cli_keeps_the_subfolders_of_a_folder_input(tiny_model_dir, tmp_path, given):
     """Cameras restart their numbering: photos/a/IMG_0001.JPG and photos/b/IMG_0001.JPG get masks in
-    out/a/ and out/b/ rather than one file written twice (or an error)."""
+    out/a/ and out/b/ rather than one file written twice (or an error). A list file's entries keep their
+    folders below the list's own; one outside it (../loose.png) is written to OUTPUT itself, never above it."""
     for d in ("a", "b/deeper"):
         (tmp_path / "photos" / d).mkdir(parents=True)
         Image.fromarray(random_image(48, 40)).save(tmp_path / "photos" / d / "IMG_0001.jpg")
     Image.fromarray(random_image(40, 48)).save(tmp_path / "loose.png")
     out = tmp_path / "out"
-    args = ["segment", str(tmp_path / "photos"), str(tmp_path / "loose.png"), "--model", str(tiny_model_dir),
-            "--k", "2", "--resolution", "64", "-o", str(out)]
+    inputs = [str(tmp_path / "photos"), str(tmp_path / "loose.png")]
+    if given == "list":
+        (tmp_path / "photos" / "todo.txt").write_text("a/IMG_0001.jpg\nb/deeper/IMG_0001.jpg\n../loose.png\n")
+        inputs = [str(tmp_path / "photos" / "todo.txt")]
+    args = ["segment", *inputs, "--model", str(tiny_model_dir), "--k", "2", "--resolution", "64", "-o", str(out)]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))

@@ -303,6 +303,23 @@ def test_train_cli_guards(train_dir, tmp_path):
     assert r.exit_code == 1 and "need at least 64 images" in r.output
 
 
+def test_training_images_from_a_folder_or_a_list_file_of_any_name(train_dir, tmp_path):
+    from leopart.data import list_training_images
+
+    files = list_training_images(train_dir)
+    assert files and files == sorted(files) and len(files) == 8
+    listing = train_dir / "train.lst"  # relative lines from the list's folder, absolute ones as they are
+    listing.write_text(f"# two of them\n{files[0].relative_to(train_dir)}\n\n{files[1]}\n")
+    try:
+        assert list_training_images(listing) == files[:2]
+        assert list_training_images(train_dir) == files  # the list itself is no image
+    finally:
+        listing.unlink()
+    (tmp_path / "empty.txt").write_text("\n# none\n")
+    with pytest.raises(LeopartError, match="empty.txt lists no images"):
+        list_training_images(tmp_path / "empty.txt")
+
+
 def test_train_cli_from_a_leopart_model_records_its_prototype_count(train_dir, tiny_model_dir, tmp_path):
     base = ["train", str(train_dir), "--output", str(tmp_path / "r"), "--init", str(tiny_model_dir), "--batch-size",
             "4", "--global-size", "64", "--local-size", "32", "--workers", "0"]
