@@ -12,8 +12,9 @@ import collections
 import functools
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -109,6 +110,28 @@ def listed(inputs: Any) -> list | Iterator:
     """``expand_inputs`` as a list, so its length is known (paths stay paths: cheap), unless ``inputs`` is an
     iterator, which stays one: it may be endless or hold decoded images, and is read once, lazily."""
     return inputs if isinstance(inputs, Iterator) else list(expand_inputs(inputs))
+
+
+def map_ahead(fn: Callable[[Any], Any], items: Iterable, threads: int, ahead: int | None = None) -> Iterator:
+    """``map(fn, items)`` in input order, run by ``threads`` threads at most ``ahead`` (default ``2 * threads``)
+    items ahead of the consumer, so that decoding (PIL releases the GIL) overlaps the model while memory stays
+    bounded. An error is raised where its item comes. ``threads=0``: plain ``map``, no threads."""
+    if threads < 1:
+        yield from map(fn, items)
+        return
+    ahead = max(1, ahead or 2 * threads)
+    with ThreadPoolExecutor(threads) as pool:
+        pending: collections.deque = collections.deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) > ahead:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 def describe(item: Any, index: int) -> str:

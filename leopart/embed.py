@@ -1,10 +1,8 @@
 """Images in, dense patch features out: ``leopart.embed``."""
 from __future__ import annotations
 
-import collections
 import itertools
 import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
 import numpy as np
@@ -46,22 +44,7 @@ def iter_preprocessed(images: Any, resolution: int | None, patch_size: int,
     """
     threads = threads if threads is not None else min(8, os.cpu_count() or 1)
     items = enumerate(data.expand_inputs(images))
-    if threads <= 1:
-        for i, item in items:
-            yield _preprocess(i, item, resolution, patch_size)
-        return
-    with ThreadPoolExecutor(threads) as pool:
-        pending: collections.deque = collections.deque()
-        try:
-            for i, item in items:
-                pending.append(pool.submit(_preprocess, i, item, resolution, patch_size))
-                if len(pending) >= 2 * threads:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
+    yield from data.map_ahead(lambda item: _preprocess(*item, resolution, patch_size), items, threads)
 
 
 def _count(images: Any) -> int | None:
@@ -83,7 +66,7 @@ def iter_batches(images: Any, model: LeopartViT, resolution: int | None, batch_s
         raise LeopartError(f"resolution {resolution} is not a positive multiple of the patch size {model.patch_size}")
     # On a GPU, decode in threads so the model is not left waiting; on the CPU the model already uses every
     # core, and decoding threads would only compete with it.
-    stream = iter_preprocessed(images, resolution, model.patch_size, threads=1 if device.type == "cpu" else None)
+    stream = iter_preprocessed(images, resolution, model.patch_size, threads=0 if device.type == "cpu" else None)
     total = _count(images)
     per_call = batch_size if resolution is not None else 1
     with tqdm(total=total, unit="img", desc=desc, disable=_quiet(progress, total, batch_size)) as bar:

@@ -1,6 +1,7 @@
 """leopart.embed on every input type and every bad input, and the embed / info CLI."""
 import subprocess
 import sys
+import time
 
 import click
 import numpy as np
@@ -605,12 +606,30 @@ else:
     assert r.returncode == 0, r.stderr
 
 
+def test_map_ahead_keeps_order_and_runs_a_bounded_way_ahead():
+    import threading
+
+    started, lock = [], threading.Lock()
+
+    def slow_square(i):
+        with lock:
+            started.append(i)
+        return i * i
+
+    stream = leopart.data.map_ahead(slow_square, iter(range(100)), threads=2, ahead=3)
+    assert next(stream) == 0
+    time.sleep(0.2)  # the threads have done all they may
+    assert sorted(started) == list(range(len(started))) and len(started) <= 1 + 3
+    assert list(stream) == [i * i for i in range(1, 100)]
+    assert list(leopart.data.map_ahead(slow_square, range(5), threads=0)) == [0, 1, 4, 9, 16]
+
+
 def test_threaded_decoding_keeps_order_and_errors(image_dir, tmp_path):
     """The GPU path decodes in threads: same tensors in the same order, and a bad file still fails."""
     from leopart.embed import iter_preprocessed
 
     files = sorted(image_dir.rglob("*.*")) * 3
-    serial = list(iter_preprocessed(files, 32, 16, threads=1))
+    serial = list(iter_preprocessed(files, 32, 16, threads=0))
     threaded = list(iter_preprocessed(files, 32, 16, threads=3))
     assert [n for n, _ in threaded] == [n for n, _ in serial]
     for (_, a), (_, b) in zip(serial, threaded):

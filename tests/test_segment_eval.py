@@ -11,7 +11,7 @@ from PIL import Image
 import leopart
 from leopart.cli import main
 from leopart.errors import LeopartError
-from leopart.segment import upsample_argmax, voc_palette
+from leopart.segment import overlay_image, upsample_argmax, voc_palette
 
 
 def scene(h, w, seed):
@@ -114,6 +114,36 @@ def test_segment_cli_writes_mask_and_overlay(tiny_model_dir, tmp_path):
         assert m.getpalette()[3:6] == [128, 0, 0]  # VOC colour of id 1
         o = Image.open(out / f"{stem}_overlay.png")
         assert o.mode == "RGB" and o.size == size
+
+
+def test_segment_cli_writes_in_the_background_what_the_api_gives(tiny_model, tiny_model_dir, tmp_path):
+    """Decoding ahead and writing behind change nothing in the files; --no-overlay writes the masks alone, and
+    a file that cannot be written stops the run with one line naming it."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(6):
+        Image.fromarray(scene(48 + 8 * i, 64, i)[0]).save(images / f"{i}.png")
+    base = ["segment", str(images), "--model", str(tiny_model_dir), "--k", "3", "--resolution", "64"]
+    r = CliRunner().invoke(main, [*base, "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0 and "wrote 12 files" in r.output, r.output
+    for i in range(6):
+        expected = leopart.segment(images / f"{i}.png", model=tiny_model, k=3, resolution=64)
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / f"{i}_mask.png")), expected)
+        overlay = overlay_image(Image.open(images / f"{i}.png"), expected)
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / f"{i}_overlay.png")), np.asarray(overlay))
+
+    r = CliRunner().invoke(main, [*base, "-o", str(tmp_path / "masks"), "--no-overlay"])
+    assert r.exit_code == 0 and "wrote 6 files" in r.output, r.output
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == [f"{i}_mask.png" for i in range(6)]
+    r = CliRunner().invoke(main, [*base, "-o", str(tmp_path / "masks"), "--no-overlay", "--skip-existing"])
+    assert r.exit_code == 0 and "skipping 6 of 6 inputs" in r.output, r.output
+
+    (tmp_path / "bad" / "3_mask.png").mkdir(parents=True)  # a folder where a mask must go
+    r = CliRunner().invoke(main, [*base, "-o", str(tmp_path / "bad")])
+    assert r.exit_code == 1, r.output
+    lines = [line for line in r.output.splitlines() if line.strip() and "segment:" not in line]
+    assert lines == [f"Error: cannot write {tmp_path / 'bad' / '3_mask.png'}: Is a directory"], r.output
+    assert not [p for p in (tmp_path / "bad").iterdir() if p.name.startswith(".")], "temporary file left behind"
 
 
 def test_segment_cli_masks_a_sideways_phone_photo_as_it_is_shown(tiny_model_dir, tmp_path):
