@@ -1,6 +1,7 @@
 """Multi-crop overlap boxes, the Leopart loss, training runs, resume after SIGKILL, and DDP equivalence."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -219,6 +220,22 @@ def test_train_api_run_and_outputs(train_dir, tmp_path):
     old = leopart.from_pretrained(tmp_path / "old.pt", arch=TINY["arch"])
     assert old.config.num_prototypes == 10
     torch.testing.assert_close(old.prototypes.weight, model.prototypes.weight, rtol=0, atol=0)
+
+
+def test_without_a_terminal_training_logs_progress_lines(train_dir, tmp_path, monkeypatch, capsys):
+    """A batch job has no progress bar (stderr is no terminal, as under pytest): a line every LOG_INTERVAL_S
+    seconds and one at the end go to stdout instead; progress=False keeps it quiet."""
+    train_module = sys.modules["leopart.train"]  # leopart.train is the function
+    settings = {**TINY, "progress": None, "steps": 3}
+    leopart.train(train_dir, tmp_path / "quiet-bar", **settings)  # the first line waits a minute: only the last
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and re.fullmatch(
+        r"step 3/3 \(100\.0%\)  loss \d+\.\d{4}  \d+\.\d img/s  0:00:\d\d elapsed  0:00:00 left", lines[0]), lines
+    monkeypatch.setattr(train_module, "LOG_INTERVAL_S", 0.0)
+    leopart.train(train_dir, tmp_path / "every-step", **settings)
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines()] == ["1/3", "2/3", "3/3"]
+    leopart.train(train_dir, tmp_path / "silent", **{**settings, "progress": False})
+    assert capsys.readouterr().out == ""
 
 
 def test_evaluation_during_training(train_dir, tmp_path):
