@@ -55,7 +55,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, path)
     except OSError as e:
-        if e.filename not in (None, str(tmp), tmp):  # about another file: not ours to rename
+        if e.errno is None or e.filename not in (None, str(tmp), tmp):  # not a failed write of this file
             raise
         # A full disk, or a folder where the file must go: name the file asked for, not the temporary one.
         raise LeopartError(f"cannot write {path}: {e.strerror or e}") from None
