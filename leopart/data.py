@@ -97,7 +97,8 @@ def read_image_list(path: Path) -> list[Path]:
     """The image paths a text file lists, one per line (blank lines and # comments skipped). Relative paths
     are taken from the file's folder, so a list travels with its dataset."""
     try:
-        lines = [line.strip() for line in path.read_text(errors="replace").splitlines()]
+        # utf-8-sig: a list saved by Windows Notepad starts with a byte-order mark, not part of its first path
+        lines = [line.strip() for line in path.read_text(encoding="utf-8-sig", errors="replace").splitlines()]
     except OSError as e:
         raise LeopartError(f"cannot read {path}: {e.strerror or e}") from None
     files = [path.parent / line for line in lines if line and not line.startswith("#")]  # absolute lines stay so

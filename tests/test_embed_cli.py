@@ -94,7 +94,7 @@ def test_a_text_file_lists_images(tiny_model, tmp_path):
     for i, path in enumerate(paths):
         Image.fromarray(random_image(40, 48, seed=i)).save(path)
     listing = tmp_path / "data" / "val.txt"  # relative lines from its own folder, not the working directory's
-    listing.write_text(f"# val split\nsub/a.png\n\n  {paths[1]}  \n")
+    listing.write_bytes(f"\ufeffsub/a.png\r\n# from elsewhere\r\n\r\n  {paths[1]}  \r\n".encode())  # as Notepad saves
     torch.testing.assert_close(leopart.embed(listing, model=tiny_model, resolution=32),
                                leopart.embed(paths, model=tiny_model, resolution=32), atol=0, rtol=0)
     (tmp_path / "empty.txt").write_text("# nothing yet\n")
