@@ -75,14 +75,27 @@ def _parse_resolution(value: str) -> int | None:
 @click.argument("model")
 @click.option("--trust-pickle", is_flag=True, help="Allow checkpoints that pickle Python objects besides tensors.")
 def info(model, trust_pickle):
-    """Describe MODEL: architecture, sizes and where it was loaded from."""
+    """Describe MODEL: architecture, sizes and where it was loaded from; or what a segmenter, part clusters
+    or probe head folder holds and what it was fitted with."""
+    from . import serialization
+
+    config_file = Path(model).expanduser() / serialization.CONFIG_NAME
+    kind = serialization.read_config(config_file).get("leopart_kind") if config_file.is_file() else None
+    rows = _fitted_rows(Path(model), kind) if kind in ("segmenter", "clusters", "probe_head") else \
+        _model_rows(model, trust_pickle)
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k:<{width}}  {v}")
+
+
+def _model_rows(model: str, trust_pickle: bool) -> list[tuple[str, object]]:
     from .hub import from_pretrained
 
     m = from_pretrained(model, trust_pickle=trust_pickle)
     c = m.config
     n_params = sum(p.numel() for p in m.parameters())
     n_backbone = sum(p.numel() for p in m.backbone.parameters())
-    rows = [
+    return [
         ("model", model),
         ("backbone", c.arch),
         ("patch size", m.patch_size),
@@ -93,9 +106,32 @@ def info(model, trust_pickle):
         ("prototypes", c.num_prototypes),
         ("parameters", f"{n_params / 1e6:.2f}M ({n_backbone / 1e6:.2f}M backbone)"),
     ]
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        click.echo(f"{k:<{width}}  {v}")
+
+
+def _fitted_rows(folder: Path, kind: str) -> list[tuple[str, object]]:
+    """What `leopart cluster`, `leopart merge` and probe training wrote, and what they were fitted with."""
+    from .serialization import load_folder
+
+    config, tensors = load_folder(folder, kind)
+    if kind == "clusters":
+        return [("part clusters", folder), ("parts", config.get("k")), ("images", len(config.get("names", []))),
+                ("model", config.get("model")), ("foreground model", config.get("fg_model")),
+                ("resolution", config.get("resolution")), ("metric", config.get("metric")),
+                ("inertia", f"{config.get('inertia', float('nan')):.4g}"),
+                ("next", f"leopart merge {folder} --output SEGMENTER")]
+    if kind == "segmenter":
+        params = config.get("params", {})
+        return [("segmenter", folder), ("parts", config.get("k")),
+                ("foreground parts", int(tensors["foreground"].sum())), ("objects", config.get("n_objects")),
+                ("model", params.get("model", "not recorded (pass --model)")),
+                ("resolution", params.get("image_resolution", "not recorded (pass --resolution)")),
+                ("fitted on", _plural(params["n_images"], "image") if "n_images" in params else "-"),
+                ("background share", f"{params['bg_share_actual']:.2f}" if "bg_share_actual" in params else "-"),
+                ("CD weight threshold", params.get("weight_threshold", "-")),
+                ("Louvain resolution", params.get("resolution", "-"))]
+    return [("probe head", folder), ("head", config.get("head")), ("classes", config.get("num_classes")),
+            ("reads", f"{config.get('in_dim')}-dim tokens of {config.get('model') or 'a model it does not record'}"),
+            ("resolution", config.get("resolution")), ("mask size", config.get("mask_size"))]
 
 
 def _device_option(f):
@@ -378,7 +414,7 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
                 click.echo(f"Stopped after {done} of {len(paths)} images; rerun with --skip-existing to finish.",
                            err=True)
             raise
-    click.echo(f"wrote {(1 + overlay) * len(paths)} files to {output}")
+    click.echo(f"wrote {_plural((1 + overlay) * len(paths), 'file')} to {output}")
 
 
 def _segment_outputs(inputs: tuple[str, ...], output: Path) -> dict[Path, tuple[Path, Path]]:

@@ -105,6 +105,9 @@ def test_save_load_round_trip(tmp_path):
     leopart.LeopartViT(leopart.LeopartConfig(arch="test_vit", img_size=64)).save_pretrained(tmp_path / "model")
     with pytest.raises(LeopartError, match="holds a leopart model, not a leopart probe head$"):
         load_head(tmp_path / "model")
+    r = CliRunner().invoke(main, ["info", str(folder)])
+    assert r.exit_code == 0 and r.output.splitlines()[1:4] == [
+        "head        fcn", "classes     5", "reads       32-dim tokens of a model it does not record"], r.output
 
 
 def _reference_fcn(state, x):

@@ -1,5 +1,6 @@
 """segment / cluster / merge / eval, through the API and the CLI, on generated images and masks."""
 import json
+import re
 import sys
 
 import numpy as np
@@ -236,6 +237,15 @@ def test_cluster_merge_segment_chain(tiny_model_dir, voc_dir, tmp_path, monkeypa
     r = runner.invoke(main, ["merge", str(tmp_path / "clusters"), "--output", str(tmp_path / "seg_default")])
     assert r.exit_code == 0, r.output  # the reference's threshold for parts of a /16 model, as leopart eval uses
     assert leopart.Segmenter.from_pretrained(tmp_path / "seg_default").params["weight_threshold"] == 0.09
+    # `leopart info` describes what cluster and merge wrote, and what they were fitted with.
+    info = {name: dict(re.split(r"\s{2,}", line, maxsplit=1)  # "key   value" rows
+                       for line in runner.invoke(main, ["info", str(tmp_path / name)]).output.splitlines())
+            for name in ("clusters", "seg")}
+    assert info["clusters"]["parts"] == "6" and info["clusters"]["images"] == "6", info
+    assert info["clusters"]["model"] == str(tiny_model_dir.resolve()) and info["clusters"]["resolution"] == "64"
+    assert info["seg"]["segmenter"] == str(tmp_path / "seg") and info["seg"]["parts"] == "6", info
+    assert info["seg"]["objects"] == str(seg.n_objects) and info["seg"]["CD weight threshold"] == "0.01", info
+    assert info["seg"]["foreground parts"] == str(int(seg.foreground.sum())) and info["seg"]["fitted on"] == "6 images"
     r = runner.invoke(main, ["segment", str(images / "2007_000002.jpg"), "--segmenter", str(tmp_path / "clusters")])
     assert r.exit_code == 1 and r.output.strip() == (f"Error: {tmp_path / 'clusters'} holds leopart part clusters, "
                                                      f"not a leopart segmenter: fit one with `leopart merge "
