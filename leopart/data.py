@@ -93,15 +93,21 @@ def is_image_list(path: Path) -> bool:
     return path.suffix.lower() == ".txt" and path.is_file()
 
 
-def read_image_list(path: Path) -> list[Path]:
-    """The image paths a text file lists, one per line (blank lines and # comments skipped). Relative paths
-    are taken from the file's folder, so a list travels with its dataset."""
+def read_lines(path: Path) -> list[str]:
+    """The entries of a list file (image paths, split names): one per line, stripped, blank lines and
+    # comments skipped."""
     try:
-        # utf-8-sig: a list saved by Windows Notepad starts with a byte-order mark, not part of its first path
+        # utf-8-sig: a list saved by Windows Notepad starts with a byte-order mark, not part of its first entry
         lines = [line.strip() for line in path.read_text(encoding="utf-8-sig", errors="replace").splitlines()]
     except OSError as e:
         raise LeopartError(f"cannot read {path}: {e.strerror or e}") from None
-    files = [path.parent / line for line in lines if line and not line.startswith("#")]  # absolute lines stay so
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def read_image_list(path: Path) -> list[Path]:
+    """The image paths a text file lists. Relative paths are taken from the file's folder, so a list travels
+    with its dataset."""
+    files = [path.parent / line for line in read_lines(path)]  # an absolute line stays as it is
     if not files:
         raise LeopartError(f"{path} lists no images")
     return files

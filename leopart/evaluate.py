@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .cluster import cluster
-from .data import image_size
+from .data import image_size, read_lines
 from .device import default_device
 from .errors import LeopartError
 from .hub import from_pretrained
@@ -57,7 +57,7 @@ def read_voc(root: str | Path, split: str = "val") -> VOCSplit:
             raise LeopartError(f"{root} is not a VOC-layout folder: {d.name}/ is missing{hint}")
     split_file = Path(split) if Path(split).is_file() else root / "ImageSets" / "Segmentation" / f"{split}.txt"
     if split_file.is_file():
-        names = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
+        names = read_lines(split_file)
     else:
         names = sorted(p.stem for p in mask_dir.glob("*.png"))
     if not names:

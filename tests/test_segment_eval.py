@@ -12,6 +12,7 @@ from PIL import Image
 import leopart
 from leopart.cli import main
 from leopart.errors import LeopartError
+from leopart.evaluate import read_voc
 from leopart.segment import overlay_image, upsample_argmax, voc_palette
 
 
@@ -372,6 +373,10 @@ def test_eval_num_classes_and_bad_layouts(tiny_model_dir, voc_dir, tmp_path, mon
     assert r.exit_code == 1 and "not a VOC-layout folder" in r.output
     r = runner.invoke(main, ["eval", str(voc_dir), *base, "--json", str(tmp_path / "x.txt")])
     assert r.exit_code == 1 and "--json must name a .json file" in r.output
+    # a split file saved by Windows Notepad (byte-order mark, CRLF) lists the same names
+    val = (voc_dir / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+    (tmp_path / "notepad.txt").write_bytes(("\ufeff" + "\r\n".join(val) + "\r\n").encode())
+    assert read_voc(voc_dir, str(tmp_path / "notepad.txt")).names == val
 
 
 @pytest.mark.parametrize("given", ["folder", "list"])
