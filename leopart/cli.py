@@ -338,11 +338,10 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
     import contextlib
     from concurrent.futures import ThreadPoolExecutor
 
-    from tqdm.auto import tqdm
-
     from . import data
     from .hub import from_pretrained
     from .merge import Segmenter
+    from .progress import progress_bar
     from .segment import fitted_with, mask_image, recorded_model, save_overlay, save_png, segment as segment_image
 
     outputs = _segment_outputs(inputs, output)
@@ -396,8 +395,8 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
     done = 0
     with ThreadPoolExecutor(2) as writers, contextlib.closing(images):
         try:
-            for image, path in zip(tqdm(images, total=len(paths), desc="segment", unit="img",
-                                        disable=None if len(paths) > 1 else True), paths):
+            for image, path in zip(progress_bar(images, total=len(paths), desc="segment", unit="img",
+                                                progress=len(paths) > 1), paths):
                 writing.append(writers.submit(write, image, segment_one(image), outputs[path]))
                 while len(writing) > 2 or (writing and writing[0].done()):
                     writing.popleft().result()
@@ -568,7 +567,7 @@ def train(ctx, data_dir, output, resume, **options):
     if not resume:
         explicit = options
     try:
-        run_training(data_dir, output, resume=resume, **explicit)
+        run_training(data_dir, output, resume=resume, progress=True, **explicit)
     except KeyboardInterrupt:
         if (Path(output) / "checkpoint.pt").is_file() and os.environ.get("RANK", "0") == "0":
             click.echo("Continue it with the same command and --resume.", err=True)

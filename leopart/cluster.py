@@ -19,11 +19,11 @@ from typing import Iterable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .device import default_device
 from .errors import LeopartError
 from .kernels import nearest_prototype
+from .progress import progress_bar
 
 METRICS = ("cosine", "euclidean")
 
@@ -186,8 +186,7 @@ def cluster(features, k: int, iters: int = 50, n_init: int = 1, seed: int = 0, m
 def _lloyd(x, k, iters, metric, centroids, chunk_size, progress, desc) -> KMeansResult:
     labels = None
     n_iter = 0
-    bar = tqdm(total=iters, desc=desc, unit="it", disable=(not progress) if progress is not None else None,
-               leave=False)
+    bar = progress_bar(total=iters, desc=desc, unit="it", progress=progress, leave=False)
     for n_iter in range(iters):
         sums = torch.zeros_like(centroids)
         new_labels, dist = _assign(x, centroids, metric, chunk_size, sums=sums)

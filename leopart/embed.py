@@ -7,13 +7,13 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import data, serialization
 from .device import autocast, check_host_memory, default_device
 from .errors import LeopartError
 from .hub import from_pretrained
 from .model import LeopartViT
+from .progress import progress_bar
 
 
 def _preprocess(i: int, item: Any, resolution: int | None, patch_size: int) -> tuple[str, torch.Tensor]:
@@ -69,7 +69,7 @@ def iter_batches(images: Any, model: LeopartViT, resolution: int | None, batch_s
     stream = iter_preprocessed(images, resolution, model.patch_size, threads=0 if device.type == "cpu" else None)
     total = _count(images)
     per_call = batch_size if resolution is not None else 1
-    with tqdm(total=total, unit="img", desc=desc, disable=_quiet(progress, total, batch_size)) as bar:
+    with progress_bar(total=total, unit="img", desc=desc, progress=_progress(progress, total, batch_size)) as bar:
         while batch := list(itertools.islice(stream, per_call)):
             x = torch.stack([t for _, t in batch]).to(device)
             with autocast(device):
@@ -93,6 +93,7 @@ def embed(images: Any, model: str | LeopartViT = "vits16", resolution: int | Non
         size rounded down to the patch size and returns a list of [h_i, w_i, D] tensors.
     cache_dir: keep the features there in files of 256 images (image files only), named by the model's
         weights, the files and the resolution: an interrupted run resumes at the first missing file.
+    progress: a bar in a terminal, lines on stderr in a log (see ``leopart.progress``); False: none.
     Returns a float32 CPU tensor [B, h, w, D] with h = w = resolution // patch_size.
     """
     images = data.listed(images)  # counted first (unless an iterator), so the result is allocated once
@@ -145,9 +146,7 @@ def _embeddings(images: list | Iterator, model, resolution, batch_size, device, 
     return (shard[str(i)] for shard in shards for i in range(len(shard)))
 
 
-def _quiet(progress: bool | None, total: int | None, batch_size: int) -> bool | None:
-    if progress is not None:
-        return not progress
-    if total is not None and total <= batch_size:
-        return True  # a single batch needs no bar
-    return None  # tqdm: show on a terminal, hide otherwise
+def _progress(progress: bool | None, total: int | None, batch_size: int) -> bool | None:
+    if progress is None and total is not None and total <= batch_size:
+        return False  # a single batch needs no bar
+    return progress

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
 
 from .cluster import cluster
 from .data import image_size, read_lines
@@ -26,6 +25,7 @@ from .hub import from_pretrained
 from .merge import merge, reference_weight_threshold
 from .metrics import hungarian_miou
 from .model import LeopartViT
+from .progress import progress_bar
 from .segment import DEFAULT_RESOLUTION, check_k, dense_features, predict_objects, upsample_argmax
 
 PUBLISHED = {  # PASCAL VOC 2012 val mIoU (%) from the paper
@@ -125,8 +125,8 @@ def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500,
                      "mask_size": mask_size, "overclustering": {}}
 
     def score(predict, n_images_desc: str, many_to_one: bool) -> float:
-        preds = (predict(i) for i in tqdm(range(len(targets)), desc=n_images_desc, leave=False,
-                                          disable=(not progress) if progress is not None else None))
+        preds = (predict(i) for i in progress_bar(range(len(targets)), desc=n_images_desc, unit="img", leave=False,
+                                                  progress=progress))
         return 100.0 * hungarian_miou(preds, targets, n_classes=num_classes, many_to_one=many_to_one)[0]
 
     for k in ks:

@@ -135,7 +135,7 @@ def download(url: str, dest: Path, timeout: float = 30.0) -> Path:
     """
     import http.client
 
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     if dest.is_file():
         return dest
@@ -150,7 +150,8 @@ def download(url: str, dest: Path, timeout: float = 30.0) -> Path:
             length = int(response.headers.get("Content-Length") or 0)
             total = have + length if length else None
             with open(part, "ab" if have else "wb") as f, \
-                    tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=dest.name) as bar:
+                    progress_bar(total=total, initial=have, unit="B", unit_scale=True, desc=dest.name,
+                                 progress=None) as bar:
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))

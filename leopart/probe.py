@@ -26,7 +26,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import serialization
 from .data import image_size
@@ -36,6 +35,7 @@ from .errors import LeopartError
 from .evaluate import load_mask, read_voc, resize_mask
 from .metrics import Confusion
 from .model import LeopartViT
+from .progress import progress_bar
 
 HEADS = ("linear", "fcn")
 DEFAULT_EPOCHS = {"linear": 25, "fcn": 30}
@@ -292,9 +292,9 @@ def probe(model: LeopartViT | str, train_data: str | os.PathLike, head: str = "l
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * (0.1 if epoch >= cfg.drop_at else 1.0)
         generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # data order per epoch
-        bar = tqdm(cache.batches(cfg.batch_size, generator, rank, world), total=n_batches,
-                   desc=f"{cfg.head} probe epoch {epoch + 1}/{epochs}", unit="batch",
-                   disable=rank != 0 or ((not cfg.progress) if cfg.progress is not None else None))
+        bar = progress_bar(cache.batches(cfg.batch_size, generator, rank, world), total=n_batches,
+                           desc=f"{cfg.head} probe epoch {epoch + 1}/{epochs}", unit="batch",
+                           progress=cfg.progress if rank == 0 else False)
         for tokens, masks in bar:
             tokens, masks = tokens.to(device), masks.to(device)
             with autocast(device):

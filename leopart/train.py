@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import datetime
 import json
 import math
 import os
@@ -34,7 +33,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
-from tqdm.auto import tqdm
 
 from . import data
 from .augment import CropConfig
@@ -44,12 +42,10 @@ from .foreground import foreground_mask
 from .hub import from_pretrained
 from .kernels import sinkhorn
 from .model import LeopartConfig, LeopartViT
+from .progress import progress_bar
 from .serialization import atomic_path, write_text
 
 LOSS_MASKS = ("all", "fg", "bg")
-# Without a terminal (a batch job's log, nohup, torchrun's piped output) there is no progress bar: a line
-# this often instead, and one at the end.
-LOG_INTERVAL_S = 60.0
 # Settings a resumed run may change; everything else must match the checkpoint.
 RESUMABLE_OVERRIDES = {"steps", "epochs", "save_every", "workers", "device", "eval_data", "eval_every", "eval_k",
                        "output", "data", "progress"}
@@ -487,9 +483,7 @@ def train(data_source: str | os.PathLike = "", output: str | os.PathLike = "runs
                             skipped=sorted(skipped), model_config=dataclasses.asdict(learner.model.config),
                             **learner.state_dict())
 
-    bar = tqdm(total=total, initial=step, desc="train", unit="step",
-               disable=not is_main or ((not cfg.progress) if cfg.progress is not None else None))
-    log = _ProgressLog(step, total, cfg.batch_size) if is_main and bar.disable and cfg.progress is None else None
+    bar = progress_bar(total=total, initial=step, desc="train", unit="step", progress=cfg.progress if is_main else False)
     batches = iter(loader)
     stop = _GracefulStop()
     try:
@@ -507,10 +501,9 @@ def train(data_source: str | os.PathLike = "", output: str | os.PathLike = "runs
                           "images_per_s": cfg.batch_size / seconds}
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
-                bar.set_postfix(loss=f"{loss_value:.4f}", skipped=len(skipped), refresh=False)
+                bar.set_postfix({"loss": f"{loss_value:.4f}", **({"skipped": len(skipped)} if skipped else {})},
+                                refresh=False)
                 bar.update(1)
-                if log is not None:
-                    log.step(step, loss_value, len(skipped))
             if step % cfg.save_every == 0 or step == total:
                 checkpoint()
             if cfg.eval_data and is_main and (step % cfg.eval_every == 0 or step == total):
@@ -533,29 +526,6 @@ def train(data_source: str | os.PathLike = "", output: str | os.PathLike = "runs
 
         save_converted(model.cpu(), out / "model")
     return model
-
-
-class _ProgressLog:
-    """A progress line every LOG_INTERVAL_S seconds and at the last step, for runs without a progress bar:
-    ``step 1200/78150 (1.5%)  loss 5.7012  41.3 img/s  1:02:13 elapsed  2 days, 3:10:40 left``."""
-
-    def __init__(self, first_step: int, total: int, batch_size: int):
-        self.first_step, self.total, self.batch_size = first_step, total, batch_size
-        self.started = self.last = time.monotonic()
-        self.last_step = first_step
-
-    def step(self, step: int, loss: float, n_skipped: int) -> None:
-        now = time.monotonic()
-        if now - self.last < LOG_INTERVAL_S and step < self.total:
-            return
-        images_per_s = self.batch_size * (step - self.last_step) / max(now - self.last, 1e-9)
-        seconds_per_step = (now - self.started) / (step - self.first_step)  # this session's steps: resumes differ
-        left = datetime.timedelta(seconds=round(seconds_per_step * (self.total - step)))
-        elapsed = datetime.timedelta(seconds=round(now - self.started))
-        skipped = f"  {n_skipped} unreadable skipped" if n_skipped else ""
-        print(f"step {step}/{self.total} ({100 * step / self.total:.1f}%)  loss {loss:.4f}  {images_per_s:.1f} img/s  "
-              f"{elapsed} elapsed  {left} left{skipped}", flush=True)
-        self.last, self.last_step = now, step
 
 
 class _GracefulStop:

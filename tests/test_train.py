@@ -18,6 +18,7 @@ from PIL import Image
 from torchvision.ops import roi_align
 
 import leopart
+from leopart import progress as progress_module
 from leopart.augment import CropConfig, intersection, make_views, to_crop_coords
 from leopart.cli import main
 from leopart.data import IMAGENET_MEAN, IMAGENET_STD
@@ -224,18 +225,20 @@ def test_train_api_run_and_outputs(train_dir, tmp_path):
 
 def test_without_a_terminal_training_logs_progress_lines(train_dir, tmp_path, monkeypatch, capsys):
     """A batch job has no progress bar (stderr is no terminal, as under pytest): a line every LOG_INTERVAL_S
-    seconds and one at the end go to stdout instead; progress=False keeps it quiet."""
-    train_module = sys.modules["leopart.train"]  # leopart.train is the function
-    settings = {**TINY, "progress": None, "steps": 3}
-    leopart.train(train_dir, tmp_path / "quiet-bar", **settings)  # the first line waits a minute: only the last
-    lines = capsys.readouterr().out.splitlines()
+    seconds, and one at the end when asked for (the CLI asks) or when it printed before, go to stderr
+    instead; progress=False keeps it quiet."""
+    settings = {**TINY, "progress": True, "steps": 3}
+    leopart.train(train_dir, tmp_path / "asked", **settings)  # the first line waits a minute: only the last
+    lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and re.fullmatch(
-        r"step 3/3 \(100\.0%\)  loss \d+\.\d{4}  \d+\.\d img/s  0:00:\d\d elapsed  0:00:00 left", lines[0]), lines
-    monkeypatch.setattr(train_module, "LOG_INTERVAL_S", 0.0)
-    leopart.train(train_dir, tmp_path / "every-step", **settings)
-    assert [line.split()[1] for line in capsys.readouterr().out.splitlines()] == ["1/3", "2/3", "3/3"]
+        r"train 3/3 \(100\.0%\)  \d+(\.\d+)? step/s  0:00:\d\d elapsed  loss \d+\.\d{4}", lines[0]), lines
+    leopart.train(train_dir, tmp_path / "short", **{**settings, "progress": None})
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(progress_module, "LOG_INTERVAL_S", 0.0)
+    leopart.train(train_dir, tmp_path / "every-step", **{**settings, "progress": None})
+    assert [line.split()[1] for line in capsys.readouterr().err.splitlines()] == ["1/3", "2/3", "3/3"]
     leopart.train(train_dir, tmp_path / "silent", **{**settings, "progress": False})
-    assert capsys.readouterr().out == ""
+    assert capsys.readouterr().err == ""
 
 
 def test_evaluation_during_training(train_dir, tmp_path):
