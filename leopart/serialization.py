@@ -371,12 +371,39 @@ def _hub_cli(new: str, old: str) -> str:
 
 def push_folder(save: Callable[[Path], object], repo_id: str, *, private: bool | None = None,
                 token: str | None = None, commit_message: str = "Upload with leopart") -> str:
-    """Save into a temporary folder with ``save(folder)`` and upload it as one commit; returns the commit URL."""
-    from huggingface_hub import HfApi
+    """Save into a temporary folder with ``save(folder)`` and upload it as one commit; returns the commit URL.
 
+    Fails with a one-line LeopartError when offline, not logged in, not allowed to write, or on a bad repo id.
+    """
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.utils import HfHubHTTPError, HFValidationError
+
+    def failed(why: str) -> LeopartError:
+        return LeopartError(f"cannot push to the Hub repository '{repo_id}': {why}")
+
+    if hub_offline():
+        raise failed("HF_HUB_OFFLINE is set")
+    why = unreachable(constants.ENDPOINT)  # else recent huggingface_hub retries for half a minute
+    if why:
+        raise failed(f"{constants.ENDPOINT}: {why}")
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        save(Path(tmp))
-        info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            save(Path(tmp))
+            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
+    except HFValidationError as e:
+        raise LeopartError(f"'{repo_id}' is not a valid Hub repository id: {e}") from None
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        login = _hub_cli("hf auth login", "huggingface-cli login")
+        if status == 401:
+            raise failed(f"the Hub did not accept the token (or none is set): log in with `{login}` or pass "
+                         "token=") from None
+        if status == 403:
+            raise failed("this token may not write there (another user's or organisation's namespace, or a "
+                         "read-only token)") from None
+        raise failed(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    except OSError as e:  # a connection dropped during the upload
+        raise failed(str(e) or type(e).__name__) from None
     return getattr(info, "commit_url", str(info))

@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import save as save_safetensors
 
 import leopart
-from leopart import hub
+from leopart import hub, serialization
 from leopart.errors import LeopartError
 from leopart.model import LeopartConfig, LeopartViT
 
@@ -119,6 +119,7 @@ def test_push_to_hub_uploads_a_saved_folder(tiny_model, monkeypatch):
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    hub_answers(monkeypatch)
     url = tiny_model.push_to_hub("me/tiny", private=True, token="t")
     assert url == "https://hub/me/tiny/commit/1"
     assert calls["create"] == ("me/tiny", True, True) and calls["token"] == "t"
@@ -135,6 +136,56 @@ def test_push_to_hub_uploads_a_saved_folder(tiny_model, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         seg.push_to_hub("me/seg")
+
+
+def hub_answers(monkeypatch):
+    """As if the Hub answered (the tests run with HF_HUB_OFFLINE=1 and no network)."""
+    monkeypatch.setattr(serialization, "hub_offline", lambda: False)
+    monkeypatch.setattr(serialization, "unreachable", lambda url: None)
+
+
+def test_push_to_hub_failures_are_one_line_errors(tiny_model, monkeypatch, online):
+    """Offline, no network, no or a rejected token, no write access, a bad id: a LeopartError that says so."""
+    import huggingface_hub
+    from huggingface_hub.utils import HfHubHTTPError
+
+    with monkeypatch.context() as offline:
+        offline.setenv("HF_HUB_OFFLINE", "1")
+        with pytest.raises(LeopartError, match=r"^cannot push to the Hub repository 'me/tiny': HF_HUB_OFFLINE is set$"):
+            tiny_model.push_to_hub("me/tiny")
+    url = closed_port_url()
+    online(url)
+    with pytest.raises(LeopartError, match=rf"^cannot push to the Hub repository 'me/tiny': {url}: .*refused$"):
+        tiny_model.push_to_hub("me/tiny")
+
+    def http_error(status):
+        error = HfHubHTTPError.__new__(HfHubHTTPError)  # its constructor's response type differs by version
+        Exception.__init__(error, f"{status} Client Error for url: https://huggingface.co/api/repos/create")
+        error.response = type("Response", (), {"status_code": status})()
+        return error
+
+    raised = []
+
+    class RefusingApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            raise raised[-1]
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", RefusingApi)
+    hub_answers(monkeypatch)
+    for error, match in ((http_error(401), r"did not accept the token \(or none is set\): log in with `.*login`"),
+                         (http_error(403), "may not write there"),
+                         (http_error(500), r"'me/tiny': 500 Client Error for url: \S+$"),
+                         (ConnectionResetError(104, "Connection reset by peer"), r"'me/tiny': .*Connection reset")):
+        raised.append(error)
+        with pytest.raises(LeopartError, match=match):
+            tiny_model.push_to_hub("me/tiny")
+    monkeypatch.undo()  # the real HfApi checks the id before it sends anything
+    hub_answers(monkeypatch)
+    with pytest.raises(LeopartError, match="'not a/valid/id' is not a valid Hub repository id"):
+        tiny_model.push_to_hub("not a/valid/id")
 
 
 # ---------------------------------------------------------------- conversion
