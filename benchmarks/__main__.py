@@ -12,6 +12,7 @@ CPU_SET = [
     ["benchmarks.kernels", "--device", "cpu"],
     ["benchmarks.train", "--device", "cpu", "--steps", "5"],
     ["benchmarks.cluster", "--sizes", "100000", "1100000", "--skip-sklearn-large"],
+    ["benchmarks.segment"],
     ["benchmarks.demo"],
 ]
 

@@ -3,7 +3,7 @@
 #   bash benchmarks/run_gpu.sh [LOG_DIR]
 # 1. compiled Triton kernels, a bf16 training run and k-means streamed from host memory, against their
 #    references (pytest, TRITON_INTERPRET=0);
-# 2. benchmarks/kernels.py, train.py and embed.py on cuda.
+# 2. benchmarks/kernels.py, train.py, embed.py and segment.py on cuda.
 set -u -o pipefail
 LOG=${1:-benchmarks/results}
 mkdir -p "$LOG"
@@ -13,3 +13,4 @@ timeout 200 python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py t
 timeout 400 python3 -m benchmarks.kernels --profile --sweep 2>&1 | tee "$LOG/kernels_gpu.log"
 timeout 150 python3 -m benchmarks.train --steps 10 2>&1 | tee "$LOG/train_gpu.log"
 timeout 90 python3 -m benchmarks.embed --images 256 2>&1 | tee "$LOG/embed_gpu.log"
+timeout 120 python3 -m benchmarks.segment 2>&1 | tee "$LOG/segment_gpu.log"

@@ -50,13 +50,27 @@ def voc_dir(tmp_path):
     return root
 
 
-def test_upsample_argmax_slices_channels_like_whole():
+@pytest.mark.parametrize("h, w, c, size", [(4, 5, 37, (30, 41)), (14, 14, 149, (333, 250)), (3, 2, 1, (7, 9)),
+                                            (28, 28, 21, (20, 17)), (1, 1, 5, (4, 4)), (2, 9, 300, (64, 1))])
+def test_upsample_argmax_interpolates_only_the_channels_that_can_win(h, w, c, size):
+    """Pruned to each source cell's candidate channels (max_elements small forces it), the argmax picks the same
+    maximum of the bilinearly upsampled scores as interpolating every channel; the index differs only where
+    two channels tie (a channel twice here); max_elements bounds the rows done at once."""
     import torch
 
-    scores = torch.randn(4, 5, 37)
-    whole = torch.nn.functional.interpolate(scores.permute(2, 0, 1)[None], size=(30, 41), mode="bilinear",
-                                            align_corners=False)[0].argmax(0)
-    assert torch.equal(upsample_argmax(scores, (30, 41), max_elements=30 * 41 * 4), whole)
+    g = torch.Generator().manual_seed(h * 100 + c)
+    smooth = torch.nn.functional.interpolate(torch.randn(1, 8, 2, 2, generator=g), size=(h, w), mode="bilinear")
+    features = torch.nn.functional.normalize(smooth[0].permute(1, 2, 0) + 0.3 * torch.randn(h, w, 8, generator=g), dim=-1)
+    scores = features @ torch.nn.functional.normalize(torch.randn(c, 8, generator=g), dim=-1).T
+    if c > 1:
+        scores[..., -1] = scores[..., 0]  # an exact tie everywhere
+    full = torch.nn.functional.interpolate(scores.permute(2, 0, 1)[None], size=size, mode="bilinear",
+                                           align_corners=False)[0]
+    for max_elements in (1, 1 << 24):
+        picked = upsample_argmax(scores, size, max_elements=max_elements)
+        assert picked.shape == size and picked.dtype == torch.int64
+        torch.testing.assert_close(full.gather(0, picked[None])[0], full.amax(0), rtol=0, atol=1e-6)
+        assert ((picked == full.argmax(0)) | (picked == c - 1) | (picked == 0)).all()
 
 
 def test_segment_api_without_and_with_segmenter(tiny_model):
