@@ -119,7 +119,7 @@ def upsample_argmax(scores: torch.Tensor, size: tuple[int, int], max_elements: i
     cell's corners with non-negative weights summing to 1, so a channel whose best corner is below another
     channel's worst corner loses everywhere in that cell (about 10 of 149 parts remain per cell). Same maxima as
     interpolating all channels, up to float rounding (the index may differ where two channels tie); a 12 MP
-    photo's 149 parts on 2 CPU cores: 12.6 s -> 0.21 s (`python -m benchmarks.segment`). Memory stays within
+    photo's 149 parts on 2 CPU cores: 13.1 s -> 0.215 s (`python -m benchmarks.segment`). Memory stays within
     about ``max_elements`` floats.
     """
     h, w, c = scores.shape
