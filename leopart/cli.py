@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from .errors import LeopartError
+from .errors import LeopartError, plural
 
 
 class _Group(click.Group):
@@ -125,7 +125,7 @@ def _fitted_rows(folder: Path, kind: str) -> list[tuple[str, object]]:
                 ("foreground parts", int(tensors["foreground"].sum())), ("objects", config.get("n_objects")),
                 ("model", params.get("model", "not recorded (pass --model)")),
                 ("resolution", params.get("image_resolution", "not recorded (pass --resolution)")),
-                ("fitted on", _plural(params["n_images"], "image") if "n_images" in params else "-"),
+                ("fitted on", plural(params["n_images"], "image") if "n_images" in params else "-"),
                 ("background share", f"{params['bg_share_actual']:.2f}" if "bg_share_actual" in params else "-"),
                 ("CD weight threshold", params.get("weight_threshold", "-")),
                 ("Louvain resolution", params.get("resolution", "-"))]
@@ -216,10 +216,6 @@ def _fg_option(f):
                              "the paper used dino-vits16).")(f)
 
 
-def _plural(n: int, noun: str) -> str:
-    return f"{n} {noun}{'s' * (n != 1)}"
-
-
 def _check_images(paths: list) -> None:
     """Fail before any work on inputs that are missing or not images (headers only)."""
     from .data import image_size
@@ -304,8 +300,8 @@ def merge(clusters_dir, output, bg_share, weight_threshold, cd_resolution, seed)
                       params={"model": config.get("model"), "image_resolution": config.get("resolution")})
     seg.save_pretrained(output)
     n_fg = int(seg.foreground.sum())
-    click.echo(f"wrote {output} ({_plural(seg.k, 'part')} -> {_plural(seg.n_objects, 'object')}, "
-               f"{_plural(n_fg, 'foreground part')}, background share {seg.params['bg_share_actual']:.2f})")
+    click.echo(f"wrote {output} ({plural(seg.k, 'part')} -> {plural(seg.n_objects, 'object')}, "
+               f"{plural(n_fg, 'foreground part')}, background share {seg.params['bg_share_actual']:.2f})")
 
 
 @main.command()
@@ -350,7 +346,7 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
     produced = {f.resolve() for pair in outputs.values() for f in pair}
     own = {p for p in paths if Path(p).resolve() in produced}
     if own:
-        click.echo(f"leaving out {_plural(len(own), 'input')} that this command writes (masks and "
+        click.echo(f"leaving out {plural(len(own), 'input')} that this command writes (masks and "
                    f"overlays of the other inputs), e.g. {min(own)}")
         paths = [p for p in paths if p not in own]
     outputs = {p: outputs[p] if overlay else outputs[p][:1] for p in paths}
@@ -413,7 +409,7 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
                 click.echo(f"Stopped after {done} of {len(paths)} images; rerun with --skip-existing to finish.",
                            err=True)
             raise
-    click.echo(f"wrote {_plural((1 + overlay) * len(paths), 'file')} to {output}")
+    click.echo(f"wrote {plural((1 + overlay) * len(paths), 'file')} to {output}")
 
 
 def _segment_outputs(inputs: tuple[str, ...], output: Path) -> dict[Path, tuple[Path, Path]]:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from . import serialization
 from .cluster import KMeansResult
-from .errors import LeopartError
+from .errors import LeopartError, plural
 
 # 8-neighbourhood: each unordered neighbour pair once; counted in both directions below.
 NEIGHBOUR_OFFSETS = ((0, 1), (1, 0), (1, 1), (1, -1))
@@ -105,7 +105,7 @@ tags:
 ---
 # leopart segmenter
 
-{seg.k} part clusters merged into {seg.n_objects} object(s) ({int(seg.foreground.sum())} foreground part(s)),
+{plural(seg.k, 'part cluster')} merged into {plural(seg.n_objects, 'object')} ({plural(int(seg.foreground.sum()), 'foreground part')}),
 fitted without labels by CBFE + community detection (Ziegler & Asano, CVPR 2022, section 4).
 
 | parameter | value |

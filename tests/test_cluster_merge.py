@@ -225,6 +225,7 @@ def test_merge_end_to_end_and_segmenter_round_trip(tmp_path):
     assert seg.part_to_object[0] == 0 and seg.n_objects == 2
     assert not seg.foreground[0] and seg.foreground[1:].all()
     folder = seg.save_pretrained(tmp_path / "seg")
+    assert "6 part clusters merged into 2 objects (5 foreground parts)" in (folder / "README.md").read_text()
     loaded = Segmenter.from_pretrained(folder)
     assert torch.equal(loaded.part_to_object, seg.part_to_object) and torch.equal(loaded.centroids, seg.centroids)
     assert loaded.params["weight_threshold"] == 0.05
