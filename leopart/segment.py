@@ -129,13 +129,7 @@ def upsample_argmax(scores: torch.Tensor, size: tuple[int, int], max_elements: i
         return F.interpolate(s.permute(2, 0, 1)[None], size=size, mode="bilinear", align_corners=False)[0].argmax(0)
     y0, ly = _source_cells(H, h, s.device)
     x0, lx = _source_cells(W, w, s.device)
-    down = torch.arange(1, h + 1, device=s.device).clamp_max(h - 1)
-    right = torch.arange(1, w + 1, device=s.device).clamp_max(w - 1)
-    corners = torch.stack([s, s[:, right], s[down], s[down][:, right]])  # [4, h, w, C]: each cell's corners
-    best_corner = corners.amax(0)
-    worst_corner_of_best = corners.amin(0).amax(-1, keepdim=True)
-    slack = 1e-6 * (1 + worst_corner_of_best.abs())  # rounding of the interpolation: keep near-losers too
-    n_candidates = (best_corner >= worst_corner_of_best - slack).sum(-1)  # [h, w], at least 1
+    corners, best_corner, n_candidates = cell_candidates(s)
     out = torch.empty(H, W, dtype=torch.int64, device=s.device)
     row_starts = torch.searchsorted(y0, torch.arange(h + 1, device=s.device)).tolist()
     # Cells are grouped by their number of candidates rounded up to a power of two, so a few cells with many
@@ -161,6 +155,19 @@ def upsample_argmax(scores: torch.Tensor, size: tuple[int, int], max_elements: i
                 values = torch.lerp(top.expand(b - a, n, m), bottom.expand(b - a, n, m), ly[a:b, None, None])
                 out[a:b, columns] = channels.expand(b - a, n, m).gather(-1, values.argmax(-1, keepdim=True)).squeeze(-1)
     return out
+
+
+def cell_candidates(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each source cell's 4 corner scores [4, h, w, C], every channel's best corner [h, w, C], and how many
+    channels can win somewhere in the cell [h, w] (best corner at least the best worst corner; at least 1)."""
+    h, w, _ = scores.shape
+    down = torch.arange(1, h + 1, device=scores.device).clamp_max(h - 1)
+    right = torch.arange(1, w + 1, device=scores.device).clamp_max(w - 1)
+    corners = torch.stack([scores, scores[:, right], scores[down], scores[down][:, right]])
+    best_corner = corners.amax(0)
+    worst_corner_of_best = corners.amin(0).amax(-1, keepdim=True)
+    slack = 1e-6 * (1 + worst_corner_of_best.abs())  # rounding of the interpolation: keep near-losers too
+    return corners, best_corner, (best_corner >= worst_corner_of_best - slack).sum(-1)
 
 
 def _source_cells(n_out: int, n_in: int, device) -> tuple[torch.Tensor, torch.Tensor]:

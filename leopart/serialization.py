@@ -315,8 +315,7 @@ def download_from_hub(name: str, filenames: list[str]) -> Path:
         except LocalEntryNotFoundError:
             raise not_cached("HF_HUB_OFFLINE=1" if hub_offline() else "offline?") from None
         except GatedRepoError:
-            login = _hub_cli("hf auth login", "huggingface-cli login")
-            raise LeopartError(f"'{repo_id}' is gated on the Hub: log in with `{login}`") from None
+            raise LeopartError(f"'{repo_id}' is gated on the Hub: log in with `{_login_command()}`") from None
         except RepositoryNotFoundError:
             raise LeopartError(f"no Hub repository '{repo_id}' (or it is private: log in first)") from None
         except RevisionNotFoundError:
@@ -369,6 +368,10 @@ def _hub_cli(new: str, old: str) -> str:
     return new if (major, minor) >= (0, 34) else old
 
 
+def _login_command() -> str:
+    return _hub_cli("hf auth login", "huggingface-cli login")
+
+
 def push_folder(save: Callable[[Path], object], repo_id: str, *, private: bool | None = None,
                 token: str | None = None, commit_message: str = "Upload with leopart") -> str:
     """Save into a temporary folder with ``save(folder)`` and upload it as one commit; returns the commit URL.
@@ -396,10 +399,9 @@ def push_folder(save: Callable[[Path], object], repo_id: str, *, private: bool |
         raise LeopartError(f"'{repo_id}' is not a valid Hub repository id: {e}") from None
     except HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
-        login = _hub_cli("hf auth login", "huggingface-cli login")
         if status == 401:
-            raise failed(f"the Hub did not accept the token (or none is set): log in with `{login}` or pass "
-                         "token=") from None
+            raise failed(f"the Hub did not accept the token (or none is set): log in with `{_login_command()}` "
+                         "or pass token=") from None
         if status == 403:
             raise failed("this token may not write there (another user's or organisation's namespace, or a "
                          "read-only token)") from None
