@@ -57,7 +57,8 @@ def main():
     """Dense, part-aware patch features with Leopart Vision Transformers.
 
     MODEL arguments take an alias (vits16, vitb8, dino-vits16, dino-vitb8), an org/repo[@revision] on
-    the Hugging Face Hub, a folder written by save_pretrained, or an original .ckpt/.pth file.
+    the Hugging Face Hub, a folder written by save_pretrained (or a finished `leopart train` run), or an
+    original .ckpt/.pth file.
     """
     warnings.showwarning = _one_line_warning
 
@@ -75,14 +76,19 @@ def _parse_resolution(value: str) -> int | None:
 @click.argument("model")
 @click.option("--trust-pickle", is_flag=True, help="Allow checkpoints that pickle Python objects besides tensors.")
 def info(model, trust_pickle):
-    """Describe MODEL: architecture, sizes and where it was loaded from; or what a segmenter, part clusters
-    or probe head folder holds and what it was fitted with."""
+    """Describe MODEL: architecture, sizes and where it was loaded from; what a segmenter, part clusters or
+    probe head folder holds and what it was fitted with; or where a `leopart train` run stands."""
     from . import serialization
+    from .train import is_run_folder
 
     config_file = Path(model).expanduser() / serialization.CONFIG_NAME
     kind = serialization.read_config(config_file).get("leopart_kind") if config_file.is_file() else None
-    rows = _fitted_rows(Path(model), kind) if kind in ("segmenter", "clusters", "probe_head") else \
-        _model_rows(model, trust_pickle)
+    if kind in ("segmenter", "clusters", "probe_head"):
+        rows = _fitted_rows(Path(model), kind)
+    elif kind is None and is_run_folder(Path(model).expanduser()):
+        rows = _run_rows(Path(model).expanduser())
+    else:
+        rows = _model_rows(model, trust_pickle)
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k:<{width}}  {v}")
@@ -106,6 +112,30 @@ def _model_rows(model: str, trust_pickle: bool) -> list[tuple[str, object]]:
         ("prototypes", c.num_prototypes),
         ("parameters", f"{n_params / 1e6:.2f}M ({n_backbone / 1e6:.2f}M backbone)"),
     ]
+
+
+def _run_rows(folder: Path) -> list[tuple[str, object]]:
+    """Where a `leopart train` output folder stands: read off its checkpoint and logs, no weights loaded."""
+    from .train import CHECKPOINT_NAME, read_run
+
+    run = read_run(folder)
+    cfg, logged = run.config, run.last_logged
+    init = cfg.get("init")
+    rows = [("training run", folder), ("data", cfg.get("data")),
+            ("init", f"random {cfg.get('arch')}" if init == "random" else init),
+            ("batch", f"{cfg.get('batch_size')} images: {cfg.get('n_global', 2)} x {cfg.get('global_size')} px + "
+                      f"{cfg.get('n_local', 4)} x {cfg.get('local_size')} px crops"),
+            ("step", f"{run.step} of {run.total if run.total is not None else '?'}"
+                     + (" (finished)" if run.finished else "")),
+            ("loss", f"{logged['loss']:.4f} at step {logged['step']}" if logged else "-")]
+    if run.last_eval:
+        scores = ", ".join(f"k={k}: {v:.1f}" for k, v in run.last_eval.get("overclustering", {}).items())
+        rows.append(("k-means mIoU %", f"{scores} at step {run.last_eval.get('step')}"))
+    rows += [("checkpoint", f"{folder / CHECKPOINT_NAME} (step {run.step})"),
+             ("model", run.model_dir if run.finished else "written when the run finishes"),
+             ("next", f"leopart cluster IMAGES --model {folder} --output PARTS" if run.finished
+              else run.resume_command)]
+    return rows
 
 
 def _fitted_rows(folder: Path, kind: str) -> list[tuple[str, object]]:
@@ -555,7 +585,7 @@ def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, weight_threshold, cd
 @click.pass_context
 def train(ctx, data_dir, output, resume, **options):
     """Fine-tune a ViT with the Leopart objective on DATA (an image folder or a text file of paths)."""
-    from .train import train as run_training
+    from .train import MODEL_NAME, is_run_folder, train as run_training
 
     # Only what the user set explicitly overrides a resumed run's settings.
     explicit = {k: v for k, v in options.items()
@@ -565,11 +595,11 @@ def train(ctx, data_dir, output, resume, **options):
     try:
         run_training(data_dir, output, resume=resume, progress=True, **explicit)
     except KeyboardInterrupt:
-        if (Path(output) / "checkpoint.pt").is_file() and os.environ.get("RANK", "0") == "0":
+        if is_run_folder(output) and os.environ.get("RANK", "0") == "0":
             click.echo("Continue it with the same command and --resume.", err=True)
         raise
     if os.environ.get("RANK", "0") == "0":  # under torchrun only the first process reports
-        click.echo(f"wrote {Path(output) / 'model'}")
+        click.echo(f"wrote {Path(output) / MODEL_NAME}")
 
 @main.command()
 @click.option("--output", "-o", default="leopart-demo", show_default=True, help="Folder for data, run, results.")

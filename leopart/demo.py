@@ -35,7 +35,7 @@ from .metrics import hungarian_miou
 from .model import LeopartViT
 from .segment import dense_features, fit_segmenter, mask_image, predict_objects, save_overlay, save_png
 from .serialization import write_text
-from .train import Learner, TrainConfig, build_model, train
+from .train import MODEL_NAME, Learner, TrainConfig, build_model, is_run_folder, read_run, train
 
 
 @dataclass
@@ -117,17 +117,17 @@ def train_or_resume(cfg: DemoConfig, train_cfg: TrainConfig, data_file: Path, ru
                     seconds: float) -> tuple[LeopartViT, int]:
     """Step 2: train for as many steps as fit in ``seconds`` (or ``cfg.steps``). A run that was interrupted
     continues with its own step count, so it ends as it would have; one that finished is loaded."""
-    resume = (run_dir / "checkpoint.pt").is_file()
-    run_steps = json.loads((run_dir / "config.json").read_text())["steps"] if resume else None
+    run = read_run(run_dir) if is_run_folder(run_dir) else None
+    resume = run is not None
     if cfg.steps is not None:
         steps = cfg.steps
     elif resume:
-        steps = run_steps
+        steps = run.total
     else:  # evaluation, segmentation and outputs take well under a minute at the default sizes
         steps = calibrate_steps(train_cfg, data_file, seconds, cfg.max_steps)
-    if run_steps == steps and (run_dir / "model" / "config.json").is_file():
+    if resume and run.finished and run.total == steps:
         print(f"[2/5] the tiny ViT's {steps} training steps are done: loading it")
-        return LeopartViT.from_folder(run_dir / "model").eval(), steps
+        return LeopartViT.from_folder(run.model_dir).eval(), steps
     print(f"[2/5] training a tiny ViT from random init with leopart.train: {steps} steps"
           + (" (continuing the interrupted run)" if resume else ""))
     options = {k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in ("data", "output")}
@@ -135,7 +135,7 @@ def train_or_resume(cfg: DemoConfig, train_cfg: TrainConfig, data_file: Path, ru
         model = train(data_file, run_dir, resume=resume,
                       **{**options, "steps": steps, "save_every": max(1, steps // 4)})
     except KeyboardInterrupt:
-        if (run_dir / "checkpoint.pt").is_file():
+        if is_run_folder(run_dir):
             print("Run the same `leopart demo` command again to continue training where it stopped.")
         raise
     return model.eval(), steps
@@ -230,7 +230,7 @@ def run_demo(**overrides) -> dict:
     voc = read_voc(data_root, "val")
     dense = dense_features(voc.images, model, cfg.image_size, progress=False, cache_dir=features)
     best_share = methods[METHODS[2]]["fully_unsupervised_details"]["bg_share"]
-    fitted_on = {"model": recorded_name(run_dir / "model"), "image_resolution": cfg.image_size}
+    fitted_on = {"model": recorded_name(run_dir / MODEL_NAME), "image_resolution": cfg.image_size}
     segmenter, _ = fit_segmenter(dense, cfg.fu_k, iters=30, n_init=cfg.n_init, seed=cfg.seed, bg_share=best_share,
                                  params=fitted_on, progress=False)
     segmenter.save_pretrained(out / "segmenter")

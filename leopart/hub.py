@@ -5,7 +5,8 @@
 1. ``vits16`` / ``vitb8``: the original Leopart release files (downloaded once with a progress bar,
    converted to our format and cached under ``$LEOPART_CACHE``, default ``~/.cache/leopart``);
 2. ``dino-vits16`` / ``dino-vitb8``: timm's DINO weights on the Hub (heads initialised with seed 0);
-3. an existing local path: a folder from ``save_pretrained`` or an original-format file
+3. an existing local path: a folder from ``save_pretrained`` (or a finished ``leopart train`` run, which stands
+   for its ``model/``) or an original-format file
    (.ckpt/.pth/.pt/.safetensors: a flat state_dict with one key prefix, or a Lightning checkpoint);
 4. ``org/repo`` or ``org/repo@revision`` on the Hub, in our format or in timm's.
 
@@ -79,9 +80,13 @@ def from_pretrained(name: str | os.PathLike | LeopartViT, *, arch: str | None = 
 def recorded_name(name: str | os.PathLike) -> str:
     """A model name to record in an output: local paths made absolute, so it still resolves from elsewhere;
     aliases stay aliases (they win over a folder of the same name, as in _resolve)."""
+    from .train import MODEL_NAME, is_run_folder  # lazily: train imports this module
+
     path = Path(name).expanduser()
     if str(name) in RELEASES or str(name) in DINO or not path.exists():
         return str(name)
+    if is_run_folder(path):  # the model itself: the run may go on later and replace it
+        path = path / MODEL_NAME
     return str(path.resolve())
 
 
@@ -92,7 +97,9 @@ def _resolve(name: str, arch: str | None, trust_pickle: bool) -> LeopartViT:
         return _load_hub(DINO[name])
     path = Path(name).expanduser()
     if path.is_dir():
-        return LeopartViT.from_folder(path)
+        from .train import is_run_folder  # lazily: train imports this module
+
+        return _load_run(path) if is_run_folder(path) else LeopartViT.from_folder(path)
     if path.is_file():
         if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
             raise LeopartError(f"{path} is not a checkpoint (expected one of {', '.join(CHECKPOINT_SUFFIXES)})")
@@ -101,6 +108,18 @@ def _resolve(name: str, arch: str | None, trust_pickle: bool) -> LeopartViT:
         return _load_hub(name)
     known = ", ".join([*RELEASES, *DINO])
     raise LeopartError(f"unknown model '{name}': not an alias ({known}), an existing path, or an org/repo Hub id")
+
+
+def _load_run(folder: Path) -> LeopartViT:
+    """A `leopart train` output folder stands for its final model, once the run has written it."""
+    from .train import CHECKPOINT_NAME, read_run
+
+    run = read_run(folder)
+    if run.finished:
+        return LeopartViT.from_folder(run.model_dir)
+    at = f"step {run.step} of {run.total}" if run.total is not None else f"step {run.step}"
+    raise LeopartError(f"{folder} is a `leopart train` run at {at}, not finished: load {folder / CHECKPOINT_NAME} "
+                       f"(its latest student) or finish it with `{run.resume_command}`")
 
 
 # ------------------------------------------------------------------ releases

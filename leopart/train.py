@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import signal
 import threading
 import time
@@ -43,9 +44,12 @@ from .hub import from_pretrained
 from .kernels import sinkhorn
 from .model import LeopartConfig, LeopartViT
 from .progress import progress_bar
-from .serialization import atomic_path, write_text
+from .serialization import CONFIG_NAME, WEIGHTS_NAME, atomic_path, write_text
 
 LOSS_MASKS = ("all", "fg", "bg")
+# A run's output folder: config.json, metrics.jsonl (eval.jsonl), CHECKPOINT_NAME and, once finished, MODEL_NAME/.
+CHECKPOINT_NAME = "checkpoint.pt"
+MODEL_NAME = "model"
 # Settings a resumed run may change; everything else must match the checkpoint.
 RESUMABLE_OVERRIDES = {"steps", "epochs", "save_every", "workers", "device", "eval_data", "eval_every", "eval_k",
                        "output", "data", "progress"}
@@ -301,9 +305,10 @@ def save_checkpoint(path: Path, **state):
         torch.save(state, tmp)
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path, mmap: bool = False) -> dict:
+    """mmap: map the tensors instead of reading them (cheap when only the step and config are wanted)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is the same problem for the user
         raise LeopartError(f"cannot read checkpoint {path}: {e}") from None
 
@@ -435,7 +440,7 @@ def train(data_source: str | os.PathLike = "", output: str | os.PathLike = "runs
     if unknown:
         raise LeopartError(f"unknown training option(s): {', '.join(sorted(unknown))}")
     out = Path(output)
-    ckpt_path = out / "checkpoint.pt"
+    ckpt_path = out / CHECKPOINT_NAME
     ckpt = None
     if ckpt_path.is_file():
         if not resume:
@@ -479,7 +484,7 @@ def train(data_source: str | os.PathLike = "", output: str | os.PathLike = "runs
 
     def checkpoint():
         if is_main:
-            save_checkpoint(ckpt_path, config=dataclasses.asdict(cfg), step=step, rng=_rng_state(),
+            save_checkpoint(ckpt_path, config=dataclasses.asdict(cfg), step=step, total=total, rng=_rng_state(),
                             skipped=sorted(skipped), model_config=dataclasses.asdict(learner.model.config),
                             **learner.state_dict())
 
@@ -524,8 +529,63 @@ def train(data_source: str | os.PathLike = "", output: str | os.PathLike = "runs
             print(f"skipped {len(skipped)} unreadable image(s), e.g. {sorted(skipped)[0]}")
         from .hub import save_converted
 
-        save_converted(model.cpu(), out / "model")
+        save_converted(model.cpu(), out / MODEL_NAME)
     return model
+
+
+# ---------------------------------------------------------------- run folders
+@dataclass
+class RunInfo:
+    """Where a `leopart train` output folder stands, read from its checkpoint's step and config and its logs."""
+
+    folder: Path
+    config: dict              # the run's TrainConfig, as its checkpoint saved it
+    step: int                 # the checkpoint's
+    total: int | None         # None only for checkpoints from before they recorded it, trained by --epochs
+    last_logged: dict | None  # the last line of metrics.jsonl (a step past the checkpoint if it was killed)
+    last_eval: dict | None    # the last line of eval.jsonl, with --eval-data
+
+    @property
+    def model_dir(self) -> Path:
+        return self.folder / MODEL_NAME
+
+    @property
+    def finished(self) -> bool:
+        """The checkpoint reached the run's total and the final model folder is there."""
+        done = self.total is None or self.step >= self.total
+        return done and all((self.model_dir / name).is_file() for name in (CONFIG_NAME, WEIGHTS_NAME))
+
+    @property
+    def resume_command(self) -> str:
+        data_source = shlex.quote(str(self.config.get("data"))) if self.config.get("data") else "DATA"
+        return f"leopart train {data_source} --output {shlex.quote(str(self.folder))} --resume"
+
+
+def is_run_folder(path: str | os.PathLike) -> bool:
+    """A `leopart train` output folder (a model folder holding a stray checkpoint.pt is still a model)."""
+    return (Path(path) / CHECKPOINT_NAME).is_file() and not (Path(path) / WEIGHTS_NAME).is_file()
+
+
+def read_run(folder: str | os.PathLike) -> RunInfo:
+    folder = Path(folder)
+    ckpt = load_checkpoint(folder / CHECKPOINT_NAME, mmap=True)
+    if not isinstance(ckpt, dict) or "step" not in ckpt or not isinstance(ckpt.get("config"), dict):
+        raise LeopartError(f"{folder / CHECKPOINT_NAME} is not a `leopart train` checkpoint")
+    config = ckpt["config"]
+    total = ckpt.get("total", config.get("steps"))
+    return RunInfo(folder, config, int(ckpt["step"]), None if total is None else int(total),
+                   _last_json_line(folder / "metrics.jsonl"), _last_json_line(folder / "eval.jsonl"))
+
+
+def _last_json_line(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    for line in reversed(path.read_text().splitlines()):
+        try:
+            return json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+    return None
 
 
 class _GracefulStop:

@@ -249,6 +249,8 @@ def test_evaluation_during_training(train_dir, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [2, 3]
     assert all(0 < r["overclustering"]["4"] <= 100 for r in lines), lines
+    info = CliRunner().invoke(main, ["info", str(tmp_path / "run")])
+    assert f"k-means mIoU %  k=4: {lines[-1]['overclustering']['4']:.1f} at step 3" in info.output, info.output
     for bad, match in ((dict(eval_data=str(tmp_path / "nowhere")), "not a VOC-layout folder"),
                        (dict(eval_data=str(voc), eval_k=49), r"eval_k=49 is larger than the number of patches \(48\)")):
         with pytest.raises(LeopartError, match=match):
@@ -308,6 +310,14 @@ def test_train_cli_guards(train_dir, tmp_path):
             "--workers", "0", "--save-every", "1"]
     r = runner.invoke(main, [*base, "--steps", "1"])
     assert r.exit_code == 0, r.output
+    # A finished run folder stands for its model, and `leopart info` says where the run stands.
+    loaded = leopart.from_pretrained(tmp_path / "r")
+    assert loaded.name_or_path == str((tmp_path / "r" / "model").resolve())  # what outputs record
+    assert torch.equal(loaded.prototypes.weight, leopart.from_pretrained(tmp_path / "r" / "model").prototypes.weight)
+    r = runner.invoke(main, ["info", str(tmp_path / "r")])
+    assert r.exit_code == 0, r.output
+    assert "step          1 of 1 (finished)" in r.output and "init          random test_vit" in r.output
+    assert f"next          leopart cluster IMAGES --model {tmp_path / 'r'}" in r.output
     r = runner.invoke(main, [*base, "--steps", "2"])
     assert r.exit_code == 1 and "pass --resume" in r.output
     r = runner.invoke(main, ["train", str(train_dir), "--output", str(tmp_path / "r"), "--resume", "--batch-size", "8",
@@ -358,6 +368,21 @@ def test_interrupted_train_cli_says_how_to_continue(train_dir, tmp_path, monkeyp
                                   "32", "--num-prototypes", "10", "--workers", "0", "--save-every", "1",
                                   "--steps", "3"])
     assert r.exit_code == 130 and "Continue it with the same command and --resume." in r.output, r.output
+    # Unfinished, the run folder is no model yet: the error and `leopart info` name the checkpoint and the
+    # command that continues the run.
+    resume = f"leopart train {train_dir} --output {tmp_path / 'r'} --resume"
+    with pytest.raises(LeopartError, match="run at step 1 of 3, not finished: load .*checkpoint.pt") as e:
+        leopart.from_pretrained(tmp_path / "r")
+    assert resume in str(e.value)
+    r = CliRunner().invoke(main, ["info", str(tmp_path / "r")])
+    assert r.exit_code == 0, r.output
+    assert "step          1 of 3\n" in r.output and f"next          {resume}" in r.output
+    assert "loss          " in r.output and "model         written when the run finishes" in r.output
+    # Checkpoints from before they recorded the run's total: the config's --steps stands in.
+    ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    del ckpt["total"]
+    torch.save(ckpt, tmp_path / "r" / "checkpoint.pt")
+    assert "step          1 of 3\n" in CliRunner().invoke(main, ["info", str(tmp_path / "r")]).output
 
 
 def test_init_from_a_leopart_model_keeps_its_prototypes_unless_another_count_is_asked(tiny_model_dir):
