@@ -78,13 +78,11 @@ def _parse_resolution(value: str) -> int | None:
 def info(model, trust_pickle):
     """Describe MODEL: architecture, sizes and where it was loaded from; what a segmenter, part clusters or
     probe head folder holds and what it was fitted with; or where a `leopart train` run stands."""
-    from . import serialization
     from .train import is_run_folder
 
-    config_file = Path(model).expanduser() / serialization.CONFIG_NAME
-    kind = serialization.read_config(config_file).get("leopart_kind") if config_file.is_file() else None
+    kind = _saved_kind(model)
     if kind in ("segmenter", "clusters", "probe_head"):
-        rows = _fitted_rows(Path(model), kind)
+        rows = _fitted_rows(model, kind)
     elif kind is None and is_run_folder(Path(model).expanduser()):
         rows = _run_rows(Path(model).expanduser())
     else:
@@ -92,6 +90,20 @@ def info(model, trust_pickle):
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k:<{width}}  {v}")
+
+
+def _saved_kind(name: str) -> str | None:
+    """What a local folder or Hub repo saved by leopart holds (its config's leopart_kind), else None."""
+    from . import serialization
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        config_file = path / serialization.CONFIG_NAME
+    elif not path.exists() and serialization.HUB_ID.match(name):
+        config_file = serialization.download_from_hub(name, [serialization.CONFIG_NAME]) / serialization.CONFIG_NAME
+    else:
+        return None
+    return serialization.read_config(config_file).get("leopart_kind") if config_file.is_file() else None
 
 
 def _model_rows(model: str, trust_pickle: bool) -> list[tuple[str, object]]:
@@ -138,11 +150,12 @@ def _run_rows(folder: Path) -> list[tuple[str, object]]:
     return rows
 
 
-def _fitted_rows(folder: Path, kind: str) -> list[tuple[str, object]]:
-    """What `leopart cluster`, `leopart merge` and probe training wrote, and what they were fitted with."""
-    from .serialization import load_folder
+def _fitted_rows(folder: str, kind: str) -> list[tuple[str, object]]:
+    """What `leopart cluster`, `leopart merge` and probe training wrote (a folder or Hub repo), and what they
+    were fitted with."""
+    from .serialization import fetch_folder
 
-    config, tensors = load_folder(folder, kind)
+    config, tensors = fetch_folder(folder, kind, missing=f"no such folder: {folder}")
     if kind == "clusters":
         return [("part clusters", folder), ("parts", config.get("k")), ("images", len(config.get("names", []))),
                 ("model", config.get("model")), ("foreground model", config.get("fg_model")),

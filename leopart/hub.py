@@ -207,6 +207,8 @@ def save_converted(model: LeopartViT, folder: Path) -> Path:
 def _load_hub(name: str) -> LeopartViT:
     folder = serialization.download_from_hub(name, [serialization.CONFIG_NAME])
     config = serialization.read_config(folder / serialization.CONFIG_NAME)
+    if "leopart_kind" in config:  # checked before the weights download
+        serialization.check_kind(config, "model", f"Hub repository '{name}'")
     folder = serialization.download_from_hub(name, [serialization.WEIGHTS_NAME])
     if "leopart_kind" in config:
         return LeopartViT.from_folder(folder)

@@ -71,16 +71,11 @@ class Segmenter:
 
     @classmethod
     def from_pretrained(cls, name: str | Path) -> "Segmenter":
-        path = Path(name).expanduser()
-        if not path.is_dir():
-            if not serialization.HUB_ID.match(str(name)):
-                raise LeopartError(f"no segmenter folder {name} (and it is not an org/repo Hub id)")
-            path = serialization.download_from_hub(str(name), [serialization.CONFIG_NAME,
-                                                               serialization.WEIGHTS_NAME])
-        config, t = serialization.load_folder(path, "segmenter")
+        config, t = serialization.fetch_folder(name, "segmenter",
+                                               missing=f"no segmenter folder {name} (and it is not an org/repo Hub id)")
         missing = {"centroids", "part_to_object", "foreground"} - set(t)
         if missing:
-            raise LeopartError(f"{path} lacks {', '.join(sorted(missing))}")
+            raise LeopartError(f"{name} lacks {', '.join(sorted(missing))}")
         return cls(t["centroids"], t["part_to_object"].long(), t["foreground"].bool(),
                    config.get("metric", "cosine"), config.get("params", {}))
 

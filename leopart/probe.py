@@ -110,14 +110,10 @@ def load_head(name: str | Path) -> ProbeHead:
     path = Path(name).expanduser()
     if path.is_file():
         return convert_head_checkpoint(path)
-    if not path.is_dir():
-        if not serialization.HUB_ID.match(str(name)):
-            raise LeopartError(f"no probe head folder or checkpoint {name}")
-        path = serialization.download_from_hub(str(name), [serialization.CONFIG_NAME, serialization.WEIGHTS_NAME])
-    config, state = serialization.load_folder(path, "probe_head")
+    config, state = serialization.fetch_folder(name, "probe_head", missing=f"no probe head folder or checkpoint {name}")
     names = set(ProbeConfig.__dataclass_fields__)
     head = ProbeHead(ProbeConfig(**{k: v for k, v in config.items() if k in names}))
-    _load_state(head, state, str(path))
+    _load_state(head, state, str(name))
     return head
 
 

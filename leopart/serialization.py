@@ -258,19 +258,39 @@ def read_config(path: str | os.PathLike) -> dict:
         raise LeopartError(f"cannot read {path}: {e}") from None
 
 
-def load_folder(folder: str | os.PathLike, kind: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read (config, tensors) from a folder written by save_folder, checking it holds a ``kind``."""
+def load_folder(folder: str | os.PathLike, kind: str, source: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read (config, tensors) from a folder written by save_folder, checking it holds a ``kind``. ``source``
+    names the folder in errors (a Hub repo rather than its cache snapshot)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise LeopartError(f"no such folder: {folder}")
     if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
         raise LeopartError(f"{folder} is not a saved leopart {kind} folder: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
     config = read_config(folder / CONFIG_NAME)
-    if config.get("leopart_kind", kind) != kind:
-        found = config["leopart_kind"]
-        hint = f": fit one with `leopart merge {folder}`" if (found, kind) == ("clusters", "segmenter") else ""
-        raise LeopartError(f"{folder} holds {_kind_phrase(found)}, not {_kind_phrase(kind)}{hint}")
+    check_kind(config, kind, source or str(folder))
     return config, load_tensors(folder / WEIGHTS_NAME)
+
+
+def check_kind(config: dict, kind: str, source: str) -> None:
+    """A saved config must hold a ``kind`` (configs from before leopart_kind was recorded pass)."""
+    found = config.get("leopart_kind", kind)
+    if found != kind:
+        hint = f": fit one with `leopart merge {source}`" if (found, kind) == ("clusters", "segmenter") else ""
+        raise LeopartError(f"{source} holds {_kind_phrase(found)}, not {_kind_phrase(kind)}{hint}")
+
+
+def fetch_folder(name: str | os.PathLike, kind: str, missing: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, tensors) of a saved ``kind`` from a local folder or a Hub repo "org/repo[@revision]". From the
+    Hub the config comes first, so a repo of another kind fails before its weights download. ``missing``: the
+    error for a name that is neither."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return load_folder(path, kind)
+    if not HUB_ID.match(str(name)):
+        raise LeopartError(missing)
+    source = f"Hub repository '{name}'"
+    check_kind(read_config(download_from_hub(str(name), [CONFIG_NAME]) / CONFIG_NAME), kind, source)
+    return load_folder(download_from_hub(str(name), [CONFIG_NAME, WEIGHTS_NAME]), kind, source)
 
 
 def _kind_phrase(kind: str) -> str:

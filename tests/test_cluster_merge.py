@@ -4,11 +4,13 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from conftest import populate_hf_cache
 from sklearn.metrics import adjusted_rand_score
 
 import leopart
 from leopart.cluster import _kmeans_pp
+from leopart.cli import main
 from leopart.errors import LeopartError
 from leopart.merge import Segmenter, cbfe, communities, cooccurrence
 from leopart.metrics import Confusion, hungarian_miou
@@ -233,6 +235,17 @@ def test_merge_end_to_end_and_segmenter_round_trip(tmp_path):
     populate_hf_cache("someone/tiny-segmenter", files)
     hub_seg = Segmenter.from_pretrained("someone/tiny-segmenter")
     assert torch.equal(hub_seg.foreground, seg.foreground)
+    # `leopart info` describes a segmenter on the Hub as it does a local one, naming the repo.
+    r = CliRunner().invoke(main, ["info", "someone/tiny-segmenter"])
+    assert r.exit_code == 0 and "segmenter            someone/tiny-segmenter\nparts                6\n" in r.output, r.output
+    # A repo of another kind fails by its config alone, before its weights would download (none are cached).
+    populate_hf_cache("someone/config-only", {"config.json": (folder / "config.json").read_bytes()})
+    with pytest.raises(LeopartError, match="^Hub repository 'someone/config-only' holds a leopart segmenter, "
+                                           "not a leopart model$"):
+        leopart.from_pretrained("someone/config-only")
+    with pytest.raises(LeopartError, match="^Hub repository 'someone/config-only' holds a leopart segmenter, "
+                                           "not a leopart probe head$"):
+        leopart.ProbeHead.from_pretrained("someone/config-only")
     with pytest.raises(LeopartError, match="part id 5 but there are only 3 centroids"):
         leopart.merge(centroids[:3], grids, fg_masks)
     with pytest.raises(LeopartError, match="not a saved leopart segmenter"):
