@@ -258,7 +258,8 @@ def read_config(path: str | os.PathLike) -> dict:
         raise LeopartError(f"cannot read {path}: {e}") from None
 
 
-def load_folder(folder: str | os.PathLike, kind: str, source: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+def load_folder(folder: str | os.PathLike, kind: str,
+                source: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """Read (config, tensors) from a folder written by save_folder, checking it holds a ``kind``. ``source``
     names the folder in errors (a Hub repo rather than its cache snapshot)."""
     folder = Path(folder)

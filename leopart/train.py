@@ -24,6 +24,7 @@ import math
 import os
 import shlex
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from torchvision.ops import roi_align
 from . import data
 from .augment import CropConfig
 from .device import autocast, default_device
-from .errors import LeopartError
+from .errors import LeopartError, plural
 from .foreground import foreground_mask
 from .hub import from_pretrained
 from .kernels import sinkhorn
@@ -488,7 +489,12 @@ def train(data_source: str | os.PathLike = "", output: str | os.PathLike = "runs
                             skipped=sorted(skipped), model_config=dataclasses.asdict(learner.model.config),
                             **learner.state_dict())
 
-    bar = progress_bar(total=total, initial=step, desc="train", unit="step", progress=cfg.progress if is_main else False)
+    if is_main and cfg.progress:  # what was understood, before the first progress line (a minute in, in a log)
+        epoch = f"{plural(sampler.steps_per_epoch, 'step')} of {cfg.batch_size} per epoch"
+        plan = f"resuming at step {step} of {total}" if step else plural(total, "step")
+        print(f"train: {plan} ({plural(len(files), 'image')}, {epoch}) on {device}", file=sys.stderr)
+    bar = progress_bar(total=total, initial=step, desc="train", unit="step",
+                       progress=cfg.progress if is_main else False)
     batches = iter(loader)
     stop = _GracefulStop()
     try:
