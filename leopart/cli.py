@@ -30,6 +30,9 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             sys.exit(130)
+        except BrokenPipeError:  # stdout went to `| head`, which has read enough: stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so no flush at exit fails again
+            sys.exit(1)
         except OSError as e:
             if os.environ.get("LEOPART_DEBUG") or not (e.filename and e.strerror):
                 raise _unexpected(e) from None
@@ -78,8 +81,11 @@ def _parse_resolution(value: str) -> int | None:
 def info(model, trust_pickle):
     """Describe MODEL: architecture, sizes and where it was loaded from; what a segmenter, part clusters or
     probe head folder holds and what it was fitted with; or where a `leopart train` run stands."""
+    from .probe import head_folder
     from .train import is_run_folder
 
+    if Path(model).expanduser().is_dir():  # a probe's output folder: the head it saved
+        model = str(head_folder(Path(model).expanduser()))
     kind = _saved_kind(model)
     if kind in ("segmenter", "clusters", "probe_head"):
         rows = _fitted_rows(model, kind)
@@ -553,6 +559,9 @@ def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, weight_threshold, cd
             results.setdefault("num_classes", trained.config.num_classes)
     results["model"] = model
     click.echo(format_table(results, model))
+    if heads and probe_dir:
+        shown = ", ".join(str(probe_dir / head) for head in heads)
+        click.echo(f"trained heads in {shown}: `leopart segment IMAGE --model {model} --head {probe_dir / heads[-1]}`")
     if json_path is not None:
         write_json(json_path, results)
         click.echo(f"wrote {json_path}")

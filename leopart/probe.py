@@ -38,6 +38,7 @@ from .model import LeopartViT
 from .progress import progress_bar
 
 HEADS = ("linear", "fcn")
+HEAD_FOLDER = "head"  # where a probe's output folder keeps the trained head, beside checkpoint.pt and cache/
 DEFAULT_EPOCHS = {"linear": 25, "fcn": 30}
 
 
@@ -110,11 +111,24 @@ def load_head(name: str | Path) -> ProbeHead:
     path = Path(name).expanduser()
     if path.is_file():
         return convert_head_checkpoint(path)
+    if head_folder(path) != path:
+        name = path = head_folder(path)
     config, state = serialization.fetch_folder(name, "probe_head", missing=f"no probe head folder or checkpoint {name}")
     names = set(ProbeConfig.__dataclass_fields__)
     head = ProbeHead(ProbeConfig(**{k: v for k, v in config.items() if k in names}))
     _load_state(head, state, str(name))
     return head
+
+
+def head_folder(path: Path) -> Path:
+    """A probe's output folder (`leopart eval --probe-dir DIR` writes DIR/linear, DIR/fcn) stands for the head
+    saved in it at the end of training; any other path for itself."""
+    if not (path / "checkpoint.pt").is_file() or (path / serialization.CONFIG_NAME).is_file():
+        return path
+    if not (path / HEAD_FOLDER).is_dir():
+        raise LeopartError(f"{path} is a probe's output folder whose training has not finished: its head is saved "
+                           f"to {path / HEAD_FOLDER} at the end (run it again to resume)")
+    return path / HEAD_FOLDER
 
 
 def _load_state(head: ProbeHead, state: dict, source: str):
@@ -245,7 +259,8 @@ def probe(model: LeopartViT | str, train_data: str | os.PathLike, head: str = "l
     """Train a linear or FCN head on frozen patch tokens of a VOC-layout folder's train split.
 
     Keyword overrides are ProbeTrainConfig fields. With ``output`` set, a checkpoint is written after every
-    epoch and an interrupted run resumes from it; the final head is saved to ``<output>/head``.
+    epoch and an interrupted run resumes from it; the final head is saved to ``<output>/head`` (``output`` itself
+    names it too, wherever a head is loaded).
     """
     from .hub import from_pretrained
 
@@ -306,7 +321,7 @@ def probe(model: LeopartViT | str, train_data: str | os.PathLike, head: str = "l
                             "epoch": epoch + 1, "config": asdict(cfg), "rng": torch.get_rng_state()}, tmp)
     probe_head.eval().cpu()
     if output is not None and rank == 0:
-        probe_head.save_pretrained(output / "head")
+        probe_head.save_pretrained(output / HEAD_FOLDER)
     return probe_head
 
 

@@ -45,7 +45,7 @@ from .hub import from_pretrained
 from .kernels import sinkhorn
 from .model import LeopartConfig, LeopartViT
 from .progress import progress_bar
-from .serialization import CONFIG_NAME, WEIGHTS_NAME, atomic_path, write_text
+from .serialization import CONFIG_NAME, WEIGHTS_NAME, atomic_path, read_config, write_text
 
 LOSS_MASKS = ("all", "fg", "bg")
 # A run's output folder: config.json, metrics.jsonl (eval.jsonl), CHECKPOINT_NAME and, once finished, MODEL_NAME/.
@@ -568,8 +568,11 @@ class RunInfo:
 
 
 def is_run_folder(path: str | os.PathLike) -> bool:
-    """A `leopart train` output folder (a model folder holding a stray checkpoint.pt is still a model)."""
-    return (Path(path) / CHECKPOINT_NAME).is_file() and not (Path(path) / WEIGHTS_NAME).is_file()
+    """A `leopart train` output folder: a checkpoint beside the run's config.json (a saved model's or segmenter's
+    config names its leopart_kind; a probe's output folder has a checkpoint but no config)."""
+    path = Path(path)
+    config = path / CONFIG_NAME
+    return (path / CHECKPOINT_NAME).is_file() and config.is_file() and "leopart_kind" not in read_config(config)
 
 
 def read_run(folder: str | os.PathLike) -> RunInfo:

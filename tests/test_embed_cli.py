@@ -548,6 +548,15 @@ def test_console_script_one_line_error_without_traceback(tmp_path):
     assert r.returncode == 0 and "--resolution" in r.stdout
 
 
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly(tiny_model_dir):
+    """`leopart info MODEL | head -1`: the reader has gone before the output is written; no error message."""
+    proc = subprocess.Popen([sys.executable, "-m", "leopart", "info", str(tiny_model_dir)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # long before the command, which first imports torch, prints
+    stderr = proc.stderr.read()
+    assert proc.wait() == 1 and stderr == "", stderr
+
+
 def test_help_and_import_do_not_load_torch():
     """`leopart --help` answers at once: neither the package nor the CLI module imports torch until a command runs."""
     code = ("import sys, leopart; from leopart.cli import main; from click.testing import CliRunner; "

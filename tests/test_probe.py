@@ -1,5 +1,6 @@
 """Linear and FCN probes: learning on separable data, the FCN layout, save/load, checkpoint conversion, CLI."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -167,6 +168,8 @@ def test_eval_cli_probes_json_and_segment_head(block_voc, tiny_model_dir, tmp_pa
     res = json.loads(out.read_text())
     assert set(res) >= {"linear", "fcn", "n_images"} and all(np.isfinite([res["linear"], res["fcn"]]))
     assert "linear probe" in r.output and "fcn probe" in r.output
+    assert f"trained heads in {tmp_path / 'p' / 'linear'}, {tmp_path / 'p' / 'fcn'}: `leopart segment IMAGE " \
+           f"--model {tiny_model_dir} --head {tmp_path / 'p' / 'fcn'}`" in r.output, r.output
     seg_out = tmp_path / "seg"
     r = runner.invoke(main, ["segment", str(block_voc / "JPEGImages" / "val000.png"), "--model",
                              str(tiny_model_dir), "--head", str(tmp_path / "p" / "linear" / "head"),
@@ -181,6 +184,19 @@ def test_eval_cli_probes_json_and_segment_head(block_voc, tiny_model_dir, tmp_pa
                              str(tmp_path / "p" / "linear" / "head"), "--output", str(tmp_path / "seg2")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "seg2" / "val000_mask.png").read_bytes() == (seg_out / "val000_mask.png").read_bytes()
+    # A probe's output folder stands for the head saved in it (what the eval's last line suggests), in
+    # `segment --head` and `info`; unfinished (no head yet), it says so.
+    r = runner.invoke(main, ["segment", str(block_voc / "JPEGImages" / "val000.png"), "--head",
+                             str(tmp_path / "p" / "linear"), "--output", str(tmp_path / "seg3")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "seg3" / "val000_mask.png").read_bytes() == (seg_out / "val000_mask.png").read_bytes()
+    r = runner.invoke(main, ["info", str(tmp_path / "p" / "fcn")])
+    assert r.exit_code == 0 and f"probe head  {tmp_path / 'p' / 'fcn' / 'head'}\nhead        fcn\n" in r.output, r.output
+    shutil.rmtree(tmp_path / "p" / "fcn" / "head")
+    for args in (["info", str(tmp_path / "p" / "fcn")],
+                 ["segment", str(block_voc / "JPEGImages" / "val000.png"), "--head", str(tmp_path / "p" / "fcn")]):
+        r = runner.invoke(main, args)
+        assert r.exit_code == 1 and "is a probe's output folder whose training has not finished" in r.output, r.output
     r = runner.invoke(main, ["segment", str(block_voc / "JPEGImages" / "val000.png"), "--model",
                              str(tiny_model_dir), "--head", str(tmp_path / "nothing"), "--output", str(seg_out)])
     assert r.exit_code == 1 and "no probe head" in r.output
