@@ -44,9 +44,18 @@ def similarity_torch(x: torch.Tensor, prototypes: torch.Tensor, normalize: bool 
     return scores if temperature is None else torch.softmax(scores / temperature, dim=1)
 
 
+def chunk_rows(device: torch.device) -> int:
+    """Rows per chunk for work streamed over N x K scores. On the CPU a few MB of temporaries per chunk: fresh
+    allocations of hundreds of MB are page-faulted in anew each time (glibc maps them from the kernel), which
+    took 2.4 s of a 4.5 s k-means assignment of 1.1M x 384 features to 500 centroids in chunks of 65,536 rows;
+    in chunks of 2,048 it takes 2.4 s in all. On a GPU big chunks keep kernel launches few."""
+    return 2048 if device.type == "cpu" else 65536
+
+
 def nearest_torch(x: torch.Tensor, prototypes: torch.Tensor, normalize: bool = True,
-                  chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference / CPU path: matmul then argmax, in chunks of rows to bound memory."""
+                  chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference / CPU path: matmul then argmax, in chunks of rows to bound memory (``chunk_rows`` by default)."""
+    chunk = chunk or chunk_rows(x.device)
     p = prototypes.float()
     if normalize:
         p = F.normalize(p, dim=1, eps=NORM_EPS)

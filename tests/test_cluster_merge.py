@@ -117,6 +117,22 @@ def test_kmeans_input_forms_and_errors():
         leopart.cluster(x[:5], 6)
     with pytest.raises(LeopartError, match="NaN"):
         leopart.cluster(torch.full((10, 2), float("nan")), 2)
+    late = torch.zeros(40_000, 2)
+    late[33_000, 1] = float("inf")  # in a later chunk of the check
+    with pytest.raises(LeopartError, match="NaN or infinite"):
+        leopart.cluster(late, 2)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_kmeans_result_does_not_depend_on_the_chunk_size(metric):
+    """Chunks are a memory matter only: labels and centroids are bit-identical for any chunk size (on the CPU,
+    where the default chunk is small)."""
+    x, _ = planted_mixture(n_per=700, k=6, d=16)
+    one = leopart.cluster(x, 12, iters=8, metric=metric, chunk_size=len(x))
+    for chunk_size in (None, 333):
+        other = leopart.cluster(x, 12, iters=8, metric=metric, chunk_size=chunk_size)
+        assert torch.equal(one.labels, other.labels) and torch.equal(one.centroids, other.centroids)
+        assert one.inertia == other.inertia
     with pytest.raises(LeopartError, match="metric"):
         leopart.cluster(x, 2, metric="manhattan")
 
