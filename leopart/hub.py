@@ -207,15 +207,14 @@ def save_converted(model: LeopartViT, folder: Path) -> Path:
 def _load_hub(name: str) -> LeopartViT:
     folder = serialization.download_from_hub(name, [serialization.CONFIG_NAME])
     config = serialization.read_config(folder / serialization.CONFIG_NAME)
-    if "leopart_kind" in config:  # checked before the weights download
-        serialization.check_kind(config, "model", f"Hub repository '{name}'")
-    folder = serialization.download_from_hub(name, [serialization.WEIGHTS_NAME])
     if "leopart_kind" in config:
-        return LeopartViT.from_folder(folder)
-    if "architecture" in config:  # a timm repo: backbone weights only
-        state = serialization.load_tensors(folder / serialization.WEIGHTS_NAME)
-        return _from_backbone_state(state, arch=config["architecture"], source=name)
-    raise LeopartError(f"Hub repository '{name}' holds neither a leopart model nor timm weights")
+        serialization.check_kind(config, "model", f"Hub repository '{name}'")  # before the weights download
+        return LeopartViT.from_folder(serialization.download_from_hub(name, [serialization.WEIGHTS_NAME]))
+    if "architecture" not in config:
+        raise LeopartError(f"Hub repository '{name}' holds neither a leopart model nor timm weights")
+    folder = serialization.download_from_hub(name, [serialization.WEIGHTS_NAME])  # a timm repo: backbone only
+    state = serialization.load_tensors(folder / serialization.WEIGHTS_NAME)
+    return _from_backbone_state(state, arch=config["architecture"], source=name)
 
 
 def _from_backbone_state(state: dict[str, torch.Tensor], arch: str, source: str) -> LeopartViT:

@@ -111,8 +111,8 @@ def load_head(name: str | Path) -> ProbeHead:
     path = Path(name).expanduser()
     if path.is_file():
         return convert_head_checkpoint(path)
-    if head_folder(path) != path:
-        name = path = head_folder(path)
+    if path.is_dir():
+        name = head_folder(path)
     config, state = serialization.fetch_folder(name, "probe_head", missing=f"no probe head folder or checkpoint {name}")
     names = set(ProbeConfig.__dataclass_fields__)
     head = ProbeHead(ProbeConfig(**{k: v for k, v in config.items() if k in names}))

@@ -344,6 +344,11 @@ def test_timm_repo_and_dino_alias(monkeypatch):
     b = leopart.from_pretrained("timm/vit_tiny_patch16_224.fake_dino")
     assert torch.equal(a.backbone.pos_embed, vit.pos_embed)
     assert torch.equal(a.prototypes.weight, b.prototypes.weight)
+    # A repo in neither format fails by its config.json alone (no weights are cached: none would download).
+    populate_hf_cache("someone/not-a-vit", {"config.json": json.dumps({"model_type": "bert"}).encode()})
+    with pytest.raises(LeopartError, match="^Hub repository 'someone/not-a-vit' holds neither a leopart model nor "
+                                           "timm weights$"):
+        leopart.from_pretrained("someone/not-a-vit")
 
 
 def test_offline_not_cached_is_one_line():
