@@ -90,8 +90,12 @@ class ProbeHead(nn.Module):
     def forward(self, tokens: torch.Tensor, size: int | tuple[int, int] | None = None) -> torch.Tensor:
         size = size or self.config.mask_size
         x = tokens.permute(0, 3, 1, 2).float()
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        return self.head(x)
+        if self.config.head == "linear":
+            # A 1x1 conv and bilinear upsampling commute (both linear; the weights of an upsampled pixel sum to
+            # 1, so the bias passes through): classify the tokens, then upsample C channels instead of D. The
+            # same logits up to float rounding, 6x faster for a batch of 12 at 384 -> 21 (CPU, with backward).
+            return F.interpolate(self.head(x), size=size, mode="bilinear", align_corners=False)
+        return self.head(F.interpolate(x, size=size, mode="bilinear", align_corners=False))
 
     def save_pretrained(self, folder: str | Path) -> Path:
         config = {"leopart_kind": "probe_head", **asdict(self.config)}

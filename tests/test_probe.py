@@ -93,6 +93,18 @@ def test_fcn_head_layout_and_parameter_count():
     assert out.shape == (2, 21, 100, 100)
     lin = ProbeHead(ProbeConfig(head="linear", in_dim=384, num_classes=21))
     assert sum(p.numel() for p in lin.parameters()) == 384 * 21 + 21
+    # The protocol's linear head: tokens bilinearly upsampled to the mask size, then a 1x1 conv (leopart runs
+    # the conv first; the logits and their gradients must be the same).
+    torch.nn.init.normal_(lin.head.bias)
+    tokens = torch.randn(2, 28, 28, 384, requires_grad=True)
+    upsampled = F.interpolate(tokens.permute(0, 3, 1, 2), size=100, mode="bilinear", align_corners=False)
+    expected = F.conv2d(upsampled, lin.head.weight, lin.head.bias)
+    torch.testing.assert_close(lin(tokens), expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(expected)
+    got = torch.autograd.grad(lin(tokens), [tokens, lin.head.weight], grad)
+    want = torch.autograd.grad(expected, [tokens, lin.head.weight], grad)
+    for a, b in zip(got, want):  # the weight's gradient sums 20,000 pixels: float rounding scales with it
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
 
 
 def test_save_load_round_trip(tmp_path):
