@@ -12,7 +12,8 @@ from PIL import Image
 import leopart
 from leopart.cli import main
 from leopart.errors import LeopartError
-from leopart.probe import FCNHead, ProbeConfig, ProbeHead, convert_head_checkpoint, evaluate_probe, load_head
+from leopart.probe import (FCNHead, ProbeConfig, ProbeHead, convert_head_checkpoint, evaluate_probe, load_head,
+                           segment_with_head)
 from leopart.segment import mask_image
 
 COLOURS = np.array([(20, 20, 20), (230, 40, 40), (40, 200, 60), (50, 80, 230)], dtype=np.uint8)
@@ -105,6 +106,25 @@ def test_fcn_head_layout_and_parameter_count():
     want = torch.autograd.grad(expected, [tokens, lin.head.weight], grad)
     for a, b in zip(got, want):  # the weight's gradient sums 20,000 pixels: float rounding scales with it
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", ["linear", "fcn"])
+def test_segment_with_head_upsamples_only_for_the_argmax(tiny_model, kind):
+    """A photo's class mask: a linear head's logits at the token grid, an FCN's at its mask size (as trained),
+    then upsampled to the photo for the argmax; the FCN never runs at the photo's size (3 MP took 17 GB)."""
+    torch.manual_seed(0)
+    head = ProbeHead(ProbeConfig(head=kind, in_dim=tiny_model.embed_dim, num_classes=5, channels=16, resolution=64,
+                                 mask_size=8)).eval()
+    image = np.random.default_rng(0).integers(0, 256, size=(70, 90, 3), dtype=np.uint8)
+    got = segment_with_head(image, tiny_model, head, device="cpu")
+    tokens = leopart.embed(image, model=tiny_model, resolution=64)
+    with torch.no_grad():
+        if kind == "linear":  # the protocol's order: tokens upsampled to the output, then the 1x1 conv
+            expected = head(tokens, size=(70, 90)).argmax(1)[0]
+        else:
+            expected = F.interpolate(head(tokens), size=(70, 90), mode="bilinear", align_corners=False).argmax(1)[0]
+    assert got.shape == (70, 90) and len(np.unique(got)) > 1
+    assert (got == expected.numpy()).mean() > 0.999  # float rounding may flip a near-tie
 
 
 def test_save_load_round_trip(tmp_path):
