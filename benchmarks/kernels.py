@@ -11,7 +11,8 @@ training size with their GPU time, to tell launch overhead (wall >> kernel total
 On a GPU the Sinkhorn rows also time eager and Triton replayed from a CUDA graph: the same kernels without
 the host's launch overhead (the issue's target compares plain calls).
 --sweep also writes results/sinkhorn_sweep_<device>.md: the Triton Sinkhorn with other launch parameters
-(rows per tile, warps, persistent programs per SM) against the shipped ones, each checked against torch.
+(rows per tile, warps, persistent programs per SM, the whole row in one tile where K > 1024) against the shipped
+ones, each checked against torch.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.common import RESULTS, device_name, sync, timeit, write_results
 from leopart.kernels import nearest_prototype, patch_prototype_similarity, sinkhorn
 from leopart.kernels.similarity import nearest_torch, similarity_torch
+from leopart.kernels.backend import next_pow2
 from leopart.kernels.sinkhorn import sinkhorn_torch
 
 
@@ -97,17 +99,25 @@ def profile_calls(impls: dict, device: str, title: str) -> str:
 
 
 # (rows per tile, warps, persistent programs per SM); None keeps the shipped choice.
-SWEEP_VARIANTS = [(None, None, None)] + [(bn, w, per_sm) for bn in (4, 8, 16) for w in (4, 8) for per_sm in (2, 4)]
+# (rows per tile, warps, programs per SM, whole row in one tile): None / False keep the shipped choice. The
+# one-tile variants matter where K > 1024 (shipped: two 512-wide passes over each row block in the sample-step
+# passes): at K = 3000 a 2 x 4096 tile spilled at 4 warps (the slower run of 2026-11-27), but compiles for
+# sm_90 without spills at 8 and 16 warps (16 warps: 64-128 registers), so those are tried.
+SWEEP_VARIANTS = ([(None, None, None, False)]
+                  + [(bn, w, per_sm, False) for bn in (4, 8, 16) for w in (4, 8) for per_sm in (2, 4)]
+                  + [(bn, w, None, True) for bn, w in ((1, 16), (2, 16), (4, 16), (2, 8), (4, 8))])
 
 
 @contextlib.contextmanager
-def sinkhorn_launch(block_n: int | None, warps: int | None, per_sm: int | None):
-    """Run the Triton Sinkhorn with other launch parameters (the module's own choice where None)."""
+def sinkhorn_launch(block_n: int | None, warps: int | None, per_sm: int | None, one_tile: bool = False):
+    """Run the Triton Sinkhorn with other launch parameters (the module's own choice where None / False)."""
     module = sys.modules["leopart.kernels.sinkhorn"]
     block_sizes, cap = module._block_sizes, module.num_programs_cap
 
     def swept_sizes(k):
         bn, bk, single, w = block_sizes(k)
+        if one_tile and not single:
+            bk, single = next_pow2(k), True
         return block_n or bn, bk, single, warps or w
 
     def swept_cap(device):
@@ -127,19 +137,26 @@ def sinkhorn_sweep(device: str, sizes: list[tuple[str, int, int]], variants=SWEE
     """Time each launch variant of the Triton Sinkhorn (also under the interpreter, for a smoke test)."""
     rows = []
     g = torch.Generator(device=device).manual_seed(0)
+    module = sys.modules["leopart.kernels.sinkhorn"]
     for label, n, k in sizes:
         scores = torch.rand(n, k, device=device, generator=g) * 2 - 1
         reference = sinkhorn_torch(scores)
         t_shipped = None
-        for block_n, warps, per_sm in variants:
-            with sinkhorn_launch(block_n, warps, per_sm):
-                fn = lambda: sinkhorn(scores, backend="triton")  # noqa: E731
-                error = (fn() - reference).abs().max().item()
-                t = timeit(fn, device, warmup=0, repeat=repeat or (20 if n * k < 1e8 else 3))
+        for block_n, warps, per_sm, one_tile in variants:
+            if one_tile and module._block_sizes(k)[2]:
+                continue  # the shipped tile already holds the whole row
+            row = {"size": f"{label}: {n}x{k}", "rows per tile": block_n or "shipped", "warps": warps or "shipped",
+                   "programs per SM": per_sm or "shipped", "tile": f"1 x {next_pow2(k)}" if one_tile else "shipped"}
+            try:  # a variant that fails to compile or launch is a row of the table, not the end of the sweep
+                with sinkhorn_launch(block_n, warps, per_sm, one_tile):
+                    fn = lambda: sinkhorn(scores, backend="triton")  # noqa: E731
+                    error = (fn() - reference).abs().max().item()
+                    t = timeit(fn, device, warmup=0, repeat=repeat or (20 if n * k < 1e8 else 3))
+            except Exception as e:  # noqa: BLE001
+                rows.append({**row, "max abs error": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"})
+                continue
             t_shipped = t_shipped or t
-            rows.append({"size": f"{label}: {n}x{k}", "rows per tile": block_n or "shipped",
-                         "warps": warps or "shipped", "programs per SM": per_sm or "shipped", "ms": t * 1e3,
-                         "speedup vs shipped": t_shipped / t, "max abs error": error})
+            rows.append({**row, "ms": t * 1e3, "speedup vs shipped": t_shipped / t, "max abs error": error})
         del scores, reference
     return rows
 
@@ -161,7 +178,7 @@ def main():
         if not args.quick:
             sizes.append(("bandwidth N=1M K=3000", 1_000_000, 3000))
         write_results(f"sinkhorn_sweep_{dev.split(':')[0]}", dev, sinkhorn_sweep(dev, sizes),
-                      ["size", "rows per tile", "warps", "programs per SM", "ms", "speedup vs shipped",
+                      ["size", "rows per tile", "warps", "programs per SM", "tile", "ms", "speedup vs shipped",
                        "max abs error"],
                       note="Triton Sinkhorn, eps=0.05, 3 iterations; 'shipped' = the launch parameters in "
                            "kernels/sinkhorn.py. Errors are against sinkhorn_torch on the same scores.")

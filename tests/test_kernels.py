@@ -252,20 +252,38 @@ def test_sinkhorn_launch_sweep_runs_and_restores(monkeypatch):
     shipped = module._block_sizes, module.num_programs_cap
     seen, real_row_pass = [], module._row_pass
 
-    class Recorder:  # stands in for the kernel object: notes each launch's BLOCK_N and num_warps
+    class Recorder:  # stands in for the kernel object: notes each launch's tile and num_warps
         def __getitem__(self, grid):
             def launch(*args, **meta):
-                seen.append((meta["BLOCK_N"], meta["num_warps"]))
+                seen.append((meta["BLOCK_N"], meta["BLOCK_K"], meta["SINGLE_TILE"], meta["num_warps"]))
                 return real_row_pass[grid](*args, **meta)
             return launch
 
     monkeypatch.setattr(module, "_row_pass", Recorder())
-    rows = bench.sinkhorn_sweep("cpu", [("tiny", 300, 21)], variants=[(None, None, None), (4, 8, 2)],
-                              repeat=1)
-    assert [r["rows per tile"] for r in rows] == ["shipped", 4]
+    rows = bench.sinkhorn_sweep("cpu", [("tiny", 300, 21), ("wide", 20, 1100)],
+                                variants=[(None, None, None, False), (4, 8, 2, False), (2, 16, None, True)], repeat=1)
+    # The one-tile variant runs only where the shipped tiles split the row (K > 1024 here).
+    assert [(r["size"], r["rows per tile"], r["tile"]) for r in rows] == [
+        ("tiny: 300x21", "shipped", "shipped"), ("tiny: 300x21", 4, "shipped"),
+        ("wide: 20x1100", "shipped", "shipped"), ("wide: 20x1100", 4, "shipped"), ("wide: 20x1100", 2, "1 x 2048")]
     assert all(r["max abs error"] < 1e-5 for r in rows), rows
-    assert (4, 8) in seen and seen[0] == module._block_sizes(21)[::3]  # the variant, and the shipped tile first
+    assert seen[0] == module._block_sizes(21)  # the shipped tile first, then the variants
+    assert (4, 32, True, 8) in seen and (2, 2048, True, 16) in seen and (64, 1024, False, 4) in seen
     assert (module._block_sizes, module.num_programs_cap) == shipped
+
+    class Failing(Recorder):  # a variant that does not compile on the GPU is a row of the table, not the end
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                if meta["num_warps"] == 8:
+                    raise RuntimeError("out of resources: shared memory\nmore detail")
+                return real_row_pass[grid](*args, **meta)
+            return launch
+
+    monkeypatch.setattr(module, "_row_pass", Failing())
+    rows = bench.sinkhorn_sweep("cpu", [("tiny", 300, 21)], variants=[(None, None, None, False), (4, 8, 2, False)],
+                                repeat=1)
+    assert rows[1]["max abs error"] == "failed: RuntimeError: out of resources: shared memory" and "ms" not in rows[1]
+    assert rows[0]["max abs error"] < 1e-5 and (module._block_sizes, module.num_programs_cap) == shipped
 
 
 def test_kernel_constexpr_annotations_are_objects_not_strings():
