@@ -159,7 +159,9 @@ def cluster(features, k: int, iters: int = 50, n_init: int = 1, seed: int = 0, m
 
     Runs on ``device`` (default: where the features are). Deterministic for a seed on CPU (on GPU, up to the
     float rounding of atomic sums). Empty clusters are re-seeded with the points farthest from their
-    centroids. Stops early once no label changes.
+    centroids. Stops early once no label changes. ``chunk_size``: rows assigned at a time (default 2,048 on
+    the CPU, 65,536 on a GPU: ``kernels.similarity.chunk_rows``); a memory and speed matter, the result on
+    the CPU is the same for any.
     """
     if metric not in METRICS:
         raise LeopartError(f"metric must be one of {', '.join(METRICS)}, not '{metric}'")
