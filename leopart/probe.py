@@ -39,7 +39,8 @@ from .progress import progress_bar
 from .segment import upsample_argmax
 
 HEADS = ("linear", "fcn")
-HEAD_FOLDER = "head"  # where a probe's output folder keeps the trained head, beside checkpoint.pt and cache/
+# A probe's output folder: CHECKPOINT_NAME (per epoch), cache/ (tokens) and, at the end, HEAD_FOLDER/.
+CHECKPOINT_NAME, HEAD_FOLDER = "checkpoint.pt", "head"
 DEFAULT_EPOCHS = {"linear": 25, "fcn": 30}
 
 
@@ -136,7 +137,7 @@ def load_head(name: str | Path) -> ProbeHead:
 def head_folder(path: Path) -> Path:
     """A probe's output folder (`leopart eval --probe-dir DIR` writes DIR/linear, DIR/fcn) stands for the head
     saved in it at the end of training; any other path for itself."""
-    if not (path / "checkpoint.pt").is_file() or (path / serialization.CONFIG_NAME).is_file():
+    if not (path / CHECKPOINT_NAME).is_file() or (path / serialization.CONFIG_NAME).is_file():
         return path
     if not (path / HEAD_FOLDER).is_dir():
         raise LeopartError(f"{path} is a probe's output folder whose training has not finished: its head is saved "
@@ -303,7 +304,7 @@ def probe(model: LeopartViT | str, train_data: str | os.PathLike, head: str = "l
     optimizer = torch.optim.SGD(probe_head.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     start_epoch = 0
-    ckpt_path = output / "checkpoint.pt" if output else None
+    ckpt_path = output / CHECKPOINT_NAME if output else None
     if ckpt_path is not None and ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         probe_head.load_state_dict(state["head"])

@@ -291,7 +291,7 @@ def fetch_folder(name: str | os.PathLike, kind: str, missing: str) -> tuple[dict
         raise LeopartError(missing)
     source = f"Hub repository '{name}'"
     check_kind(read_config(download_from_hub(str(name), [CONFIG_NAME]) / CONFIG_NAME), kind, source)
-    return load_folder(download_from_hub(str(name), [CONFIG_NAME, WEIGHTS_NAME]), kind, source)
+    return load_folder(download_from_hub(str(name), [WEIGHTS_NAME]), kind, source)  # the same snapshot folder
 
 
 def _kind_phrase(kind: str) -> str:
