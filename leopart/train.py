@@ -460,7 +460,10 @@ def train(data_source: str | os.PathLike = "", output: str | os.PathLike = "runs
     total = cfg.steps or cfg.epochs * sampler.steps_per_epoch
 
     learner = Learner(build_model(cfg), cfg, device)
-    cfg.num_prototypes = learner.model.config.num_prototypes  # config.json and the checkpoint record the count
+    # config.json and the checkpoint record the model actually trained, not the defaults of init="random"
+    built = learner.model.config
+    cfg.arch, cfg.num_prototypes, cfg.backbone_kwargs = built.arch, built.num_prototypes, dict(built.backbone_kwargs)
+    cfg.proj_hidden_dim, cfg.proj_dim = built.proj_hidden_dim, built.proj_dim
     if cfg.eval_data:  # a bad folder or k fails now, not at the first evaluation, maybe hours in
         _check_eval_data(cfg, learner.model.patch_size)
     step, skipped = 0, set()

@@ -353,12 +353,16 @@ def test_training_images_from_a_folder_or_a_list_file_of_any_name(train_dir, tmp
         list_training_images(tmp_path / "empty.txt")
 
 
-def test_train_cli_from_a_leopart_model_records_its_prototype_count(train_dir, tiny_model_dir, tmp_path):
+def test_train_cli_from_a_leopart_model_records_its_architecture(train_dir, tiny_model_dir, tmp_path):
     base = ["train", str(train_dir), "--output", str(tmp_path / "r"), "--init", str(tiny_model_dir), "--batch-size",
             "4", "--global-size", "64", "--local-size", "32", "--workers", "0"]
     r = CliRunner().invoke(main, [*base, "--steps", "1"])
     assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "r" / "config.json").read_text())["num_prototypes"] == 10  # the init model's
+    recorded = json.loads((tmp_path / "r" / "config.json").read_text())
+    init_config = leopart.from_pretrained(tiny_model_dir).config
+    assert recorded["num_prototypes"] == 10  # the init model's, as are its backbone and head
+    assert (recorded["arch"], recorded["backbone_kwargs"]) == (init_config.arch, init_config.backbone_kwargs)
+    assert (recorded["proj_hidden_dim"], recorded["proj_dim"]) == (init_config.proj_hidden_dim, init_config.proj_dim)
     r = CliRunner().invoke(main, [*base, "--steps", "2", "--resume", "--num-prototypes", "10"])  # the same count
     assert r.exit_code == 0, r.output
     assert leopart.from_pretrained(tmp_path / "r" / "model").config.num_prototypes == 10
