@@ -14,6 +14,7 @@ host memory and each chunk is copied over as it is used.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -42,6 +43,8 @@ class KMeansResult:
 
     def predict(self, features: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
         x = as_matrix(features)
+        if x.shape[1] != self.centroids.shape[1]:
+            raise LeopartError(f"features of dimension {x.shape[1]}, but the centroids have {self.centroids.shape[1]}")
         return _assign(x, self.centroids.to(x.device), self.metric, chunk_size or chunk_rows(x.device))[0]
 
 
@@ -49,6 +52,10 @@ def as_matrix(features) -> torch.Tensor:
     """[N, D] / [..., D] tensor or array, or an iterable of such batches -> one [N, D] tensor."""
     if isinstance(features, np.ndarray):
         features = torch.from_numpy(features)
+    if isinstance(features, (str, os.PathLike)):  # characters are iterable too: never recurse into them
+        raise LeopartError(f"cannot cluster a path ({features}): pass the features, e.g. leopart.embed's output, or "
+                           "a `leopart embed -o` file once loaded (numpy.load, or safetensors.torch.load_file(path)"
+                           "[\"features\"])")
     if not isinstance(features, torch.Tensor):
         if isinstance(features, Iterable):
             batches = [as_matrix(b) for b in features]

@@ -1,4 +1,4 @@
-"""Reading images from whatever users have: paths, folders, PIL images, numpy arrays, tensors.
+"""Reading images from whatever users have: paths, folders, PIL images, encoded bytes, numpy arrays, tensors.
 
 Every input becomes an RGB PIL image: grayscale, RGBA, palette, CMYK and 16-bit files included.
 Files are read upright, as image viewers show them: an EXIF orientation (phone photos) is applied;
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import io
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -63,6 +64,10 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return sorted(files)
 
 
+# The bytes of an encoded image file (JPEG, PNG, ...): one image, not a sequence of numbers.
+ENCODED = (bytes, bytearray, memoryview)
+
+
 def expand_inputs(inputs: Any) -> Iterator[Any]:
     """Flatten a path / folder / image / list of them into single images (paths stay lazy)."""
     if isinstance(inputs, (str, os.PathLike)):
@@ -76,7 +81,7 @@ def expand_inputs(inputs: Any) -> Iterator[Any]:
             yield from read_image_list(path)
         else:
             yield path
-    elif isinstance(inputs, (Image.Image, np.ndarray, torch.Tensor)):
+    elif isinstance(inputs, (Image.Image, np.ndarray, torch.Tensor, *ENCODED)):
         if isinstance(inputs, (np.ndarray, torch.Tensor)) and inputs.ndim == 4:
             yield from inputs  # a batch: tensors [B, C, H, W], arrays [B, H, W, C] (stacked frames)
         else:
@@ -151,12 +156,9 @@ def load_image(item: Any, name: str = "image") -> Image.Image:
         path = Path(item)
         if not path.exists():
             raise LeopartError(f"no such file: {path}")
-        try:
-            with Image.open(path) as img:
-                img.load()
-                return to_rgb(upright(img))
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise LeopartError(f"cannot read image {path}: {_reason(e)}") from None
+        return _decode(path, str(path))
+    if isinstance(item, ENCODED):  # an image file's contents, e.g. from a web response or a dataset shard
+        return _decode(io.BytesIO(item), name)
     if isinstance(item, Image.Image):
         return to_rgb(item)
     if isinstance(item, torch.Tensor):
@@ -164,6 +166,15 @@ def load_image(item: Any, name: str = "image") -> Image.Image:
     if isinstance(item, np.ndarray):
         return _array_to_pil(item, name)
     raise LeopartError(f"cannot read an image from a {type(item).__name__}")
+
+
+def _decode(source: Path | io.BytesIO, name: str) -> Image.Image:
+    try:
+        with Image.open(source) as img:
+            img.load()
+            return to_rgb(upright(img))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise LeopartError(f"cannot read image {name}: {_reason(e)}") from None
 
 
 def _orientation(img: Image.Image) -> int:

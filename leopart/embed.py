@@ -85,8 +85,8 @@ def embed(images: Any, model: str | LeopartViT = "vits16", resolution: int | Non
     """Backbone patch tokens of ``images``.
 
     images: a path, a folder (recursive), a .txt file listing image paths (one per line, relative to its
-        folder), a PIL image, an HxWx3 array or CxHxW tensor (uint8, or floats in [0, 1] or [0, 255]; not
-        mean/std-normalised), a batch (BxHxWx3 array, BxCxHxW tensor), or a list / iterator of them.
+        folder), a PIL image, an image file's bytes, an HxWx3 array or CxHxW tensor (uint8, or floats in
+        [0, 1] or [0, 255]; not mean/std-normalised), a batch (BxHxWx3 array, BxCxHxW tensor), or a list / iterator of them.
         Decoded one batch at a time; the result is allocated once (an iterator's maps are collected first,
         since its length is unknown: twice the result's memory at the end).
     resolution: side of the square every image is resized to (bicubic); ``None`` keeps each image's own

@@ -121,6 +121,20 @@ def test_kmeans_input_forms_and_errors():
     late[33_000, 1] = float("inf")  # in a later chunk of the check
     with pytest.raises(LeopartError, match="NaN or infinite"):
         leopart.cluster(late, 2)
+    bad = {"feats.safetensors": r"cannot cluster a path \(feats.safetensors\): pass the features",
+           3: "cannot cluster a int", (): "no features to cluster", torch.zeros(5): r"got shape \(5,\)"}
+    for features, match in bad.items():
+        with pytest.raises(LeopartError, match=match):
+            leopart.cluster(features, 2)
+    with pytest.raises(LeopartError, match=r"different dimensions: \[4, 8\]"):
+        leopart.cluster([x[:10], x[:10, :4]], 2)
+    for init, match in [(torch.zeros(2, 8), r"init centroids must be \[3, 8\]"), ("foo", "init must be")]:
+        with pytest.raises(LeopartError, match=match):
+            leopart.cluster(x, 3, init=init)
+    with pytest.raises(LeopartError, match="metric must be one of cosine, euclidean, not 'l1'"):
+        leopart.cluster(x, 3, metric="l1")
+    with pytest.raises(LeopartError, match="features of dimension 4, but the centroids have 8"):
+        a.predict(x[:, :4])
 
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])

@@ -50,6 +50,8 @@ def test_every_input_type_gives_the_same_features(tiny_model, tmp_path):
         "tensor_uint8": torch.from_numpy(arr).permute(2, 0, 1),
         "tensor_float": torch.from_numpy(arr).permute(2, 0, 1).float() / 255,
         "numpy_uint16": arr.astype(np.uint16) * 257,
+        "encoded bytes": path.read_bytes(),  # one image, not a sequence of numbers
+        "encoded bytearray": bytearray(path.read_bytes()),
     }
     expected = leopart.embed(path, model=tiny_model, resolution=64)
     for name, item in inputs.items():
@@ -187,7 +189,7 @@ def test_images_smaller_than_a_patch_are_resized_to_a_fixed_resolution(tiny_mode
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "truncated", "text", "tiny", "empty_dir", "model",
-                                  "resolution", "array_shape", "bomb"])
+                                  "resolution", "array_shape", "bomb", "bytes", "number"])
 def test_bad_inputs_raise_one_line(tiny_model, tmp_path, case, monkeypatch):
     good = tmp_path / "good.png"
     Image.fromarray(random_image(64, 64)).save(good)
@@ -224,6 +226,10 @@ def test_bad_inputs_raise_one_line(tiny_model, tmp_path, case, monkeypatch):
         Image.new("RGB", (100, 100)).save(item)
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4096)  # good.png's 64x64 stays within it
         match = r"big.png: Image size \(10000 pixels\) exceeds limit of 8192 pixels \(Pillow's guard"
+    elif case == "bytes":  # encoded bytes are named by their place, as arrays are
+        item, match = b"GIF89a not quite", "cannot read image image #1: cannot identify image file"
+    elif case == "number":
+        item, match = 3, "cannot read an image from a int"
     else:
         item, match = np.zeros((4, 4, 7), dtype=np.uint8), "expected an HxW"
     with pytest.raises(LeopartError, match=match) as e:
