@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import serialization
-from .cluster import KMeansResult
+from .cluster import METRICS, KMeansResult
 from .errors import LeopartError, plural
 
 # 8-neighbourhood: each unordered neighbour pair once; counted in both directions below.
@@ -225,15 +225,29 @@ def merge(centroids: torch.Tensor | KMeansResult, labels: Sequence[torch.Tensor]
     if isinstance(centroids, KMeansResult):
         metric = centroids.metric
         centroids = centroids.centroids
-    labels, foreground = list(labels), list(foreground)
+    centroids = torch.as_tensor(centroids)
+    if centroids.ndim != 2:
+        raise LeopartError(f"centroids must be [K, D], got shape {tuple(centroids.shape)}")
+    if metric not in METRICS:
+        raise LeopartError(f"metric must be one of {', '.join(METRICS)}, not '{metric}'")
+    if not 0.0 <= weight_threshold <= 1.0:  # edge weights are row-normalised counts
+        raise LeopartError(f"weight_threshold must lie in [0, 1], not {weight_threshold}")
+    if not resolution > 0:
+        raise LeopartError(f"the Louvain resolution must be positive, not {resolution}")
+    labels, foreground = [torch.as_tensor(lab) for lab in labels], list(foreground)
     if len(labels) != len(foreground):
         raise LeopartError(f"{len(labels)} label grids but {len(foreground)} foreground masks")
     if not labels:
         raise LeopartError("merge needs at least one image's labels")
+    if any(lab.is_floating_point() or lab.is_complex() or lab.dtype == torch.bool for lab in labels):
+        raise LeopartError("labels must be integer part ids (e.g. leopart.cluster's labels)")
     k = centroids.shape[0]
-    top = max(int(torch.as_tensor(lab).max()) for lab in labels)
-    if top >= k:
-        raise LeopartError(f"labels hold part id {top} but there are only {k} centroids")
+    filled = [lab for lab in labels if lab.numel()]
+    if not filled:
+        raise LeopartError("no patches to merge")
+    low, top = min(int(lab.min()) for lab in filled), max(int(lab.max()) for lab in filled)
+    if low < 0 or top >= k:
+        raise LeopartError(f"labels hold part ids {low}..{top}, but the {k} centroids allow 0..{k - 1}")
     fg, chosen = cbfe(labels, foreground, k, bg_share)
     weights = cooccurrence(labels, fg)
     part_to_object = communities(weights, fg, weight_threshold, resolution, seed)

@@ -249,6 +249,27 @@ def test_community_detection_without_edges_keeps_every_part_apart():
     assert p2o[0] == 0 and sorted(p2o[1:].tolist()) == [1, 2, 3]
 
 
+def test_merge_checks_its_inputs_and_takes_arrays():
+    centroids = torch.randn(5, 8)
+    gen = torch.Generator().manual_seed(0)
+    grids = [torch.randint(0, 5, (4, 4), generator=gen) for _ in range(3)]
+    fg = [torch.rand(4, 4, generator=gen) > 0.5 for _ in range(3)]
+    fitted = leopart.merge(centroids, grids, fg)
+    from_arrays = leopart.merge(centroids.numpy(), [g.numpy() for g in grids], [f.numpy() for f in fg])
+    assert torch.equal(fitted.part_to_object, from_arrays.part_to_object)
+    bad = [(dict(labels=[g - 1 for g in grids]), r"part ids -1..3, but the 5 centroids allow 0..4"),
+           (dict(labels=[g.float() for g in grids]), "labels must be integer part ids"),
+           (dict(labels=[g[:0] for g in grids]), "no patches to merge"),
+           (dict(centroids=centroids[0]), r"centroids must be \[K, D\], got shape \(8,\)"),
+           (dict(metric="dot"), "metric must be one of cosine, euclidean, not 'dot'"),
+           (dict(weight_threshold=-0.1), r"weight_threshold must lie in \[0, 1\], not -0.1"),
+           (dict(resolution=0), "the Louvain resolution must be positive, not 0")]
+    for change, match in bad:
+        args = {"centroids": centroids, "labels": grids, "foreground": fg, **change}
+        with pytest.raises(LeopartError, match=match):
+            leopart.merge(args.pop("centroids"), args.pop("labels"), args.pop("foreground"), **args)
+
+
 def test_merge_end_to_end_and_segmenter_round_trip(tmp_path):
     grids = [planted_scene(s) for s in range(10)]
     fg_masks = [g > 0 for g in grids]
@@ -276,7 +297,7 @@ def test_merge_end_to_end_and_segmenter_round_trip(tmp_path):
     with pytest.raises(LeopartError, match="^Hub repository 'someone/config-only' holds a leopart segmenter, "
                                            "not a leopart probe head$"):
         leopart.ProbeHead.from_pretrained("someone/config-only")
-    with pytest.raises(LeopartError, match="part id 5 but there are only 3 centroids"):
+    with pytest.raises(LeopartError, match=r"part ids 0..5, but the 3 centroids allow 0..2"):
         leopart.merge(centroids[:3], grids, fg_masks)
     with pytest.raises(LeopartError, match="not a saved leopart segmenter"):
         Segmenter.from_pretrained(tmp_path)
