@@ -66,14 +66,17 @@ def cache_dir() -> Path:
 def from_pretrained(name: str | os.PathLike | LeopartViT, *, arch: str | None = None, device=None,
                     trust_pickle: bool = False) -> LeopartViT:
     """Load a LeopartViT by alias, Hub id, folder or checkpoint file; returned in eval mode."""
+    device = default_device(device) if device is not None else None  # a bad device fails before any download
     if isinstance(name, LeopartViT):
         model = name
+    elif not isinstance(name, (str, os.PathLike)) or not str(name).strip():
+        raise LeopartError(f"a model is an alias, a Hub id, a folder or a checkpoint file, not {name!r}")
     else:
         model = _resolve(str(name), arch=arch, trust_pickle=trust_pickle)
         model.name_or_path = recorded_name(name)
     model.eval()
     if device is not None:
-        model.to(default_device(device))
+        model.to(device)
     return model
 
 

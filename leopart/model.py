@@ -74,6 +74,11 @@ class LeopartViT(nn.Module):
         super().__init__()
         config = dataclasses.replace(config or LeopartConfig(), **overrides)
         self.config = config
+        sizes = {name: getattr(config, name) for name in ("img_size", "num_prototypes", "proj_hidden_dim", "proj_dim",
+                                                          "proj_layers")}
+        bad = [f"{name}={value!r}" for name, value in sizes.items() if not isinstance(value, int) or value < 1]
+        if bad:
+            raise LeopartError(f"LeopartConfig needs positive integer sizes, not {', '.join(bad)}")
         if not timm.is_model(config.arch):
             raise LeopartError(f"unknown timm model '{config.arch}' (timm.list_models('vit_*') lists the ViTs)")
         not_a_vit = LeopartError(f"'{config.arch}' is not a Vision Transformer: leopart needs a timm ViT "

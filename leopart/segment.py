@@ -211,7 +211,11 @@ def segment(image: Any, model: str | LeopartViT | None = None, segmenter: str | 
     those the segmenter's parts were clustered with (``leopart cluster --model / --resolution``), else vits16 and 448.
     """
     device = default_device(device)
+    if k is not None and (not isinstance(k, int) or k < 1):
+        raise LeopartError(f"k must be a positive integer, not {k!r}")
     if segmenter is not None and not isinstance(segmenter, Segmenter):
+        if not isinstance(segmenter, (str, os.PathLike)):
+            raise LeopartError(f"segmenter must be a Segmenter, a folder or a Hub id, not a {type(segmenter).__name__}")
         segmenter = Segmenter.from_pretrained(segmenter)
     fitted_model, fitted_resolution = fitted_with(segmenter)  # parts are patch features of one model at one scale
     model = from_pretrained(model if model is not None else recorded_model(fitted_model, "the segmenter"),

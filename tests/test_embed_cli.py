@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 from click.testing import CliRunner
-from conftest import random_image
+from conftest import TINY_ARCH, random_image
 from PIL import Image
 from safetensors import safe_open
 
@@ -529,6 +529,23 @@ def test_named_devices_are_checked_before_any_work(monkeypatch):
         default_device("cuda")
     with pytest.raises(LeopartError, match="torch sees no CUDA GPU here"):  # the API checks as the CLI does
         leopart.cluster(torch.randn(20, 4), k=2, device="cuda")
+    with pytest.raises(LeopartError, match="unknown device 'gpu'"):  # before the weights would download
+        leopart.from_pretrained("vits16", device="gpu")
+
+
+def test_api_arguments_of_the_wrong_kind_fail_in_one_line(tiny_model):
+    image = random_image(32, 32)
+    cases = [(lambda: leopart.from_pretrained(""), "a model is an alias, a Hub id, a folder or a checkpoint file, "
+                                                   "not ''"),
+             (lambda: leopart.from_pretrained(None), "not None"),
+             (lambda: leopart.segment(image, model=tiny_model, k=0), "k must be a positive integer, not 0"),
+             (lambda: leopart.segment(image, model=tiny_model, segmenter=3),
+              "segmenter must be a Segmenter, a folder or a Hub id, not a int"),
+             (lambda: leopart.LeopartViT(leopart.LeopartConfig(arch=TINY_ARCH, num_prototypes=0, proj_dim=2.5)),
+              r"needs positive integer sizes, not num_prototypes=0, proj_dim=2.5")]
+    for call, match in cases:
+        with pytest.raises(LeopartError, match=match):
+            call()
 
 
 def test_host_memory_is_read_from_meminfo(tmp_path):
