@@ -497,7 +497,8 @@ def _segment_outputs(inputs: tuple[str, ...], output: Path) -> dict[Path, tuple[
 @click.option("--cd-resolution", default=1.0, show_default=True, type=click.FloatRange(min=0),
               help="Louvain resolution of CD: higher gives more, smaller objects.")
 @click.option("--num-classes", default=None, type=click.IntRange(min=1), help="Default: read from the masks.")
-@click.option("--split", default="val", show_default=True, help="ImageSets/Segmentation/<split>.txt, if present.")
+@click.option("--split", default="val", show_default=True, help="ImageSets/Segmentation/<split>.txt or a file listing image names (a folder without split lists: "
+                   "every image with a mask).")
 @click.option("--resolution", default=448, show_default=True, type=click.IntRange(min=1),
               help="Square input side in pixels, a multiple of the patch size (the paper: 448).")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
@@ -534,8 +535,14 @@ def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, weight_threshold, cd
     if json_path is not None and json_path.suffix.lower() != ".json":
         raise LeopartError(f"--json must name a .json file, not '{json_path.name}'")
     heads = [h for h, on in (("linear", linear), ("fcn", fcn)) if on]
-    for listed_split in (split, train_split) if heads else (split,):
-        read_voc(data_dir, listed_split)  # a wrong folder or split fails before the model loads (or downloads)
+    # A wrong folder or split fails before the model loads (or downloads).
+    scored = set(read_voc(data_dir, split).names)
+    if heads:
+        shared = scored & set(read_voc(data_dir, train_split).names)
+        if shared:
+            raise LeopartError(f"the probe's --train-split '{train_split}' and --split '{split}' share "
+                               f"{plural(len(shared), 'image')} ({min(shared)}, ...): the probes would be scored on "
+                               "images they were trained on")
     m = from_pretrained(model, device=device)
     fg = from_pretrained(fg_model, device=device) if fg_model else None
     ks = ks or (() if heads else (500, 21))
@@ -545,7 +552,7 @@ def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, weight_threshold, cd
                            weight_threshold=weight_threshold, cd_resolution=cd_resolution, n_init=n_init, seed=seed,
                            batch_size=batch_size, device=device, progress=True, cache_dir=cache_dir)
     else:
-        results = {"n_images": len(read_voc(data_dir, split).names), "overclustering": {}}
+        results = {"n_images": len(scored), "overclustering": {}}
     if heads:
         from .probe import evaluate_probe, probe
 

@@ -14,6 +14,7 @@ host memory and each chunk is copied over as it is used.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Iterable
@@ -174,8 +175,9 @@ def cluster(features, k: int, iters: int = 50, n_init: int = 1, seed: int = 0, m
         raise LeopartError(f"metric must be one of {', '.join(METRICS)}, not '{metric}'")
     x = as_matrix(features)
     n, d = x.shape
-    if not isinstance(k, int) or k < 1:
+    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
         raise LeopartError(f"k must be a positive integer, not {k!r}")
+    k = int(k)  # numpy integers too
     if k > n:
         raise LeopartError(f"k={k} is larger than the number of feature vectors ({n})")
     if iters < 0 or n_init < 1:

@@ -10,6 +10,8 @@ share of CBFE is swept over 0.55..0.75 and the best is reported, as the paper tu
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,9 +46,9 @@ class VOCSplit:
 
 
 def read_voc(root: str | Path, split: str = "val") -> VOCSplit:
-    """Image and mask paths of a VOC-layout folder: JPEGImages/, SegmentationClass/ and, if present,
-    ImageSets/Segmentation/<split>.txt (otherwise every image that has a mask). ``split`` may also be the
-    path of a file listing image names."""
+    """Image and mask paths of a VOC-layout folder: JPEGImages/, SegmentationClass/ and
+    ImageSets/Segmentation/<split>.txt; a folder with no split lists at all means every image that has a mask.
+    ``split`` may also be the path of a file listing image names."""
     root = Path(root)
     img_dir, mask_dir = root / "JPEGImages", root / "SegmentationClass"
     for d in (img_dir, mask_dir):
@@ -55,9 +57,14 @@ def read_voc(root: str | Path, split: str = "val") -> VOCSplit:
             inner = sorted(p.parent for p in [*root.glob("*/JPEGImages"), *root.glob("*/*/JPEGImages")])
             hint = f" (did you mean {inner[0]}?)" if inner else ""
             raise LeopartError(f"{root} is not a VOC-layout folder: {d.name}/ is missing{hint}")
-    split_file = Path(split) if Path(split).is_file() else root / "ImageSets" / "Segmentation" / f"{split}.txt"
+    lists = root / "ImageSets" / "Segmentation"
+    split_file = Path(split) if Path(split).is_file() else lists / f"{split}.txt"
     if split_file.is_file():
         names = read_lines(split_file)
+    elif known := sorted(p.stem for p in lists.glob("*.txt")):
+        # Falling back to every mask here would mix the other splits in (a typo would score on training images).
+        raise LeopartError(f"no split '{split}' in {lists} (it lists: {', '.join(known)}): name one of them, or a "
+                           "file of image names")
     else:
         names = sorted(p.stem for p in mask_dir.glob("*.png"))
     if not names:
@@ -104,6 +111,16 @@ def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500,
     ``n_init`` > 1 keeps the lowest-inertia of that many k-means runs: at small k a single run's mIoU swings
     by ten points with the seed. ``cache_dir``: see segment.dense_features."""
     device = default_device(device)  # the model's and k-means' (default: cuda when available)
+    # Bad settings fail now, not after the features of the whole split are computed.
+    ks = tuple(ks) if isinstance(ks, Iterable) and not isinstance(ks, str) else (ks,)
+    if not ks and not fully_unsupervised:
+        raise LeopartError("nothing to evaluate: give ks (k-means k values) or fully_unsupervised=True")
+    for name, value in (*(("k", k) for k in ks), ("fu_k", fu_k), ("mask_size", mask_size), ("n_init", n_init)):
+        if value is not None and (not isinstance(value, numbers.Integral) or value < 1):
+            raise LeopartError(f"{name} must be a positive integer, not {value!r}")
+    ks, fu_k = tuple(int(k) for k in ks), int(fu_k) if fu_k is not None else None  # numpy integers too
+    if iters < 0:
+        raise LeopartError(f"iters must be >= 0, not {iters}")
     voc = read_voc(data_root, split)  # a wrong folder fails before a model loads (or downloads)
     model = from_pretrained(model, device=device)
     fg_model = from_pretrained(fg_model, device=device) if fg_model is not None else None

@@ -113,6 +113,7 @@ def test_kmeans_input_forms_and_errors():
     a = leopart.cluster(grid, 3, seed=1)
     b = leopart.cluster(iter(x[:144].split(50)), 3, seed=1)
     assert a.labels.shape == (144,) and torch.equal(a.labels, b.labels)
+    assert torch.equal(leopart.cluster(grid, np.int64(3), seed=1).labels, a.labels)  # numpy's k too
     with pytest.raises(LeopartError, match="larger than the number of feature vectors"):
         leopart.cluster(x[:5], 6)
     with pytest.raises(LeopartError, match="NaN"):

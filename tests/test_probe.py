@@ -192,6 +192,9 @@ def test_convert_released_checkpoint_layouts(tmp_path):
 
 def test_eval_cli_probes_json_and_segment_head(block_voc, tiny_model_dir, tmp_path):
     runner = CliRunner()
+    # Probes trained on images of the scored split would be scored on their training data: refused at once.
+    r = runner.invoke(main, ["eval", str(block_voc), "--model", str(tiny_model_dir), "--linear", "--split", "train"])
+    assert r.exit_code == 1 and "--train-split 'train' and --split 'train' share " in r.output, r.output
     out = tmp_path / "r.json"
     r = runner.invoke(main, ["eval", str(block_voc), "--model", str(tiny_model_dir), "--linear", "--fcn",
                              "--probe-epochs", "2", "--resolution", "64", "--probe-mask-size", "8", "--probe-dir", str(tmp_path / "p"),

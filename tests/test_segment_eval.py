@@ -391,6 +391,33 @@ def test_eval_num_classes_and_bad_layouts(tiny_model_dir, voc_dir, tmp_path, mon
     val = (voc_dir / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
     (tmp_path / "notepad.txt").write_bytes(("\ufeff" + "\r\n".join(val) + "\r\n").encode())
     assert read_voc(voc_dir, str(tmp_path / "notepad.txt")).names == val
+    # A split that is not listed fails, naming the lists (falling back to every mask would mix the splits in);
+    # only a folder without any lists is scored whole.
+    r = runner.invoke(main, ["eval", str(voc_dir), *base, "--split", "vall"])
+    assert r.exit_code == 1 and f"no split 'vall' in {voc_dir / 'ImageSets' / 'Segmentation'} (it lists: val)" \
+        in r.output, r.output
+    (voc_dir / "ImageSets" / "Segmentation" / "val.txt").unlink()
+    masked = sorted(p.stem for p in (voc_dir / "SegmentationClass").glob("*.png"))
+    assert read_voc(voc_dir, "val").names == masked and len(masked) > len(val)
+
+
+def test_evaluate_api_checks_its_settings_before_any_feature(tiny_model, voc_dir, monkeypatch):
+    from leopart.evaluate import evaluate
+
+    monkeypatch.setattr(sys.modules["leopart.evaluate"], "dense_features", None)  # called: a TypeError
+    bad = [(dict(ks=()), "nothing to evaluate"), (dict(ks=(4, 0)), "k must be a positive integer, not 0"),
+           (dict(ks=4.5), "k must be a positive integer, not 4.5"),
+           (dict(fully_unsupervised=True, fu_k=0), "fu_k must be a positive integer, not 0"),
+           (dict(mask_size=0), "mask_size must be a positive integer, not 0"),
+           (dict(n_init=0), "n_init must be a positive integer"), (dict(iters=-1), "iters must be >= 0, not -1")]
+    for settings, match in bad:
+        with pytest.raises(LeopartError, match=match):
+            evaluate(voc_dir, tiny_model, resolution=64, **settings)
+    monkeypatch.undo()
+    one_k = evaluate(voc_dir, tiny_model, ks=4, resolution=64, progress=False)  # a single k needs no tuple
+    assert list(one_k["overclustering"]) == ["4"]
+    numpy_ks = evaluate(voc_dir, tiny_model, ks=np.array([4, 5]), resolution=64, progress=False)
+    assert list(numpy_ks["overclustering"]) == ["4", "5"]
 
 
 @pytest.mark.parametrize("given", ["folder", "list"])
