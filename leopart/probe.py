@@ -215,6 +215,17 @@ class ProbeTrainConfig:
     device: str | None = None
     progress: bool | None = None
 
+    def check(self):
+        if self.head not in HEADS:
+            raise LeopartError(f"head must be one of {', '.join(HEADS)}, not '{self.head}'")
+        for name in ("epochs", "batch_size", "resolution", "mask_size", "num_classes"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise LeopartError(f"probe {name} must be a positive integer, not {value!r}")
+        for name in ("lr", "momentum", "weight_decay", "drop_at"):
+            if getattr(self, name) < 0:
+                raise LeopartError(f"probe {name} must be >= 0, not {getattr(self, name)!r}")
+
 
 class TokenCache:
     """Frozen-backbone tokens (fp16) and resized masks of a split, in safetensors shards written atomically.
@@ -282,8 +293,7 @@ def probe(model: LeopartViT | str, train_data: str | os.PathLike, head: str = "l
     if unknown:
         raise LeopartError(f"unknown probe option(s): {', '.join(sorted(unknown))}")
     cfg = ProbeTrainConfig(head=head, **overrides)
-    if cfg.head not in HEADS:
-        raise LeopartError(f"head must be one of {', '.join(HEADS)}, not '{cfg.head}'")
+    cfg.check()
     epochs = cfg.epochs or DEFAULT_EPOCHS[cfg.head]
     device = default_device(cfg.device)
     model = from_pretrained(model, device=device).eval().requires_grad_(False)
@@ -322,6 +332,8 @@ def probe(model: LeopartViT | str, train_data: str | os.PathLike, head: str = "l
                            progress=cfg.progress if rank == 0 else False)
         for tokens, masks in bar:
             tokens, masks = tokens.to(device), masks.to(device)
+            if cfg.num_classes is not None:  # given, not counted from the masks: they may hold more
+                _check_classes(masks, num_classes, f"num_classes={num_classes}")
             with autocast(device):
                 logits = trained(tokens)
             loss = criterion(logits.float(), masks)
@@ -337,6 +349,12 @@ def probe(model: LeopartViT | str, train_data: str | os.PathLike, head: str = "l
     if output is not None and rank == 0:
         probe_head.save_pretrained(output / HEAD_FOLDER)
     return probe_head
+
+
+def _check_classes(masks: torch.Tensor, num_classes: int, what: str) -> None:
+    top = int(masks.masked_fill(masks == 255, 0).max()) if masks.numel() else 0
+    if top >= num_classes:
+        raise LeopartError(f"the masks hold class id {top}, beyond {what} (ids 0..{num_classes - 1}; 255 is ignored)")
 
 
 def _count_classes(voc) -> int:

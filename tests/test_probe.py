@@ -56,6 +56,20 @@ def test_linear_probe_learns_separable_classes(block_voc, tiny_model, tmp_path):
     torch.testing.assert_close(again(x), head(x))
 
 
+def test_probe_settings_are_checked_in_one_line(block_voc, tiny_model):
+    bad = [(dict(head="lin"), "head must be one of linear, fcn, not 'lin'"),
+           (dict(epochs=0), "probe epochs must be a positive integer, not 0"),
+           (dict(mask_size=0), "probe mask_size must be a positive integer, not 0"),
+           (dict(batch_size=0), "probe batch_size must be a positive integer, not 0"),
+           (dict(lr=-1.0), r"probe lr must be >= 0, not -1.0"),
+           # more classes in the masks than asked for: said by the first batch, not torch's "Target 3 is out of bounds"
+           (dict(num_classes=3), r"the masks hold class id 3, beyond num_classes=3 \(ids 0..2; 255 is ignored\)")]
+    for settings, match in bad:
+        with pytest.raises(LeopartError, match=match):
+            leopart.probe(tiny_model, block_voc, **{"head": "linear", "resolution": 64, "mask_size": 4,
+                                                    "progress": False, **settings})
+
+
 def test_tokens_that_cannot_fit_in_memory_fail_at_once_unless_kept_on_disk(block_voc, tiny_model, tmp_path,
                                                                             monkeypatch):
     from leopart import device
