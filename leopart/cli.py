@@ -325,10 +325,11 @@ def cluster(inputs, model, k, output, resolution, iters, seed, batch_size, devic
               help="Folder for the fitted segmenter.")
 @click.option("--bg-share", default=None, type=click.FloatRange(0, 1),
               help="Share of patches to call background (default: the attention masks' own, within 0.55-0.75).")
-@click.option("--weight-threshold", default=None, type=click.FloatRange(min=0),
+@click.option("--weight-threshold", default=None, type=click.FloatRange(0, 1),
               help="Co-occurrence graph edges lighter than this are dropped before community detection "
                    "(default: the reference's, 0.09 for parts of a /16 model, 0.07 for /8).")
-@click.option("--resolution", "cd_resolution", default=1.0, show_default=True, type=click.FloatRange(min=0),
+@click.option("--resolution", "cd_resolution", default=1.0, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
               help="Louvain resolution: higher gives more, smaller objects.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the Louvain community detection.")
 def merge(clusters_dir, output, bg_share, weight_threshold, cd_resolution, seed):
@@ -492,9 +493,9 @@ def _segment_outputs(inputs: tuple[str, ...], output: Path) -> dict[Path, tuple[
 @click.option("--fully-unsupervised", is_flag=True, help="Also run CBFE + CD fully unsupervised segmentation.")
 @click.option("--fu-k", default=None, type=click.IntRange(min=1),
               help="Parts for --fully-unsupervised (default 149 for /16, 109 for /8).")
-@click.option("--weight-threshold", default=None, type=click.FloatRange(min=0),
+@click.option("--weight-threshold", default=None, type=click.FloatRange(0, 1),
               help="CD graph edges lighter than this are dropped (default 0.09 for /16, 0.07 for /8).")
-@click.option("--cd-resolution", default=1.0, show_default=True, type=click.FloatRange(min=0),
+@click.option("--cd-resolution", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Louvain resolution of CD: higher gives more, smaller objects.")
 @click.option("--num-classes", default=None, type=click.IntRange(min=1), help="Default: read from the masks.")
 @click.option("--split", default="val", show_default=True, help="ImageSets/Segmentation/<split>.txt or a file listing image names (a folder without split lists: "

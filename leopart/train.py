@@ -116,13 +116,32 @@ class TrainConfig:
                           jitter=self.jitter, hue=self.hue, blur=self.blur)
 
     def check(self):
+        """One line naming the first setting out of its range, before any work (not a torch error mid-run)."""
         if self.loss_mask not in LOSS_MASKS:
             raise LeopartError(f"loss_mask must be one of {', '.join(LOSS_MASKS)}, not '{self.loss_mask}'")
-        for name in ("batch_size", "global_size", "local_size", "n_global", "num_prototypes", "save_every"):
+        for name in ("batch_size", "global_size", "local_size", "n_global", "num_prototypes", "save_every", "steps",
+                     "epochs", "sinkhorn_iters", "roi_size", "eval_every", "eval_k"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise LeopartError(f"{name} must be positive")
-        if self.n_local < 0 or (self.steps is not None and self.steps < 1) or self.epochs < 1:
-            raise LeopartError("need n_local >= 0 and a positive number of steps or epochs")
+                raise LeopartError(f"{name} must be positive, not {getattr(self, name)!r}")
+        for name in ("n_local", "queue_length", "lr_backbone", "lr_heads", "final_lr", "weight_decay",
+                     "weight_decay_end"):
+            if getattr(self, name) < 0:
+                raise LeopartError(f"{name} must be >= 0, not {getattr(self, name)!r}")
+        ranges = {"momentum_teacher": (0, 1), "momentum_teacher_end": (0, 1), "hue": (0, 0.5)}
+        for name, (low, high) in ranges.items():
+            if not low <= getattr(self, name) <= high:
+                raise LeopartError(f"{name} must lie in [{low}, {high}], not {getattr(self, name)!r}")
+        if not 0 <= self.drop_path < 1:
+            raise LeopartError(f"drop_path must lie in [0, 1), not {self.drop_path!r}")
+        for name in ("epsilon", "temperature") + (("grad_clip",) if self.grad_clip is not None else ()):
+            if not getattr(self, name) > 0:
+                raise LeopartError(f"{name} must be positive, not {getattr(self, name)!r}")
+        for name in ("global_scale", "local_scale"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high <= 1:
+                raise LeopartError(f"{name} must be (low, high) with 0 < low <= high <= 1, not {getattr(self, name)}")
+        if self.n_global + self.n_local < 2:
+            raise LeopartError("the loss needs at least two crops per image (n_global + n_local >= 2)")
 
 
 # ------------------------------------------------------------------- schedules

@@ -408,6 +408,23 @@ def test_bad_training_options():
         leopart.train("x", "y", learning_rate=1)
     with pytest.raises(LeopartError, match="loss_mask"):
         TrainConfig(loss_mask="middle").check()
+    TrainConfig().check()  # the paper's recipe
+    TrainConfig(n_global=1, grad_clip=None, momentum_teacher=0.9, hue=0.0).check()
+    # Out-of-range settings are named before any work, rather than failing in torch mid-run (drop_path 2:
+    # "bernoulli_ expects p to be in [0, 1]"; a negative queue: "Dimension size must be non-negative").
+    bad = [(dict(drop_path=2.0), r"drop_path must lie in \[0, 1\), not 2.0"),
+           (dict(queue_length=-5), "queue_length must be >= 0, not -5"),
+           (dict(lr_backbone=-1e-5), "lr_backbone must be >= 0"),
+           (dict(temperature=0.0), "temperature must be positive, not 0.0"),
+           (dict(grad_clip=0.0), "grad_clip must be positive"),
+           (dict(momentum_teacher=1.5), r"momentum_teacher must lie in \[0, 1\], not 1.5"),
+           (dict(hue=2), r"hue must lie in \[0, 0.5\]"),
+           (dict(global_scale=(0.5, 0.2)), r"global_scale must be \(low, high\) with 0 < low <= high <= 1"),
+           (dict(roi_size=0), "roi_size must be positive, not 0"),
+           (dict(n_global=1, n_local=0), "at least two crops per image")]
+    for settings, match in bad:
+        with pytest.raises(LeopartError, match=match):
+            TrainConfig(**settings).check()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
