@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 import warnings
@@ -80,14 +81,19 @@ def _parse_resolution(value: str) -> int | None:
 @click.option("--trust-pickle", is_flag=True, help="Allow checkpoints that pickle Python objects besides tensors.")
 def info(model, trust_pickle):
     """Describe MODEL: architecture, sizes and where it was loaded from; what a segmenter, part clusters or
-    probe head folder holds and what it was fitted with; or where a `leopart train` run stands."""
+    probe head folder holds and what it was fitted with; where a `leopart train` run stands; or what a
+    `leopart embed` features file (.safetensors, .npy) holds."""
     from .probe import head_folder
+    from .serialization import read_features_header
     from .train import is_run_folder
 
     if Path(model).expanduser().is_dir():  # a probe's output folder: the head it saved
         model = str(head_folder(Path(model).expanduser()))
+    features = read_features_header(model) if Path(model).expanduser().is_file() else None
     kind = _saved_kind(model)
-    if kind in ("segmenter", "clusters", "probe_head"):
+    if features is not None:
+        rows = _features_rows(model, features)
+    elif kind in ("segmenter", "clusters", "probe_head"):
         rows = _fitted_rows(model, kind)
     elif kind is None and is_run_folder(Path(model).expanduser()):
         rows = _run_rows(Path(model).expanduser())
@@ -130,6 +136,31 @@ def _model_rows(model: str, trust_pickle: bool) -> list[tuple[str, object]]:
         ("prototypes", c.num_prototypes),
         ("parameters", f"{n_params / 1e6:.2f}M ({n_backbone / 1e6:.2f}M backbone)"),
     ]
+
+
+def _features_rows(path: str, features: dict) -> list[tuple[str, object]]:
+    """What `leopart embed -o` wrote: how many maps of which shape, and (.safetensors) from what."""
+    shapes, meta = features["shapes"], features["metadata"]
+    grids = [" x ".join(map(str, g)) for g in sorted({shape[:-1] for shape in shapes}, key=lambda g: (math.prod(g), g))]
+    grid = grids[0] if len(grids) == 1 else f"{len(grids)} sizes, " + (
+        ", ".join(grids) if len(grids) <= 3 else f"{grids[0]} (fewest) to {grids[-1]} (most)")
+    names = json.loads(meta["names"]) if "names" in meta else []
+    n_values = sum(math.prod(shape) for shape in shapes)
+    rows = [("features", path), ("images", len(shapes)),
+            ("patch grid", f"{grid} patches of {shapes[0][-1] if shapes else '?'} dimensions"),
+            ("size", f"{_binary_size(n_values * 4)} of float32")]
+    if meta:
+        rows += [("model", meta.get("model", "-")), ("resolution", meta.get("resolution", "-"))]
+    if names:
+        rows.append(("first image", names[0]))
+    return rows
+
+
+def _binary_size(n_bytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes} bytes"
 
 
 def _run_rows(folder: Path) -> list[tuple[str, object]]:

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import LeopartError
@@ -131,6 +131,29 @@ def write_features(path: str | os.PathLike, maps: Iterable[torch.Tensor], count:
         except OSError as e:
             raise LeopartError(f"cannot write {path}: {e.strerror or e}") from None
     return None if ragged else (count, *shape)
+
+
+def read_features_header(path: str | os.PathLike) -> dict | None:
+    """What a ``write_features`` file holds, from its header alone: {"shapes": [per-map shape, ...],
+    "metadata": {...}}, or None when ``path`` is no such file (a model's .safetensors, say)."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".npy":
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            return {"shapes": [tuple(array.shape[1:])] * array.shape[0], "metadata": {}}
+        if path.suffix.lower() != ".safetensors":
+            return None
+        with safe_open(str(path), "pt") as f:
+            keys, metadata = list(f.keys()), f.metadata() or {}
+            if keys == ["features"]:
+                shape = tuple(f.get_slice("features").get_shape())
+                return {"shapes": [shape[1:]] * shape[0], "metadata": metadata}
+            if keys and all(re.fullmatch(r"features\.\d+", k) for k in keys):  # ragged: one tensor per map
+                order = sorted(keys, key=lambda k: int(k.split(".")[1]))
+                return {"shapes": [tuple(f.get_slice(k).get_shape()) for k in order], "metadata": metadata}
+            return None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LeopartError(f"cannot read {path}: the file is corrupt or truncated ({e})") from None
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -1,4 +1,5 @@
 """leopart.embed on every input type and every bad input, and the embed / info CLI."""
+import re
 import subprocess
 import sys
 import time
@@ -431,6 +432,15 @@ def test_cli_embed_writes_features(tiny_model, tiny_model_dir, image_dir, tmp_pa
             assert "deep.jpg" in f.metadata()["names"]
     torch.testing.assert_close(got, expected)
     assert len(list((tmp_path / "cache").glob("*/shard_00000.safetensors"))) == (1 if cache else 0)
+    # `leopart info` describes the file from its header (it said "no ViT weights" / "not a checkpoint")
+    r = CliRunner().invoke(main, ["info", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in r.output.splitlines())
+    described = {"features": str(out), "images": "4", "patch grid": "2 x 2 patches of 64 dimensions",
+                 "size": "4.0 KiB of float32"}
+    if suffix == ".safetensors":  # and what its metadata records
+        described.update({"model": str(tiny_model_dir), "resolution": "32", "first image": str(image_dir / "img0.png")})
+    assert rows == described
 
 
 def test_cli_embed_native_safetensors(tiny_model_dir, image_dir, tmp_path):
@@ -441,6 +451,17 @@ def test_cli_embed_native_safetensors(tiny_model_dir, image_dir, tmp_path):
     with safe_open(str(out), "pt") as f:
         assert sorted(f.keys()) == [f"features.{i}" for i in range(4)]
         assert f.get_tensor("features.0").shape == (2, 3, 64)  # 40x56 -> 32x48 pixels
+    r = CliRunner().invoke(main, ["info", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in r.output.splitlines())
+    assert (rows["images"], rows["resolution"], rows["patch grid"]) == ("4", "native", "2 x 3 patches of 64 dimensions")
+    Image.fromarray(random_image(72, 40)).save(image_dir / "tall.png")  # 4 x 2 patches: same count, another shape
+    Image.fromarray(random_image(16, 16)).save(image_dir / "small.png")
+    r = CliRunner().invoke(main, ["embed", str(image_dir), "--model", str(tiny_model_dir), "--resolution", "native",
+                                  "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["info", str(out)])
+    assert "patch grid   3 sizes, 1 x 1, 2 x 3, 4 x 2 patches of 64 dimensions\n" in r.output, r.output
 
 
 @pytest.mark.parametrize("command", ["embed", "cluster", "segment", "eval"])
