@@ -287,7 +287,8 @@ def load_folder(folder: str | os.PathLike, kind: str,
     names the folder in errors (a Hub repo rather than its cache snapshot)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise LeopartError(f"no such folder: {folder}")
+        raise LeopartError(f"{folder} is a file: expected the folder of {_kind_phrase(kind)}" if folder.exists()
+                           else f"no such folder: {folder}")
     if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
         raise LeopartError(f"{folder} is not a saved leopart {kind} folder: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
     config = read_config(folder / CONFIG_NAME)
@@ -308,7 +309,7 @@ def fetch_folder(name: str | os.PathLike, kind: str, missing: str) -> tuple[dict
     Hub the config comes first, so a repo of another kind fails before its weights download. ``missing``: the
     error for a name that is neither."""
     path = Path(name).expanduser()
-    if path.is_dir():
+    if path.exists():  # a folder, or a file given by mistake (load_folder says so)
         return load_folder(path, kind)
     if not HUB_ID.match(str(name)):
         raise LeopartError(missing)

@@ -291,6 +291,11 @@ def test_cluster_merge_segment_chain(tiny_model_dir, voc_dir, tmp_path, monkeypa
     assert not (tmp_path / "too_many").exists()
     r = runner.invoke(main, ["merge", str(tmp_path / "clusters_typo"), "--output", str(tmp_path / "seg2")])
     assert r.exit_code == 1 and r.output.strip() == f"Error: no such folder: {tmp_path / 'clusters_typo'}", r.output
+    a_file = sorted(images.iterdir())[0]  # a file where a folder belongs is named as such (was "no such folder")
+    r = runner.invoke(main, ["merge", str(a_file), "--output", str(tmp_path / "seg2")])
+    assert r.output.strip() == f"Error: {a_file} is a file: expected the folder of leopart part clusters", r.output
+    r = runner.invoke(main, ["segment", str(a_file), "--segmenter", str(a_file), "--output", str(tmp_path / "o")])
+    assert r.output.strip() == f"Error: {a_file} is a file: expected the folder of a leopart segmenter", r.output
 
 
 def test_eval_cli_json(tiny_model_dir, voc_dir, tmp_path):
