@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import numbers
 import os
 from typing import Any, Iterator
 
@@ -64,6 +65,8 @@ def iter_batches(images: Any, model: LeopartViT, resolution: int | None, batch_s
     """
     if resolution is not None and (resolution < model.patch_size or resolution % model.patch_size):
         raise LeopartError(f"resolution {resolution} is not a positive multiple of the patch size {model.patch_size}")
+    if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise LeopartError(f"batch_size must be a positive integer, not {batch_size!r}")
     # On a GPU, decode in threads so the model is not left waiting; on the CPU the model already uses every
     # core, and decoding threads would only compete with it.
     stream = iter_preprocessed(images, resolution, model.patch_size, threads=0 if device.type == "cpu" else None)
@@ -86,16 +89,17 @@ def embed(images: Any, model: str | LeopartViT = "vits16", resolution: int | Non
 
     images: a path, a folder (recursive), a .txt file listing image paths (one per line, relative to its
         folder), a PIL image, an image file's bytes, an HxWx3 array or CxHxW tensor (uint8, or floats in
-        [0, 1] or [0, 255]; not mean/std-normalised), a batch (BxHxWx3 array, BxCxHxW tensor), or a list / iterator of them.
-        Decoded one batch at a time; the result is allocated once (an iterator's maps are collected first,
-        since its length is unknown: twice the result's memory at the end).
-    resolution: side of the square every image is resized to (bicubic); ``None`` keeps each image's own
-        size rounded down to the patch size and returns a list of [h_i, w_i, D] tensors.
+        [0, 1] or [0, 255]; not mean/std-normalised), a batch (BxHxWx3 array, BxCxHxW tensor), or a list /
+        iterator of them. Decoded one batch at a time; the result is allocated once (an iterator's maps are
+        collected first, since its length is unknown: twice the result's memory at the end).
+    resolution: side of the square every image is resized to (bicubic); ``None`` (or "native") keeps each
+        image's own size rounded down to the patch size and returns a list of [h_i, w_i, D] tensors.
     cache_dir: keep the features there in files of 256 images (image files only), named by the model's
         weights, the files and the resolution: an interrupted run resumes at the first missing file.
     progress: a bar in a terminal, lines on stderr in a log (see ``leopart.progress``); False: none.
     Returns a float32 CPU tensor [B, h, w, D] with h = w = resolution // patch_size.
     """
+    resolution = _pixels(resolution)
     images = data.listed(images)  # counted first (unless an iterator), so the result is allocated once
     device = default_device(device)
     model = from_pretrained(model, device=device)
@@ -122,7 +126,17 @@ def iter_embeddings(images: Any, model: str | LeopartViT = "vits16", resolution:
     """``embed`` one image at a time: float32 CPU tensors [h, w, D] in input order, with at most one batch
     (or one cache file) in memory, for datasets whose features do not fit in it (``leopart embed`` streams
     them to its output file). The model loads now, the images as the iterator is consumed."""
-    return _embeddings(data.listed(images), model, resolution, batch_size, device, progress, cache_dir)
+    return _embeddings(data.listed(images), model, _pixels(resolution), batch_size, device, progress, cache_dir)
+
+
+def _pixels(resolution) -> int | None:
+    """``resolution`` as embed takes it: pixels, or None (also spelt "native", as on the command line)."""
+    if resolution is None or resolution == "native":
+        return None
+    if isinstance(resolution, str) or not float(resolution).is_integer():
+        raise LeopartError(f"resolution must be a whole number of pixels or None (each image's own size), "
+                           f"not {resolution!r}")
+    return int(resolution)
 
 
 def _embeddings(images: list | Iterator, model, resolution, batch_size, device, progress,

@@ -559,6 +559,10 @@ def test_api_arguments_of_the_wrong_kind_fail_in_one_line(tiny_model):
     cases = [(lambda: leopart.from_pretrained(""), "a model is an alias, a Hub id, a folder or a checkpoint file, "
                                                    "not ''"),
              (lambda: leopart.from_pretrained(None), "not None"),
+             (lambda: leopart.embed(image, model=tiny_model, batch_size=0), "batch_size must be a positive integer"),
+             (lambda: leopart.embed(image, model=tiny_model, resolution="64"),
+              "resolution must be a whole number of pixels or None"),
+             (lambda: leopart.embed(image, model=tiny_model, resolution=64.5), "not 64.5"),
              (lambda: leopart.segment(image, model=tiny_model, k=0), "k must be a positive integer, not 0"),
              (lambda: leopart.segment(image, model=tiny_model, segmenter=3),
               "segmenter must be a Segmenter, a folder or a Hub id, not a int"),
@@ -567,6 +571,10 @@ def test_api_arguments_of_the_wrong_kind_fail_in_one_line(tiny_model):
     for call, match in cases:
         with pytest.raises(LeopartError, match=match):
             call()
+    # the command line's spelling of native size works in the API too, as do whole floats and numpy integers
+    native = leopart.embed(image, model=tiny_model, resolution=None)
+    torch.testing.assert_close(leopart.embed(image, model=tiny_model, resolution="native"), native)
+    assert leopart.embed(image, model=tiny_model, resolution=64.0, batch_size=np.int64(2)).shape == (1, 4, 4, 64)
 
 
 def test_host_memory_is_read_from_meminfo(tmp_path):
