@@ -214,6 +214,25 @@ def _fitted_rows(folder: str, kind: str) -> list[tuple[str, object]]:
             ("resolution", config.get("resolution")), ("mask size", config.get("mask_size"))]
 
 
+class _OutputPath(click.Path):
+    """A click.Path the command will write to: it fails in one line while the options are read, not after the
+    work, when it names a file where a folder belongs (or the reverse), or a folder above it is a file or
+    cannot be written to."""
+
+    def convert(self, value, param, ctx):
+        path = Path(value)
+        if path.is_dir() and not self.dir_okay:
+            raise click.ClickException(f"cannot write {path}: it is a folder")
+        if path.exists() and not path.is_dir() and not self.file_okay:
+            raise click.ClickException(f"cannot write {path}: it is a file, and a folder belongs there")
+        existing = next(p for p in path.absolute().parents if p.exists())  # the root always exists
+        if not existing.is_dir():
+            raise click.ClickException(f"cannot write {path}: {existing} is a file")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise click.ClickException(f"cannot write {path}: no permission to write in {existing}")
+        return super().convert(value, param, ctx)
+
+
 def _device_option(f):
     return click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available).")(f)
 
@@ -230,7 +249,7 @@ def _cache_option(f):
                 click.echo("The features computed so far are lost: with --cache DIR a rerun resumes.", err=True)
             raise
 
-    return click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+    return click.option("--cache", "cache_dir", default=None, type=_OutputPath(file_okay=False, path_type=Path),
                         help="Keep the patch features here (files of 256 images): an interrupted run resumes, "
                              "a rerun reuses them.")(run)
 
@@ -243,7 +262,7 @@ def _cache_option(f):
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
               help="Images per forward pass.")
 @_device_option
-@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--output", "-o", required=True, type=_OutputPath(dir_okay=False, path_type=Path),
               help="Where to write the features: FILE.safetensors or FILE.npy.")
 @_cache_option
 def embed(inputs, model, resolution, batch_size, device, output, cache_dir):
@@ -271,7 +290,7 @@ def embed(inputs, model, resolution, batch_size, device, output, cache_dir):
 
 @main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out_dir", type=_OutputPath(file_okay=False, path_type=Path))
 @click.option("--arch", default=None, help="timm model name, when it cannot be read off the weights.")
 @click.option("--trust-pickle", is_flag=True, help="Allow checkpoints that pickle Python objects besides tensors.")
 def convert(checkpoint, out_dir, arch, trust_pickle):
@@ -310,7 +329,7 @@ def _check_images(paths: list) -> None:
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--model", default="vits16", show_default=True, help="Alias, Hub id, folder or checkpoint.")
 @click.option("--k", default=149, show_default=True, type=click.IntRange(min=1), help="Number of part clusters.")
-@click.option("--output", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--output", "-o", required=True, type=_OutputPath(file_okay=False, path_type=Path),
               help="Folder for centroids, per-image labels and foreground masks.")
 @click.option("--resolution", default=448, show_default=True, type=click.IntRange(min=1),
               help="Square input side in pixels, a multiple of the patch size (the paper: 448).")
@@ -352,7 +371,7 @@ def cluster(inputs, model, k, output, resolution, iters, seed, batch_size, devic
 
 @main.command()
 @click.argument("clusters_dir", metavar="DIR", type=click.Path(path_type=Path))
-@click.option("--output", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--output", "-o", required=True, type=_OutputPath(file_okay=False, path_type=Path),
               help="Folder for the fitted segmenter.")
 @click.option("--bg-share", default=None, type=click.FloatRange(0, 1),
               help="Share of patches to call background (default: the attention masks' own, within 0.55-0.75).")
@@ -392,7 +411,7 @@ def merge(clusters_dir, output, bg_share, weight_threshold, cd_resolution, seed)
 @click.option("--segmenter", default=None, help="Folder or Hub id of a fitted segmenter (from `leopart merge`).")
 @click.option("--k", default=None, type=click.IntRange(min=1),
               help="Parts per image when no segmenter is given (default 8).")
-@click.option("--output", "-o", default=".", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--output", "-o", default=".", type=_OutputPath(file_okay=False, path_type=Path),
               help="Folder for <stem>_mask.png and <stem>_overlay.png (subfolders of a folder input kept).  "
                    "[default: current folder]")
 @click.option("--resolution", default=None, type=click.IntRange(min=1),
@@ -533,7 +552,7 @@ def _segment_outputs(inputs: tuple[str, ...], output: Path) -> dict[Path, tuple[
                    "every image with a mask).")
 @click.option("--resolution", default=448, show_default=True, type=click.IntRange(min=1),
               help="Square input side in pixels, a multiple of the patch size (the paper: 448).")
-@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--json", "json_path", default=None, type=_OutputPath(dir_okay=False, path_type=Path),
               help="Also write the results as JSON.")
 @click.option("--seed", default=0, show_default=True, help="Seed of k-means++, community detection and the probes.")
 @click.option("--n-init", default=1, show_default=True, type=click.IntRange(min=1),
@@ -548,7 +567,7 @@ def _segment_outputs(inputs: tuple[str, ...], output: Path) -> dict[Path, tuple[
 @click.option("--probe-epochs", default=None, type=click.IntRange(min=1), help="Default: 25 (linear), 30 (FCN).")
 @click.option("--probe-mask-size", default=100, show_default=True, type=click.IntRange(min=1),
               help="Tokens are upsampled to this size for the probe head, and masks resized to it.")
-@click.option("--probe-dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--probe-dir", default=None, type=_OutputPath(file_okay=False, path_type=Path),
               help="Token cache, per-epoch checkpoints (resumable) and trained heads: <dir>/<linear|fcn>/head.")
 @_cache_option
 @_fg_option
@@ -608,7 +627,7 @@ def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, weight_threshold, cd
 
 @main.command()
 @click.argument("data_dir", metavar="DATA")
-@click.option("--output", "-o", default="runs/leopart", show_default=True,
+@click.option("--output", "-o", default="runs/leopart", show_default=True, type=_OutputPath(file_okay=False),
               help="Run folder: checkpoints, metrics, model.")
 @click.option("--init", default="dino-vits16", show_default=True,
               help="Alias, org/repo, folder, checkpoint, or 'random'.")
@@ -663,7 +682,8 @@ def train(ctx, data_dir, output, resume, **options):
         click.echo(f"wrote {Path(output) / MODEL_NAME}")
 
 @main.command()
-@click.option("--output", "-o", default="leopart-demo", show_default=True, help="Folder for data, run, results.")
+@click.option("--output", "-o", default="leopart-demo", show_default=True, type=_OutputPath(file_okay=False),
+              help="Folder for data, run, results.")
 @click.option("--minutes", default=8.0, show_default=True, type=click.FloatRange(min=0.5),
               help="Time budget for the whole demo; training gets what the rest leaves, up to 800 steps.")
 @click.option("--steps", default=None, type=click.IntRange(min=1), help="Train this many steps instead.")

@@ -107,8 +107,16 @@ def test_demo_cli_rejects_bad_options(tmp_path):
 
 def test_demo_output_that_is_a_file_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "taken").write_text("")
-    r = CliRunner().invoke(main, ["demo", "--output", str(tmp_path / "taken")])
+    r = CliRunner().invoke(main, ["demo", "--output", str(tmp_path / "taken")])  # said before any work
+    assert r.exit_code == 1 and r.output.strip() == \
+        f"Error: cannot write {tmp_path / 'taken'}: it is a file, and a folder belongs there", r.output
+    # A file-system error met later is one line too, naming its path; the traceback is there for whoever asks.
+    def taken(**_):
+        raise FileExistsError(17, "File exists", str(tmp_path / "taken"))
+
+    monkeypatch.setattr(sys.modules["leopart.demo"], "run_demo", taken)
+    r = CliRunner().invoke(main, ["demo", "--output", str(tmp_path / "fresh")])
     assert r.exit_code == 1 and r.output.strip() == f"Error: cannot use {tmp_path / 'taken'}: File exists", r.output
-    monkeypatch.setenv("LEOPART_DEBUG", "1")  # the traceback is still there for whoever asks
-    r = CliRunner().invoke(main, ["demo", "--output", str(tmp_path / "taken")])
+    monkeypatch.setenv("LEOPART_DEBUG", "1")
+    r = CliRunner().invoke(main, ["demo", "--output", str(tmp_path / "fresh")])
     assert isinstance(r.exception, FileExistsError)

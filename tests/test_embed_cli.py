@@ -533,6 +533,20 @@ def test_cli_bad_input_one_line_no_file(tiny_model_dir, tmp_path, case, monkeypa
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary file left behind"
 
 
+@pytest.mark.parametrize("args", [["eval", "VOC", "--json", "{blocked}/r.json"], ["embed", "a.png", "-o", "{blocked}/f.npy"],
+                                  ["cluster", "a.png", "-o", "{blocked}/parts"], ["segment", "a.png", "-o", "{blocked}/s"],
+                                  ["train", "imgs", "-o", "{blocked}/run"], ["convert", "x.ckpt", "{blocked}/m"],
+                                  ["embed", "a.png", "-o", "f.npy", "--cache", "{blocked}/c"],
+                                  ["eval", "VOC", "--linear", "--probe-dir", "{blocked}/p"]])
+def test_outputs_that_cannot_be_written_fail_before_any_work(tmp_path, args):
+    """An output below a file fails as the options are read (eval --json failed after the whole evaluation)."""
+    blocked = tmp_path / "notes.txt"
+    blocked.write_text("a file, not a folder")
+    r = CliRunner().invoke(main, [a.format(blocked=blocked) for a in args])
+    assert r.exit_code == 1 and r.output.startswith(f"Error: cannot write {blocked}/"), r.output
+    assert r.output.endswith(f": {blocked} is a file\n") and r.output.count("\n") == 1, r.output
+
+
 def test_named_devices_are_checked_before_any_work(monkeypatch):
     from leopart.device import default_device
     from leopart.errors import LeopartError
