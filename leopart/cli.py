@@ -438,7 +438,8 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
     from .hub import from_pretrained
     from .merge import Segmenter
     from .progress import progress_bar
-    from .segment import fitted_with, mask_image, recorded_model, save_overlay, save_png, segment as segment_image
+    from .segment import (SEGMENTER_KNOWS_FOREGROUND, fitted_with, mask_image, recorded_model, save_overlay, save_png,
+                          segment as segment_image)
 
     outputs = _segment_outputs(inputs, output)
     paths = list(outputs)
@@ -451,9 +452,11 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
         paths = [p for p in paths if p not in own]
     outputs = {p: outputs[p] if overlay else outputs[p][:1] for p in paths}
     _check_images(paths)
-    if head and (segmenter or k or resolution):
+    if head and (segmenter or k or resolution or fg_model):
         raise LeopartError("--head gives supervised class masks at the head's own resolution: leave out "
-                           "--segmenter, --k and --resolution")
+                           "--segmenter, --k, --resolution and --fg-model")
+    if segmenter and fg_model:
+        raise LeopartError(SEGMENTER_KNOWS_FOREGROUND)
     if skip_existing:
         todo = [p for p in paths if not all(f.is_file() for f in outputs[p])]
         if len(todo) < len(paths):

@@ -184,6 +184,10 @@ def predict_objects(segmenter: Segmenter, features: torch.Tensor, size: tuple[in
     return segmenter.objects(parts)
 
 
+SEGMENTER_KNOWS_FOREGROUND = ("a segmenter already knows which parts are foreground: leave out the foreground model "
+                              "(--fg-model, fg_model=), which only serves parts fitted on the image itself")
+
+
 def fitted_with(segmenter: Segmenter | None) -> tuple[str, int]:
     """The model and input resolution a segmenter's parts were clustered with (as ``leopart cluster`` and the
     demo record them), else the released ViT-S/16 at 448 px."""
@@ -211,6 +215,8 @@ def segment(image: Any, model: str | LeopartViT | None = None, segmenter: str | 
     those the segmenter's parts were clustered with (``leopart cluster --model / --resolution``), else vits16 and 448.
     """
     device = default_device(device)
+    if segmenter is not None and fg_model is not None:
+        raise LeopartError(SEGMENTER_KNOWS_FOREGROUND)
     if k is not None and (not isinstance(k, int) or k < 1):
         raise LeopartError(f"k must be a positive integer, not {k!r}")
     if segmenter is not None and not isinstance(segmenter, Segmenter):

@@ -113,6 +113,11 @@ def test_a_segmenter_fitted_elsewhere_says_to_pass_its_model(tiny_model, tiny_mo
         leopart.segment(tmp_path / "a.png", segmenter=tmp_path / "seg")
     r = CliRunner().invoke(main, [*args, "--model", str(tiny_model_dir)])
     assert r.exit_code == 0, r.output
+    # A foreground model only serves parts fitted on the image itself: with a segmenter it would be ignored.
+    r = CliRunner().invoke(main, [*args, "--model", str(tiny_model_dir), "--fg-model", str(tiny_model_dir)])
+    assert r.exit_code == 1 and r.output.startswith("Error: a segmenter already knows which parts are foreground")
+    with pytest.raises(LeopartError, match="a segmenter already knows which parts are foreground"):
+        leopart.segment(tmp_path / "a.png", model=tiny_model, segmenter=tmp_path / "seg", fg_model=tiny_model)
 
 
 def test_segment_cli_writes_mask_and_overlay(tiny_model_dir, tmp_path):
