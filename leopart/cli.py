@@ -582,12 +582,14 @@ def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, weight_threshold, cd
     k-means over-clustering (default k = 500 and 21) and, with --fully-unsupervised, CBFE + CD; with
     --linear / --fcn, supervised probes trained on the train split (then k-means runs only if --k is given).
     """
-    from .evaluate import evaluate as run_eval, format_table, read_voc
+    from .evaluate import FG_MODEL_NEEDS_FU, evaluate as run_eval, format_table, read_voc
     from .hub import from_pretrained
     from .serialization import write_json
 
     if json_path is not None and json_path.suffix.lower() != ".json":
         raise LeopartError(f"--json must name a .json file, not '{json_path.name}'")
+    if fg_model and not fully_unsupervised:
+        raise LeopartError(FG_MODEL_NEEDS_FU)
     heads = [h for h, on in (("linear", linear), ("fcn", fcn)) if on]
     # A wrong folder or split fails before the model loads (or downloads).
     scored = set(read_voc(data_dir, split).names)

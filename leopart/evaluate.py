@@ -99,6 +99,10 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((size, size), Image.NEAREST), dtype=np.int64)
 
 
+FG_MODEL_NEEDS_FU = ("a foreground model (--fg-model, fg_model=) serves the fully unsupervised protocol only: add "
+                     "--fully-unsupervised (fully_unsupervised=True) or leave it out")
+
+
 def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500, 21), fully_unsupervised: bool = False,
              num_classes: int | None = None, split: str = "val", resolution: int = DEFAULT_RESOLUTION,
              mask_size: int = 100, fg_model: str | LeopartViT | None = None, fu_k: int | None = None,
@@ -121,6 +125,8 @@ def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500,
     ks, fu_k = tuple(int(k) for k in ks), int(fu_k) if fu_k is not None else None  # numpy integers too
     if iters < 0:
         raise LeopartError(f"iters must be >= 0, not {iters}")
+    if fg_model is not None and not fully_unsupervised:
+        raise LeopartError(FG_MODEL_NEEDS_FU)
     voc = read_voc(data_root, split)  # a wrong folder fails before a model loads (or downloads)
     model = from_pretrained(model, device=device)
     fg_model = from_pretrained(fg_model, device=device) if fg_model is not None else None

@@ -397,6 +397,8 @@ def test_eval_num_classes_and_bad_layouts(tiny_model_dir, voc_dir, tmp_path, mon
     assert r.exit_code == 1 and "not a VOC-layout folder" in r.output
     r = runner.invoke(main, ["eval", str(voc_dir), *base, "--json", str(tmp_path / "x.txt")])
     assert r.exit_code == 1 and "--json must name a .json file" in r.output
+    r = runner.invoke(main, ["eval", str(voc_dir), *base, "--fg-model", str(tiny_model_dir)])
+    assert r.exit_code == 1 and "serves the fully unsupervised protocol only: add --fully-unsupervised" in r.output
     # a split file saved by Windows Notepad (byte-order mark, CRLF) lists the same names
     val = (voc_dir / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
     (tmp_path / "notepad.txt").write_bytes(("\ufeff" + "\r\n".join(val) + "\r\n").encode())
@@ -419,7 +421,8 @@ def test_evaluate_api_checks_its_settings_before_any_feature(tiny_model, voc_dir
            (dict(ks=4.5), "k must be a positive integer, not 4.5"),
            (dict(fully_unsupervised=True, fu_k=0), "fu_k must be a positive integer, not 0"),
            (dict(mask_size=0), "mask_size must be a positive integer, not 0"),
-           (dict(n_init=0), "n_init must be a positive integer"), (dict(iters=-1), "iters must be >= 0, not -1")]
+           (dict(n_init=0), "n_init must be a positive integer"), (dict(iters=-1), "iters must be >= 0, not -1"),
+           (dict(fg_model=tiny_model), "serves the fully unsupervised protocol only")]  # ran a second model for nothing
     for settings, match in bad:
         with pytest.raises(LeopartError, match=match):
             evaluate(voc_dir, tiny_model, resolution=64, **settings)
