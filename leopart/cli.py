@@ -551,8 +551,9 @@ def _segment_outputs(inputs: tuple[str, ...], output: Path) -> dict[Path, tuple[
 @click.option("--cd-resolution", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Louvain resolution of CD: higher gives more, smaller objects.")
 @click.option("--num-classes", default=None, type=click.IntRange(min=1), help="Default: read from the masks.")
-@click.option("--split", default="val", show_default=True, help="ImageSets/Segmentation/<split>.txt or a file listing image names (a folder without split lists: "
-                   "every image with a mask).")
+@click.option("--split", default="val", show_default=True,
+              help="ImageSets/Segmentation/<split>.txt or a file listing image names (a folder without split "
+                   "lists: every image with a mask).")
 @click.option("--resolution", default=448, show_default=True, type=click.IntRange(min=1),
               help="Square input side in pixels, a multiple of the patch size (the paper: 448).")
 @click.option("--json", "json_path", default=None, type=_OutputPath(dir_okay=False, path_type=Path),

@@ -533,8 +533,10 @@ def test_cli_bad_input_one_line_no_file(tiny_model_dir, tmp_path, case, monkeypa
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary file left behind"
 
 
-@pytest.mark.parametrize("args", [["eval", "VOC", "--json", "{blocked}/r.json"], ["embed", "a.png", "-o", "{blocked}/f.npy"],
-                                  ["cluster", "a.png", "-o", "{blocked}/parts"], ["segment", "a.png", "-o", "{blocked}/s"],
+@pytest.mark.parametrize("args", [["eval", "VOC", "--json", "{blocked}/r.json"],
+                                  ["embed", "a.png", "-o", "{blocked}/f.npy"],
+                                  ["cluster", "a.png", "-o", "{blocked}/parts"],
+                                  ["segment", "a.png", "-o", "{blocked}/s"],
                                   ["train", "imgs", "-o", "{blocked}/run"], ["convert", "x.ckpt", "{blocked}/m"],
                                   ["embed", "a.png", "-o", "f.npy", "--cache", "{blocked}/c"],
                                   ["eval", "VOC", "--linear", "--probe-dir", "{blocked}/p"]])
