@@ -328,6 +328,9 @@ def infer_config(state: dict[str, torch.Tensor], arch: str | None, source: str) 
 def convert_checkpoint(path: str | os.PathLike, arch: str | None = None, trust_pickle: bool = False) -> LeopartViT:
     """Build a LeopartViT from an original-format checkpoint file, or from a `leopart train` checkpoint.pt."""
     path = Path(path)
+    if serialization.read_features_header(path) is not None:
+        raise LeopartError(f"{path} holds patch features (`leopart embed -o`), not model weights: "
+                           f"`leopart info {path}` describes them")
     obj = _load_checkpoint_file(path, trust_pickle)
     if _is_training_checkpoint(obj):
         return _from_training_checkpoint(obj, arch, path)

@@ -441,6 +441,10 @@ def test_cli_embed_writes_features(tiny_model, tiny_model_dir, image_dir, tmp_pa
     if suffix == ".safetensors":  # and what its metadata records
         described.update({"model": str(tiny_model_dir), "resolution": "32", "first image": str(image_dir / "img0.png")})
     assert rows == described
+    if suffix == ".safetensors":  # taken for a model by mistake, it is named for what it is (was "no ViT weights")
+        with pytest.raises(LeopartError, match=r"feats.safetensors holds patch features \(`leopart embed -o`\), not "
+                                               "model weights"):
+            leopart.from_pretrained(out)
 
 
 def test_cli_embed_native_safetensors(tiny_model_dir, image_dir, tmp_path):
