@@ -69,9 +69,8 @@ def from_pretrained(name: str | os.PathLike | LeopartViT, *, arch: str | None = 
     device = default_device(device) if device is not None else None  # a bad device fails before any download
     if isinstance(name, LeopartViT):
         model = name
-    elif not isinstance(name, (str, os.PathLike)) or not str(name).strip():
-        raise LeopartError(f"a model is an alias, a Hub id, a folder or a checkpoint file, not {name!r}")
     else:
+        serialization.check_name(name, "a model", "an alias, a Hub id, a folder or a checkpoint file")
         model = _resolve(str(name), arch=arch, trust_pickle=trust_pickle)
         model.name_or_path = recorded_name(name)
     model.eval()

@@ -304,10 +304,17 @@ def check_kind(config: dict, kind: str, source: str) -> None:
         raise LeopartError(f"{source} holds {_kind_phrase(found)}, not {_kind_phrase(kind)}{hint}")
 
 
+def check_name(name, what: str, forms: str = "a folder or a Hub id") -> None:
+    """``name`` must be a path or Hub id, and not an empty one (Path("") would mean the current folder)."""
+    if not isinstance(name, (str, os.PathLike)) or not str(name).strip():
+        raise LeopartError(f"{what} is named by {forms}, not {name!r}")
+
+
 def fetch_folder(name: str | os.PathLike, kind: str, missing: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config, tensors) of a saved ``kind`` from a local folder or a Hub repo "org/repo[@revision]". From the
     Hub the config comes first, so a repo of another kind fails before its weights download. ``missing``: the
     error for a name that is neither."""
+    check_name(name, _kind_phrase(kind))
     path = Path(name).expanduser()
     if path.exists():  # a folder, or a file given by mistake (load_folder says so)
         return load_folder(path, kind)

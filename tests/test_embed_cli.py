@@ -576,9 +576,12 @@ def test_named_devices_are_checked_before_any_work(monkeypatch):
 
 def test_api_arguments_of_the_wrong_kind_fail_in_one_line(tiny_model):
     image = random_image(32, 32)
-    cases = [(lambda: leopart.from_pretrained(""), "a model is an alias, a Hub id, a folder or a checkpoint file, "
-                                                   "not ''"),
+    cases = [(lambda: leopart.from_pretrained(""), "a model is named by an alias, a Hub id, a folder or a "
+                                                   "checkpoint file, not ''"),
              (lambda: leopart.from_pretrained(None), "not None"),
+             (lambda: leopart.Segmenter.from_pretrained(None), "a leopart segmenter is named by a folder or a Hub id"),
+             (lambda: leopart.ProbeHead.from_pretrained(""), "a probe head is named by a folder, a Hub id or a "
+                                                            "released .ckpt file, not ''"),
              (lambda: leopart.embed(image, model=tiny_model, batch_size=0), "batch_size must be a positive integer"),
              (lambda: leopart.embed(image, model=tiny_model, resolution="64"),
               "resolution must be a whole number of pixels or None"),
