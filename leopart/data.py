@@ -102,10 +102,14 @@ def read_lines(path: Path) -> list[str]:
     """The entries of a list file (image paths, split names): one per line, stripped, blank lines and
     # comments skipped."""
     try:
-        # utf-8-sig: a list saved by Windows Notepad starts with a byte-order mark, not part of its first entry
-        lines = [line.strip() for line in path.read_text(encoding="utf-8-sig", errors="replace").splitlines()]
+        raw = path.read_bytes()
     except OSError as e:
         raise LeopartError(f"cannot read {path}: {e.strerror or e}") from None
+    if b"\0" in raw[:8192]:  # an image or other binary file given where a list belongs
+        kind = "an image" if path.suffix.lower() in IMAGE_EXTENSIONS else "a binary file"
+        raise LeopartError(f"{path} is {kind}, not a text file listing one entry per line")
+    # utf-8-sig: a list saved by Windows Notepad starts with a byte-order mark, not part of its first entry
+    lines = [line.strip() for line in raw.decode("utf-8-sig", errors="replace").splitlines()]
     return [line for line in lines if line and not line.startswith("#")]
 
 
@@ -277,6 +281,8 @@ def list_training_images(source: str | os.PathLike) -> list[Path]:
     source = Path(source)
     if source.is_dir():
         return list(expand_inputs(source))
+    if source.is_file() and source.suffix.lower() in IMAGE_EXTENSIONS:
+        raise LeopartError(f"{source} is one image: training takes a folder of images or a text file listing them")
     if source.is_file():
         return read_image_list(source)
     raise LeopartError(f"no such folder or file list: {source}")

@@ -351,6 +351,12 @@ def test_training_images_from_a_folder_or_a_list_file_of_any_name(train_dir, tmp
     (tmp_path / "empty.txt").write_text("\n# none\n")
     with pytest.raises(LeopartError, match="empty.txt lists no images"):
         list_training_images(tmp_path / "empty.txt")
+    # One image, or a binary file, where a folder or list belongs (was read as text: "File name too long")
+    with pytest.raises(LeopartError, match="is one image: training takes a folder of images or a text file"):
+        list_training_images(files[0])
+    (tmp_path / "images.bin").write_bytes(files[0].read_bytes())
+    with pytest.raises(LeopartError, match="images.bin is a binary file, not a text file listing one entry per line"):
+        list_training_images(tmp_path / "images.bin")
 
 
 def test_train_cli_from_a_leopart_model_records_its_architecture(train_dir, tiny_model_dir, tmp_path):
