@@ -332,9 +332,10 @@ def probe(model: LeopartViT | str, train_data: str | os.PathLike, head: str = "l
                            desc=f"{cfg.head} probe epoch {epoch + 1}/{epochs}", unit="batch",
                            progress=cfg.progress if rank == 0 else False)
         for tokens, masks in bar:
-            tokens, masks = tokens.to(device), masks.to(device)
-            if cfg.num_classes is not None:  # given, not counted from the masks: they may hold more
+            # A given num_classes (not counted from the masks) may be too few; checked on the host: no GPU sync.
+            if cfg.num_classes is not None:
                 _check_classes(masks, num_classes, f"num_classes={num_classes}")
+            tokens, masks = tokens.to(device), masks.to(device)
             with autocast(device):
                 logits = trained(tokens)
             loss = criterion(logits.float(), masks)
