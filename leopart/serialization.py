@@ -140,6 +140,8 @@ def read_features_header(path: str | os.PathLike) -> dict | None:
     try:
         if path.suffix.lower() == ".npy":
             array = np.load(path, mmap_mode="r", allow_pickle=False)
+            if array.ndim < 3:  # features are [N, ..., D] maps; a vector or table is something else
+                return None
             return {"shapes": [tuple(array.shape[1:])] * array.shape[0], "metadata": {}}
         if path.suffix.lower() != ".safetensors":
             return None

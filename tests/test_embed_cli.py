@@ -441,6 +441,9 @@ def test_cli_embed_writes_features(tiny_model, tiny_model_dir, image_dir, tmp_pa
     if suffix == ".safetensors":  # and what its metadata records
         described.update({"model": str(tiny_model_dir), "resolution": "32", "first image": str(image_dir / "img0.png")})
     assert rows == described
+    np.save(tmp_path / "vector.npy", np.zeros(3))  # another .npy is not taken for features
+    r = CliRunner().invoke(main, ["info", str(tmp_path / "vector.npy")])
+    assert r.exit_code == 1 and "vector.npy is not a checkpoint" in r.output, r.output
     if suffix == ".safetensors":  # taken for a model by mistake, it is named for what it is (was "no ViT weights")
         with pytest.raises(LeopartError, match=r"feats.safetensors holds patch features \(`leopart embed -o`\), not "
                                                "model weights"):
