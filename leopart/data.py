@@ -125,7 +125,7 @@ def read_image_list(path: Path) -> list[Path]:
 def listed(inputs: Any) -> list | Iterator:
     """``expand_inputs`` as a list, so its length is known (paths stay paths: cheap), unless ``inputs`` is an
     iterator, which stays one: it may be endless or hold decoded images, and is read once, lazily."""
-    return inputs if isinstance(inputs, Iterator) else list(expand_inputs(inputs))
+    return expand_inputs(inputs) if isinstance(inputs, Iterator) else list(expand_inputs(inputs))
 
 
 def map_ahead(fn: Callable[[Any], Any], items: Iterable, threads: int, ahead: int | None = None) -> Iterator:
@@ -160,6 +160,8 @@ def load_image(item: Any, name: str = "image") -> Image.Image:
         path = Path(item)
         if not path.exists():
             raise LeopartError(f"no such file: {path}")
+        if path.is_dir():  # reached through a .txt list (folders given directly are expanded)
+            raise LeopartError(f"{path} is a folder, not an image: a list names image files, one per line")
         return _decode(path, str(path))
     if isinstance(item, ENCODED):  # an image file's contents, e.g. from a web response or a dataset shard
         return _decode(io.BytesIO(item), name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import itertools
 import numbers
 import os
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -36,15 +36,16 @@ def check_features_fit(n_images: int, model: LeopartViT, resolution: int, bytes_
                       advice)
 
 
-def iter_preprocessed(images: Any, resolution: int | None, patch_size: int,
+def iter_preprocessed(images: Iterable, resolution: int | None, patch_size: int,
                       threads: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, normalised tensor [3, H, W]) in input order, decoding lazily.
+    """Yield (name, normalised tensor [3, H, W]) of single images (as ``data.listed`` gives them: expanding
+    again would open a folder that a .txt list names) in input order, decoding lazily.
 
     Decoding and resizing run in a few threads (PIL releases the GIL), at most ``2 * threads`` images
     ahead of the consumer, so a GPU is not left waiting on one CPU core and memory stays bounded.
     """
     threads = threads if threads is not None else min(8, os.cpu_count() or 1)
-    items = enumerate(data.expand_inputs(images))
+    items = enumerate(images)
     yield from data.map_ahead(lambda item: _preprocess(*item, resolution, patch_size), items, threads)
 
 

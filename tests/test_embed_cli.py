@@ -190,7 +190,8 @@ def test_images_smaller_than_a_patch_are_resized_to_a_fixed_resolution(tiny_mode
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "truncated", "text", "tiny", "empty_dir", "model",
-                                  "resolution", "array_shape", "bomb", "bytes", "number"])
+                                  "resolution", "array_shape", "bomb", "bytes", "number",
+                                  "listed_folder"])
 def test_bad_inputs_raise_one_line(tiny_model, tmp_path, case, monkeypatch):
     good = tmp_path / "good.png"
     Image.fromarray(random_image(64, 64)).save(good)
@@ -231,6 +232,11 @@ def test_bad_inputs_raise_one_line(tiny_model, tmp_path, case, monkeypatch):
         item, match = b"GIF89a not quite", "cannot read image image #1: cannot identify image file"
     elif case == "number":
         item, match = 3, "cannot read an image from a int"
+    elif case == "listed_folder":  # a .txt list naming a folder (was "[Errno 21] Is a directory")
+        (tmp_path / "sub").mkdir()
+        item = tmp_path / "list.txt"
+        item.write_text("good.png\nsub\n")
+        match = "sub is a folder, not an image: a list names image files, one per line"
     else:
         item, match = np.zeros((4, 4, 7), dtype=np.uint8), "expected an HxW"
     with pytest.raises(LeopartError, match=match) as e:
