@@ -14,7 +14,6 @@ host memory and each chunk is copied over as it is used.
 from __future__ import annotations
 
 import math
-import numbers
 import os
 from dataclasses import dataclass
 from typing import Iterable
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .device import default_device
-from .errors import LeopartError
+from .errors import LeopartError, positive_int
 from .kernels import nearest_prototype
 from .kernels.similarity import chunk_rows
 from .progress import progress_bar
@@ -175,9 +174,7 @@ def cluster(features, k: int, iters: int = 50, n_init: int = 1, seed: int = 0, m
         raise LeopartError(f"metric must be one of {', '.join(METRICS)}, not '{metric}'")
     x = as_matrix(features)
     n, d = x.shape
-    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
-        raise LeopartError(f"k must be a positive integer, not {k!r}")
-    k = int(k)  # numpy integers too
+    k = positive_int(k, "k")
     if k > n:
         raise LeopartError(f"k={k} is larger than the number of feature vectors ({n})")
     if iters < 0 or n_init < 1:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import itertools
-import numbers
 import os
 from typing import Any, Iterable, Iterator
 
@@ -11,7 +10,7 @@ import torch
 
 from . import data, serialization
 from .device import autocast, check_host_memory, default_device
-from .errors import LeopartError
+from .errors import LeopartError, positive_int
 from .hub import from_pretrained
 from .model import LeopartViT
 from .progress import progress_bar
@@ -66,8 +65,7 @@ def iter_batches(images: Any, model: LeopartViT, resolution: int | None, batch_s
     """
     if resolution is not None and (resolution < model.patch_size or resolution % model.patch_size):
         raise LeopartError(f"resolution {resolution} is not a positive multiple of the patch size {model.patch_size}")
-    if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise LeopartError(f"batch_size must be a positive integer, not {batch_size!r}")
+    batch_size = positive_int(batch_size, "batch_size")
     # On a GPU, decode in threads so the model is not left waiting; on the CPU the model already uses every
     # core, and decoding threads would only compete with it.
     stream = iter_preprocessed(images, resolution, model.patch_size, threads=0 if device.type == "cpu" else None)

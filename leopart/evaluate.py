@@ -10,7 +10,6 @@ share of CBFE is swept over 0.55..0.75 and the best is reported, as the paper tu
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from .cluster import cluster
 from .data import image_size, read_lines
 from .device import default_device
-from .errors import LeopartError
+from .errors import LeopartError, positive_int
 from .hub import from_pretrained
 from .merge import merge, reference_weight_threshold
 from .metrics import hungarian_miou
@@ -116,13 +115,11 @@ def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500,
     by ten points with the seed. ``cache_dir``: see segment.dense_features."""
     device = default_device(device)  # the model's and k-means' (default: cuda when available)
     # Bad settings fail now, not after the features of the whole split are computed.
-    ks = tuple(ks) if isinstance(ks, Iterable) and not isinstance(ks, str) else (ks,)
+    ks = tuple(positive_int(k, "k") for k in (ks if isinstance(ks, Iterable) and not isinstance(ks, str) else [ks]))
     if not ks and not fully_unsupervised:
         raise LeopartError("nothing to evaluate: give ks (k-means k values) or fully_unsupervised=True")
-    for name, value in (*(("k", k) for k in ks), ("fu_k", fu_k), ("mask_size", mask_size), ("n_init", n_init)):
-        if value is not None and (not isinstance(value, numbers.Integral) or value < 1):
-            raise LeopartError(f"{name} must be a positive integer, not {value!r}")
-    ks, fu_k = tuple(int(k) for k in ks), int(fu_k) if fu_k is not None else None  # numpy integers too
+    fu_k = positive_int(fu_k, "fu_k") if fu_k is not None else None
+    mask_size, n_init = positive_int(mask_size, "mask_size"), positive_int(n_init, "n_init")
     if iters < 0:
         raise LeopartError(f"iters must be >= 0, not {iters}")
     if fg_model is not None and not fully_unsupervised:

@@ -31,7 +31,7 @@ from . import serialization
 from .data import image_size
 from .device import autocast, default_device
 from .embed import check_features_fit, iter_batches
-from .errors import LeopartError
+from .errors import LeopartError, positive_int
 from .evaluate import load_mask, read_voc, resize_mask
 from .metrics import Confusion
 from .model import LeopartViT
@@ -220,9 +220,8 @@ class ProbeTrainConfig:
         if self.head not in HEADS:
             raise LeopartError(f"head must be one of {', '.join(HEADS)}, not '{self.head}'")
         for name in ("epochs", "batch_size", "resolution", "mask_size", "num_classes"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise LeopartError(f"probe {name} must be a positive integer, not {value!r}")
+            if getattr(self, name) is not None:  # stored as ints: the config is saved as JSON
+                setattr(self, name, positive_int(getattr(self, name), f"probe {name}"))
         for name in ("lr", "momentum", "weight_decay", "drop_at"):
             if getattr(self, name) < 0:
                 raise LeopartError(f"probe {name} must be >= 0, not {getattr(self, name)!r}")

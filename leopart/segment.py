@@ -21,7 +21,7 @@ from . import data, serialization
 from .cluster import KMeansResult, cluster
 from .device import default_device
 from .embed import check_features_fit, iter_batches
-from .errors import LeopartError
+from .errors import LeopartError, positive_int
 from .foreground import foreground_mask
 from .hub import from_pretrained
 from .merge import Segmenter, merge
@@ -217,8 +217,7 @@ def segment(image: Any, model: str | LeopartViT | None = None, segmenter: str | 
     device = default_device(device)
     if segmenter is not None and fg_model is not None:
         raise LeopartError(SEGMENTER_KNOWS_FOREGROUND)
-    if k is not None and (not isinstance(k, int) or k < 1):
-        raise LeopartError(f"k must be a positive integer, not {k!r}")
+    k = positive_int(k, "k") if k is not None else None
     if segmenter is not None and not isinstance(segmenter, Segmenter):
         if not isinstance(segmenter, (str, os.PathLike)):
             raise LeopartError(f"segmenter must be a Segmenter, a folder or a Hub id, not a {type(segmenter).__name__}")
