@@ -31,6 +31,11 @@ from .progress import progress_bar
 METRICS = ("cosine", "euclidean")
 
 
+def check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise LeopartError(f"metric must be one of {', '.join(METRICS)}, not '{metric}'")
+
+
 @dataclass
 class KMeansResult:
     """What ``leopart.cluster`` found; ``predict(features)`` assigns new features [..., D] to its centroids."""
@@ -170,8 +175,7 @@ def cluster(features, k: int, iters: int = 50, n_init: int = 1, seed: int = 0, m
     the CPU, 65,536 on a GPU: ``kernels.similarity.chunk_rows``); a memory and speed matter, the result on
     the CPU is the same for any.
     """
-    if metric not in METRICS:
-        raise LeopartError(f"metric must be one of {', '.join(METRICS)}, not '{metric}'")
+    check_metric(metric)
     x = as_matrix(features)
     n, d = x.shape
     k = positive_int(k, "k")

@@ -160,8 +160,6 @@ def load_image(item: Any, name: str = "image") -> Image.Image:
         path = Path(item)
         if not path.exists():
             raise LeopartError(f"no such file: {path}")
-        if path.is_dir():  # reached through a .txt list (folders given directly are expanded)
-            raise LeopartError(f"{path} is a folder, not an image: a list names image files, one per line")
         return _decode(path, str(path))
     if isinstance(item, ENCODED):  # an image file's contents, e.g. from a web response or a dataset shard
         return _decode(io.BytesIO(item), name)
@@ -179,6 +177,8 @@ def _decode(source: Path | io.BytesIO, name: str) -> Image.Image:
         with Image.open(source) as img:
             img.load()
             return to_rgb(upright(img))
+    except IsADirectoryError:  # named in a .txt list (folders given directly are expanded); no stat per image
+        raise LeopartError(f"{name} is a folder, not an image: a list names image files, one per line") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise LeopartError(f"cannot read image {name}: {_reason(e)}") from None
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import serialization
-from .cluster import METRICS, KMeansResult
+from .cluster import KMeansResult, check_metric
 from .errors import LeopartError, plural
 
 # 8-neighbourhood: each unordered neighbour pair once; counted in both directions below.
@@ -228,8 +228,7 @@ def merge(centroids: torch.Tensor | KMeansResult, labels: Sequence[torch.Tensor]
     centroids = torch.as_tensor(centroids)
     if centroids.ndim != 2:
         raise LeopartError(f"centroids must be [K, D], got shape {tuple(centroids.shape)}")
-    if metric not in METRICS:
-        raise LeopartError(f"metric must be one of {', '.join(METRICS)}, not '{metric}'")
+    check_metric(metric)
     if not 0.0 <= weight_threshold <= 1.0:  # edge weights are row-normalised counts
         raise LeopartError(f"weight_threshold must lie in [0, 1], not {weight_threshold}")
     if not resolution > 0:
