@@ -27,6 +27,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,9 +49,11 @@ from .progress import progress_bar
 from .serialization import CONFIG_NAME, WEIGHTS_NAME, atomic_path, read_config, write_text
 
 LOSS_MASKS = ("all", "fg", "bg")
-# A run's output folder: config.json, metrics.jsonl (eval.jsonl), CHECKPOINT_NAME and, once finished, MODEL_NAME/.
+# A run's output folder: config.json, metrics.jsonl (eval.jsonl), CHECKPOINT_NAME, once finished MODEL_NAME/, and
+# IMAGE_LIST_NAME when leopart.train was given a Python list of paths.
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model"
+IMAGE_LIST_NAME = "images.txt"
 # Settings a resumed run may change; everything else must match the checkpoint.
 RESUMABLE_OVERRIDES = {"steps", "epochs", "save_every", "workers", "device", "eval_data", "eval_every", "eval_k",
                        "output", "data", "progress"}
@@ -345,6 +348,22 @@ def _resolve_config(cfg: TrainConfig, ckpt: dict | None, overrides: dict) -> Tra
     return dataclasses.replace(saved, **{k: v for k, v in overrides.items() if k in RESUMABLE_OVERRIDES})
 
 
+def _training_paths(images) -> list[Path]:
+    """Absolute image paths from a Python list of image paths, folders and .txt lists (training reads files:
+    each worker decodes its own, and a resumed run must find the same ones)."""
+    if not isinstance(images, Iterable):
+        raise LeopartError(f"training data must be a folder, a text file listing images or a list of image paths, "
+                           f"not a {type(images).__name__}")
+    paths = []
+    for item in data.expand_inputs(images):
+        if not isinstance(item, Path):
+            raise LeopartError(f"training reads images from files: give paths, not {type(item).__name__} objects")
+        paths.append(item.absolute())  # the list is kept in the output folder, away from relative paths' base
+    if not paths:
+        raise LeopartError("the list of training images is empty")
+    return paths
+
+
 def _trim_metrics(path: Path, last_step: int):
     """Keep metrics lines up to ``last_step`` so a resumed run never logs a step twice."""
     if not path.is_file():
@@ -448,18 +467,23 @@ class Learner:
         return loss_value
 
 
-def train(data_source: str | os.PathLike = "", output: str | os.PathLike = "runs/leopart", resume: bool = False,
-          **overrides) -> LeopartViT:
-    """Fine-tune with the Leopart objective on a folder of images (or a text file of paths).
+def train(data_source: str | os.PathLike | Sequence[str | os.PathLike] = "", output: str | os.PathLike = "runs/leopart",
+          resume: bool = False, **overrides) -> LeopartViT:
+    """Fine-tune with the Leopart objective on a folder of images, a text file of paths, or a Python list of
+    image paths (and folders), which is written to ``<output>/images.txt`` so the run's config and resume
+    command name one file.
 
     Keyword overrides are TrainConfig fields (init, arch, steps, epochs, batch_size, ...). Returns the trained
     student; the final model is also saved to ``<output>/model`` (load it with ``leopart.from_pretrained``).
     """
+    out = Path(output)
+    image_paths = None
+    if not isinstance(data_source, (str, os.PathLike)):
+        image_paths, data_source = _training_paths(data_source), (out / IMAGE_LIST_NAME).absolute()
     explicit = {**overrides, "data": str(data_source), "output": str(output)}
     unknown = set(explicit) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:
         raise LeopartError(f"unknown training option(s): {', '.join(sorted(unknown))}")
-    out = Path(output)
     ckpt_path = out / CHECKPOINT_NAME
     ckpt = None
     if ckpt_path.is_file():
@@ -468,6 +492,9 @@ def train(data_source: str | os.PathLike = "", output: str | os.PathLike = "runs
         ckpt = load_checkpoint(ckpt_path)
     cfg = _resolve_config(TrainConfig(**explicit), ckpt, explicit)
     cfg.check()
+    if image_paths is not None:  # every process writes the same list, atomically: none reads a partial file
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / IMAGE_LIST_NAME, "".join(f"{p}\n" for p in image_paths))
     device = _setup_distributed(cfg)
     rank, world_size = world()
     is_main = rank == 0

@@ -359,6 +359,30 @@ def test_training_images_from_a_folder_or_a_list_file_of_any_name(train_dir, tmp
         list_training_images(tmp_path / "images.bin")
 
 
+def test_train_on_a_python_list_of_paths(train_dir, tmp_path, monkeypatch):
+    # A list of paths (here mixed: a folder, relative and absolute files) trains like the list file it
+    # becomes in the run folder, which its config and resume command then name (was "no such folder or file
+    # list: ['...', ...]").
+    files = sorted(train_dir.glob("*.jpg"))
+    monkeypatch.chdir(train_dir)
+    images = [files[0].name, files[1], files[0].parent]
+    leopart.train(images, tmp_path / "run", steps=1, **TINY)
+    listing = tmp_path / "run" / "images.txt"
+    assert listing.read_text().splitlines() == [str(files[0]), str(files[1]), *map(str, files)]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["data"] == str(listing)
+    leopart.train(images, tmp_path / "run", resume=True, steps=2, **TINY)
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+    r = CliRunner().invoke(main, ["info", str(tmp_path / "run")])
+    assert r.exit_code == 0 and "step          2 of 2 (finished)" in r.output, r.output
+    for bad, message in [([Image.new("RGB", (64, 64))], "training reads images from files: give paths, not Image objects"),
+                         ([], "the list of training images is empty"),
+                         (5, "training data must be a folder, a text file listing images or a list of image paths")]:
+        with pytest.raises(LeopartError, match=message):
+            leopart.train(bad, tmp_path / "other", steps=1, **TINY)
+    assert not (tmp_path / "other").exists()
+
+
 def test_train_cli_from_a_leopart_model_records_its_architecture(train_dir, tiny_model_dir, tmp_path):
     base = ["train", str(train_dir), "--output", str(tmp_path / "r"), "--init", str(tiny_model_dir), "--batch-size",
             "4", "--global-size", "64", "--local-size", "32", "--workers", "0"]
