@@ -550,6 +550,10 @@ def _segment_outputs(inputs: tuple[str, ...], output: Path) -> dict[Path, tuple[
               help="CD graph edges lighter than this are dropped (default 0.09 for /16, 0.07 for /8).")
 @click.option("--cd-resolution", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Louvain resolution of CD: higher gives more, smaller objects.")
+@click.option("--bg-share", "bg_shares", multiple=True, type=click.FloatRange(0, 1),
+              help="CBFE background share of patches for --fully-unsupervised (repeatable: the best is reported; "
+                   "default 0.55 to 0.75 by 0.05, best on the scored split). Give the one chosen on the train split "
+                   "for a score not tuned on the scored images.")
 @click.option("--num-classes", default=None, type=click.IntRange(min=1), help="Default: read from the masks.")
 @click.option("--split", default="val", show_default=True,
               help="ImageSets/Segmentation/<split>.txt or a file listing image names (a folder without split "
@@ -575,15 +579,15 @@ def _segment_outputs(inputs: tuple[str, ...], output: Path) -> dict[Path, tuple[
               help="Token cache, per-epoch checkpoints (resumable) and trained heads: <dir>/<linear|fcn>/head.")
 @_cache_option
 @_fg_option
-def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, weight_threshold, cd_resolution, num_classes, split,
-             resolution, json_path, seed, n_init, batch_size, device, linear, fcn, train_split, probe_epochs,
+def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, weight_threshold, cd_resolution, bg_shares, num_classes,
+             split, resolution, json_path, seed, n_init, batch_size, device, linear, fcn, train_split, probe_epochs,
              probe_mask_size, probe_dir, cache_dir, fg_model):
     """Score MODEL on a PASCAL-VOC-layout folder DATA with the paper's protocols.
 
     k-means over-clustering (default k = 500 and 21) and, with --fully-unsupervised, CBFE + CD; with
     --linear / --fcn, supervised probes trained on the train split (then k-means runs only if --k is given).
     """
-    from .evaluate import FG_MODEL_NEEDS_FU, evaluate as run_eval, format_table, read_voc
+    from .evaluate import BG_SHARES, BG_SHARES_NEED_FU, FG_MODEL_NEEDS_FU, evaluate as run_eval, format_table, read_voc
     from .hub import from_pretrained
     from .serialization import write_json
 
@@ -591,6 +595,8 @@ def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, weight_threshold, cd
         raise LeopartError(f"--json must name a .json file, not '{json_path.name}'")
     if fg_model and not fully_unsupervised:
         raise LeopartError(FG_MODEL_NEEDS_FU)
+    if bg_shares and not fully_unsupervised:
+        raise LeopartError(BG_SHARES_NEED_FU)
     heads = [h for h, on in (("linear", linear), ("fcn", fcn)) if on]
     # A wrong folder or split fails before the model loads (or downloads).
     scored = set(read_voc(data_dir, split).names)
@@ -606,7 +612,8 @@ def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, weight_threshold, cd
     if ks or fully_unsupervised:
         results = run_eval(data_dir, m, ks=ks, fully_unsupervised=fully_unsupervised,
                            num_classes=num_classes, split=split, resolution=resolution, fg_model=fg, fu_k=fu_k,
-                           weight_threshold=weight_threshold, cd_resolution=cd_resolution, n_init=n_init, seed=seed,
+                           weight_threshold=weight_threshold, cd_resolution=cd_resolution,
+                           bg_shares=bg_shares or BG_SHARES, n_init=n_init, seed=seed,
                            batch_size=batch_size, device=device, progress=True, cache_dir=cache_dir)
     else:
         results = {"n_images": len(scored), "overclustering": {}}

@@ -324,6 +324,19 @@ def test_eval_cli_json(tiny_model_dir, voc_dir, tmp_path):
     assert r.exit_code == 0, r.output
     details = json.loads(out.read_text())["fully_unsupervised_details"]
     assert details["weight_threshold"] == 0.2 and details["cd_resolution"] == 2.0
+    assert "best of 5 on this split" in r.output  # the default sweep picks on the scored images, and says so
+    # A fixed background share (say, the one chosen on the train split): no sweep over the scored images.
+    r = CliRunner().invoke(main, ["eval", str(voc_dir), "--model", str(tiny_model_dir), "--k", "3",
+                                  "--fully-unsupervised", "--fu-k", "6", "--resolution", "64", "--json", str(out),
+                                  "--bg-share", "0.6"])
+    assert r.exit_code == 0, r.output
+    details = json.loads(out.read_text())["fully_unsupervised_details"]
+    assert details["bg_share"] == 0.6 and details["bg_share_sweep"] == [0.6]
+    assert "CBFE+CD, bg 0.60, " in r.output and "best of" not in r.output
+    for bad, message in [(["--bg-share", "1.2"], "1.2 is not in the range 0<=x<=1"),
+                         (["--k", "3", "--bg-share", "0.6"], "serve the fully unsupervised protocol only")]:
+        r = CliRunner().invoke(main, ["eval", str(voc_dir), "--model", str(tiny_model_dir), *bad])
+        assert r.exit_code != 0 and message in r.output, r.output
 
 
 def test_eval_n_init_scores_the_lowest_inertia_run(tiny_model_dir, voc_dir):
@@ -422,7 +435,11 @@ def test_evaluate_api_checks_its_settings_before_any_feature(tiny_model, voc_dir
            (dict(fully_unsupervised=True, fu_k=0), "fu_k must be a positive integer, not 0"),
            (dict(mask_size=0), "mask_size must be a positive integer, not 0"),
            (dict(n_init=0), "n_init must be a positive integer"), (dict(iters=-1), "iters must be >= 0, not -1"),
-           (dict(fg_model=tiny_model), "serves the fully unsupervised protocol only")]  # ran a second model for nothing
+           (dict(fg_model=tiny_model), "serves the fully unsupervised protocol only"),  # ran a second model for nothing
+           (dict(bg_shares=(0.6,)), "serve the fully unsupervised protocol only"),
+           (dict(fully_unsupervised=True, bg_shares=()), "bg_shares is empty"),
+           (dict(fully_unsupervised=True, bg_shares=(0.6, 1.5)), r"a CBFE background share lies in \[0, 1\], not 1.5"),
+           (dict(fully_unsupervised=True, bg_shares="0.6"), "a CBFE background share lies in")]
     for settings, match in bad:
         with pytest.raises(LeopartError, match=match):
             evaluate(voc_dir, tiny_model, resolution=64, **settings)
