@@ -3,8 +3,9 @@
 Protocol (Ziegler & Asano, CVPR 2022, and its reference code): 448 x 448 inputs; k-means over the backbone
 patch tokens of the whole split; predictions (part scores upsampled, then argmax) and masks compared at
 100 x 100 (masks resized nearest); label 255 ignored. Over-clustering (k > number of classes) maps clusters
-to classes many-to-one; k <= classes uses one-to-one Hungarian matching. Fully unsupervised: k-means with
-K parts, CBFE + CD into objects, Hungarian matching of objects (and background) to classes; the background
+to classes many-to-one; k <= classes uses one-to-one Hungarian matching (largest sum of IoUs; see
+leopart.metrics). Fully unsupervised: k-means with K parts, CBFE + CD into objects, Hungarian matching of
+objects (and background) to classes, objects left over merged into background; the background
 share of CBFE is swept over 0.55..0.75 and the best on the scored split is reported. The reference picked
 its CBFE cut with the train split's masks; ``bg_shares`` (``--bg-share``) fixed to the share chosen there
 gives a score that is not tuned on the scored images.

@@ -3,9 +3,10 @@
 Everything goes through a confusion matrix [clusters, classes] that is accumulated image by image
 (``Confusion.update``), so a whole dataset never sits in memory.
 
-Matching, as in Leopart's evaluation:
-- one-to-one (Hungarian, scipy): the assignment of clusters to classes that maximises the number of
-  correctly labelled pixels; clusters left without a class count as wrong everywhere;
+Matching, as in Leopart's reference evaluation code:
+- one-to-one (Hungarian, scipy): the assignment of clusters to distinct classes that maximises the sum of
+  the matched (cluster, class) IoUs; clusters left without a class (more clusters than classes) are
+  merged into class 0, the background (``unmatched_class``; None counts them as wrong everywhere);
 - many-to-one (over-clustering): every cluster goes to the class it overlaps most, i.e. the class that
   makes the cluster's precision highest.
 Then IoU_c = TP / (TP + FP + FN) per class; mIoU is the mean over classes that occur in the targets or the
@@ -45,9 +46,10 @@ class Confusion:
         self.counts += np.bincount(pred * cols + target, minlength=rows * cols).reshape(rows, cols)
         return self
 
-    def match(self, many_to_one: bool = False, n_classes: int | None = None, identity: bool = False) -> np.ndarray:
-        """cluster -> class map (-1 for clusters left unmatched). ``identity``: predictions already are class
-        ids (supervised read-outs), so cluster i is class i."""
+    def match(self, many_to_one: bool = False, n_classes: int | None = None, identity: bool = False,
+              unmatched_class: int | None = 0) -> np.ndarray:
+        """cluster -> class map (-1 for clusters that count as wrong everywhere). ``identity``: predictions
+        already are class ids (supervised read-outs), so cluster i is class i."""
         counts = self._with_classes(n_classes)
         mapping = np.full(counts.shape[0], -1, dtype=np.int64)
         if counts.shape[0] == 0 or counts.shape[1] == 0:
@@ -58,14 +60,19 @@ class Confusion:
         elif many_to_one:
             mapping[:] = counts.argmax(axis=1)
         else:
-            rows, cols = linear_sum_assignment(counts, maximize=True)
+            cluster_sizes, class_sizes = counts.sum(axis=1, keepdims=True), counts.sum(axis=0, keepdims=True)
+            union = cluster_sizes + class_sizes - counts
+            iou = np.divide(counts, union, out=np.zeros(counts.shape), where=union > 0)
+            rows, cols = linear_sum_assignment(iou, maximize=True)
+            if unmatched_class is not None:
+                mapping[:] = unmatched_class
             mapping[rows] = cols
         return mapping
 
-    def miou(self, many_to_one: bool = False, n_classes: int | None = None,
-             identity: bool = False) -> tuple[float, np.ndarray]:
+    def miou(self, many_to_one: bool = False, n_classes: int | None = None, identity: bool = False,
+             unmatched_class: int | None = 0) -> tuple[float, np.ndarray]:
         counts = self._with_classes(n_classes)
-        mapping = self.match(many_to_one, n_classes, identity)
+        mapping = self.match(many_to_one, n_classes, identity, unmatched_class)
         n_cls = counts.shape[1]
         matched = np.zeros((n_cls, n_cls), dtype=np.int64)  # [predicted class, true class]
         for cluster, cls in enumerate(mapping):
@@ -90,11 +97,13 @@ class Confusion:
 
 
 def hungarian_miou(preds, targets, n_classes: int | None = None, many_to_one: bool = False,
-                   ignore_index: int | None = 255) -> tuple[float, np.ndarray]:
+                   ignore_index: int | None = 255, unmatched_class: int | None = 0) -> tuple[float, np.ndarray]:
     """mIoU of cluster ids ``preds`` against class ids ``targets`` after matching clusters to classes.
 
     preds and targets: same-shape integer arrays / tensors, or equally long iterables of them (consumed one
-    pair at a time). Returns (miou, per-class IoU array; NaN for classes absent from both sides).
+    pair at a time). ``unmatched_class``: where one-to-one matching puts the clusters it leaves over (the
+    reference: class 0, background; None: nowhere, they are wrong everywhere).
+    Returns (miou, per-class IoU array; NaN for classes absent from both sides).
     """
     confusion = Confusion(ignore_index=ignore_index)
     if _is_single(preds) and _is_single(targets):
@@ -109,7 +118,7 @@ def hungarian_miou(preds, targets, n_classes: int | None = None, many_to_one: bo
                     raise LeopartError("preds and targets hold different numbers of images")
                 break
             confusion.update(p, t)
-    return confusion.miou(many_to_one=many_to_one, n_classes=n_classes)
+    return confusion.miou(many_to_one=many_to_one, n_classes=n_classes, unmatched_class=unmatched_class)
 
 
 def _is_single(x) -> bool:

@@ -17,23 +17,27 @@ from leopart.metrics import Confusion, hungarian_miou
 
 
 # ------------------------------------------------------------------- metrics
-def brute_force_one_to_one(pred, target, n_clusters, n_classes):
-    """Try every assignment of clusters to distinct classes (or to nothing); return the mIoUs of all the
-    assignments with the most correctly labelled pixels."""
-    best, mious = -1, set()
+def brute_force_one_to_one(pred, target, n_clusters, n_classes, unmatched_class=0):
+    """The reference's one-to-one matching by exhaustion: try every assignment of clusters to distinct classes
+    (or to nothing), keep those with the largest sum of matched (cluster, class) IoUs, send the clusters left
+    without a class to ``unmatched_class`` (None: wrong everywhere) and return the mIoUs of the kept ones."""
+    pred, target = pred.ravel(), target.ravel()
+    best, mious = -1.0, set()
     for perm in itertools.permutations(range(max(n_clusters, n_classes)), n_clusters):
-        mapped = np.array([perm[p] if perm[p] < n_classes else -1 for p in pred.ravel()])
-        correct = int((mapped == target.ravel()).sum())
-        if correct < best:
+        score = sum(np.sum((pred == p) & (target == c)) / np.sum((pred == p) | (target == c))
+                    for p, c in enumerate(perm) if c < n_classes and np.any((pred == p) | (target == c)))
+        if score < best - 1e-12:
             continue
+        left = -1 if unmatched_class is None else unmatched_class
+        mapped = np.array([perm[p] if perm[p] < n_classes else left for p in pred])
         ious = []
         for c in range(n_classes):
-            denom = np.sum((mapped == c) | (target.ravel() == c))
+            denom = np.sum((mapped == c) | (target == c))
             if denom:
-                ious.append(np.sum((mapped == c) & (target.ravel() == c)) / denom)
+                ious.append(np.sum((mapped == c) & (target == c)) / denom)
         miou = round(float(np.mean(ious)), 9)
-        if correct > best:
-            best, mious = correct, {miou}
+        if score > best + 1e-12:
+            best, mious = score, {miou}
         else:
             mious.add(miou)
     return mious
@@ -45,10 +49,28 @@ def test_hungarian_equals_brute_force(seed):
     n_clusters, n_classes = int(rng.integers(2, 6)), int(rng.integers(2, 5))
     target = rng.integers(0, n_classes, size=(9, 7))
     pred = np.where(rng.random((9, 7)) < 0.6, (target + 1) % n_clusters, rng.integers(0, n_clusters, (9, 7)))
-    optimal = brute_force_one_to_one(pred, target, n_clusters, n_classes)
-    miou, per_class = hungarian_miou(pred, target, n_classes=n_classes)
-    assert round(miou, 9) in optimal
-    assert per_class.shape == (n_classes,)
+    for unmatched_class in (0, None):
+        optimal = brute_force_one_to_one(pred, target, n_clusters, n_classes, unmatched_class)
+        miou, per_class = hungarian_miou(pred, target, n_classes=n_classes, unmatched_class=unmatched_class)
+        assert round(miou, 9) in optimal
+        assert per_class.shape == (n_classes,)
+
+
+def test_one_to_one_maximises_iou_not_correct_pixels():
+    # Cluster 0 covers class 0 exactly (40 px); cluster 1 covers class 1 (10 px) and half of class 2 (50 of
+    # 100 px); cluster 2 the rest of class 2. Most correct pixels: 1 -> 2 (50 px), leaving 2 and 1 alone
+    # (IoUs 1, 50/110, 0); largest IoU sum: 1 -> 1 (10/60) and 2 -> 2 (50/100), as the reference matches.
+    target = np.array([0] * 40 + [1] * 10 + [2] * 100)
+    pred = np.array([0] * 40 + [1] * 10 + [1] * 50 + [2] * 50)
+    n_classes = 3
+    miou, iou = hungarian_miou(pred, target, n_classes=n_classes)
+    np.testing.assert_allclose(iou, [1, 10 / 60, 50 / 100])
+    # More clusters than classes: the left-over one is background (class 0), as in the reference.
+    pred4 = np.where(np.arange(150) < 20, 3, pred)  # cluster 3 takes half of class 0
+    _, iou = hungarian_miou(pred4, target, n_classes=n_classes)
+    np.testing.assert_allclose(iou, [1, 10 / 60, 50 / 100])
+    _, iou = hungarian_miou(pred4, target, n_classes=n_classes, unmatched_class=None)
+    np.testing.assert_allclose(iou, [20 / 40, 10 / 60, 50 / 100])
 
 
 def test_many_to_one_by_hand():
