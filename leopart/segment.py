@@ -29,6 +29,9 @@ from .model import LeopartViT
 from .serialization import atomic_path
 
 DEFAULT_RESOLUTION = 448  # the paper's evaluation input size
+# CBFE's attention cue keeps 65% of the attention mass, as the reference's fully unsupervised code does (training's
+# loss mask keeps 60%).
+CBFE_ATTENTION_MASS = 0.65
 
 
 @dataclass
@@ -44,7 +47,7 @@ def dense_features(images: Any, model: LeopartViT, resolution: int = DEFAULT_RES
     """Patch tokens of every image plus a foreground mask on the same grid.
 
     The mask comes from ``fg_model``'s last-layer attention (Leopart used a DINO ViT-S/16), or from the
-    model's own attention when ``fg_model`` is None. With ``cache_dir`` (image files only), features are
+    model's own attention when ``fg_model`` is None: the patches that hold 65% of its (blurred) mass. With ``cache_dir`` (image files only), features are
     kept there in files of 256 images, named by the models' weights, the files and the resolution: an
     interrupted run resumes at the first missing file, and a rerun (say with another k) skips the models.
     """
@@ -58,7 +61,7 @@ def dense_features(images: Any, model: LeopartViT, resolution: int = DEFAULT_RES
     models = [model] if fg_model is None else [model, fg_model]
     shards = serialization.cached_shards(
         cache_dir, images, lambda batch: _dense_batch(batch, model, resolution, batch_size, device, fg_model, progress),
-        models, "dense", [m.config.arch for m in models], resolution)
+        models, "dense", [m.config.arch for m in models], resolution, CBFE_ATTENTION_MASS)
     dense = serialization.concat_rows(shards, len(images))
     names = [data.describe(item, i) for i, item in enumerate(images)]
     return DenseFeatures(names, dense["features"], dense["foreground"].bool())
@@ -72,14 +75,14 @@ def _dense_batch(images: list, model: LeopartViT, resolution: int, batch_size: i
         for _, tokens, attn in iter_batches(images, model, resolution, batch_size, device,
                                             attention=fg_model is None, progress=progress, desc="features"):
             if attn is not None:
-                masks.append(foreground_mask(attn).cpu())
+                masks.append(foreground_mask(attn, keep=CBFE_ATTENTION_MASS).cpu())
             yield {"features": tokens}  # from the GPU straight into the result, with no staging copy
 
     features = serialization.concat_rows(batches(), len(images), device="cpu")["features"]
     if fg_model is not None:
         for _, _, attn in iter_batches(images, fg_model, resolution, batch_size, device, attention=True,
                                        progress=progress, desc="foreground"):
-            masks.append(foreground_mask(attn).cpu())
+            masks.append(foreground_mask(attn, keep=CBFE_ATTENTION_MASS).cpu())
     foreground = torch.cat(masks)
     if foreground.shape[1:] != features.shape[1:3]:  # fg model with another patch size: resample the mask
         foreground = F.interpolate(foreground[:, None].float(), size=features.shape[1:3], mode="bilinear",

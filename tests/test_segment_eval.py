@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import interrupt_at_call, random_image
 from PIL import Image
@@ -557,3 +558,18 @@ def test_cluster_and_eval_cli_share_the_cache_flag(tiny_model_dir, voc_dir, tmp_
                              "--resolution", "64", "--cache", str(cache), "--output", str(tmp_path / "clusters")])
     assert r.exit_code == 0, r.output
     assert len(list(cache.glob("*/shard_*.safetensors"))) == 2  # 6 images, not eval's 5: a folder of its own
+
+
+def test_cbfe_cue_keeps_65_percent_of_the_attention_mass(tiny_model, voc_dir):
+    # The reference's fully unsupervised code thresholds the attention at 65% of its mass for CBFE (training's
+    # loss mask keeps 60%); a cue from a second model gets the same.
+    from leopart.embed import iter_batches
+    from leopart.foreground import foreground_mask
+    from leopart.segment import dense_features
+
+    images = sorted((voc_dir / "JPEGImages").iterdir())
+    attn = torch.cat([a for _, _, a in iter_batches(images, tiny_model, 64, 4, torch.device("cpu"), attention=True)])
+    expected = foreground_mask(attn, keep=0.65)
+    assert not torch.equal(expected, foreground_mask(attn, keep=0.6))  # the test can tell the two apart
+    assert torch.equal(dense_features(images, tiny_model, 64, progress=False).foreground, expected)
+    assert torch.equal(dense_features(images, tiny_model, 64, fg_model=tiny_model, progress=False).foreground, expected)
