@@ -4,8 +4,9 @@
    inside a (noisy) attention foreground mask; the clusters with the lowest shares are background, as many
    as it takes for a target share of all patches (``bg_share``) to be background.
 2. CD, community detection: for each image count how often two foreground clusters are 8-neighbours in the
-   patch grid, row-normalise, and average over the images in which each cluster has neighbours; drop
-   edges under ``weight_threshold``; the Louvain communities (networkx, seeded) of that graph are objects.
+   patch grid, row-normalise, and average over the images in which each cluster has neighbours; two parts
+   are joined when the weights both ways reach ``weight_threshold`` (the edge weighs the smaller, as in the
+   reference code); the Louvain communities (networkx, seeded) of that graph are objects.
 
 The result is a ``Segmenter``: centroids + part -> object map (0 = background), saved like a model
 (config.json + model.safetensors) so it can live on the Hub beside one.
@@ -188,7 +189,7 @@ def communities(weights: np.ndarray, fg: np.ndarray, weight_threshold: float = 0
     k = len(fg)
     graph = nx.Graph()
     graph.add_nodes_from(int(i) for i in np.flatnonzero(fg))
-    sym = (weights + weights.T) / 2
+    sym = np.minimum(weights, weights.T)  # an edge needs both directions' weight, as in the reference
     for i, j in zip(*np.nonzero(np.triu(sym, 1) >= max(weight_threshold, 1e-12))):
         if fg[i] and fg[j]:
             graph.add_edge(int(i), int(j), weight=float(sym[i, j]))

@@ -272,6 +272,17 @@ def test_community_detection_without_edges_keeps_every_part_apart():
     assert p2o[0] == 0 and sorted(p2o[1:].tolist()) == [1, 2, 3]
 
 
+def test_community_edges_need_the_weight_both_ways():
+    """As in the reference code: parts join only when each is a frequent neighbour of the other. Part 1 sits
+    beside part 2 in 30% of its neighbourhoods but 2 beside 1 in 1%: no edge (their mean, 15.5%, made one)."""
+    fg = np.array([False, True, True, True])
+    weights = np.zeros((4, 4))
+    weights[1, 2], weights[2, 1] = 0.3, 0.01
+    weights[2, 3] = weights[3, 2] = 0.2
+    p2o = communities(weights, fg, weight_threshold=0.1, seed=0)
+    assert p2o[2] == p2o[3] and p2o[1] != p2o[2]
+
+
 def test_merge_checks_its_inputs_and_takes_arrays():
     centroids = torch.randn(5, 8)
     gen = torch.Generator().manual_seed(0)
