@@ -563,8 +563,14 @@ def _segment_outputs(inputs: tuple[str, ...], output: Path) -> dict[Path, tuple[
 @click.option("--json", "json_path", default=None, type=_OutputPath(dir_okay=False, path_type=Path),
               help="Also write the results as JSON.")
 @click.option("--seed", default=0, show_default=True, help="Seed of k-means++, community detection and the probes.")
-@click.option("--n-init", default=1, show_default=True, type=click.IntRange(min=1),
-              help="k-means runs per k; the lowest-inertia one is scored.")
+@click.option("--protocol", default="reference", show_default=True, type=click.Choice(["reference", "cosine"]),
+              help="k-means as the reference code ran it (standardised tokens, PCA to 50 dimensions, Euclidean, "
+                   "best of 5 runs, mean of 5 seeds) or spherical k-means of the raw tokens (one run).")
+@click.option("--n-init", default=None, type=click.IntRange(min=1),
+              help="k-means runs per fit; the lowest-inertia one is scored (default: the protocol's, 5 or 1).")
+@click.option("--seeds", default=None, type=click.IntRange(min=1),
+              help="k-means fits per k, with different seeds; their mean mIoU is reported (default: the "
+                   "protocol's, 5 or 1).")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
               help="Images per forward pass.")
 @_device_option
@@ -580,7 +586,7 @@ def _segment_outputs(inputs: tuple[str, ...], output: Path) -> dict[Path, tuple[
 @_cache_option
 @_fg_option
 def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, weight_threshold, cd_resolution, bg_shares, num_classes,
-             split, resolution, json_path, seed, n_init, batch_size, device, linear, fcn, train_split, probe_epochs,
+             split, resolution, json_path, seed, protocol, n_init, seeds, batch_size, device, linear, fcn, train_split, probe_epochs,
              probe_mask_size, probe_dir, cache_dir, fg_model):
     """Score MODEL on a PASCAL-VOC-layout folder DATA with the paper's protocols.
 
@@ -613,8 +619,8 @@ def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, weight_threshold, cd
         results = run_eval(data_dir, m, ks=ks, fully_unsupervised=fully_unsupervised,
                            num_classes=num_classes, split=split, resolution=resolution, fg_model=fg, fu_k=fu_k,
                            weight_threshold=weight_threshold, cd_resolution=cd_resolution,
-                           bg_shares=bg_shares or BG_SHARES, n_init=n_init, seed=seed,
-                           batch_size=batch_size, device=device, progress=True, cache_dir=cache_dir)
+                           bg_shares=bg_shares or BG_SHARES, protocol=protocol, n_init=n_init, seeds=seeds,
+                           seed=seed, batch_size=batch_size, device=device, progress=True, cache_dir=cache_dir)
     else:
         results = {"n_images": len(scored), "overclustering": {}}
     if heads:

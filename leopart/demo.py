@@ -216,8 +216,10 @@ def run_demo(**overrides) -> dict:
 
     say("[3/5] evaluating: pixel colours, untrained ViT, Leopart-trained ViT")
     ks = (cfg.k_over, num_classes)
+    # Spherical k-means of the raw tokens, as the segmenter of step 4 is fitted (not the reference's PCA protocol).
     eval_args = dict(ks=ks, fully_unsupervised=True, fu_k=cfg.fu_k, resolution=cfg.image_size,
-                     mask_size=cfg.image_size, iters=30, n_init=cfg.n_init, seed=cfg.seed, progress=False)
+                     mask_size=cfg.image_size, protocol="cosine", iters=30, n_init=cfg.n_init, seed=cfg.seed,
+                     progress=False)
     # The trained model's val features are kept (3 MB) so step 4 reads them instead of running the model again.
     features = out / "features"
     methods = {

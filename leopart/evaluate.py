@@ -1,17 +1,21 @@
 """The paper's unsupervised evaluation on a PASCAL-VOC-layout folder: ``leopart eval``.
 
 Protocol (Ziegler & Asano, CVPR 2022, and its reference code): 448 x 448 inputs; k-means over the backbone
-patch tokens of the whole split; predictions (part scores upsampled, then argmax) and masks compared at
-100 x 100 (masks resized nearest); label 255 ignored. Over-clustering (k > number of classes) maps clusters
-to classes many-to-one; k <= classes uses one-to-one Hungarian matching (largest sum of IoUs; see
-leopart.metrics). Fully unsupervised: k-means with K parts, CBFE + CD into objects, Hungarian matching of
-objects (and background) to classes, objects left over merged into background; the background
-share of CBFE is swept over 0.55..0.75 and the best on the scored split is reported. The reference picked
-its CBFE cut with the train split's masks; ``bg_shares`` (``--bg-share``) fixed to the share chosen there
-gives a score that is not tuned on the scored images.
+patch tokens of the whole split, run as the reference code runs it (``PROTOCOLS["reference"]``: tokens
+standardised and reduced to 50 dimensions by PCA, Euclidean k-means fitted on 256 points per cluster, best of
+5 runs, patch labels upsampled nearest; the mean over 5 seeds is reported) or as spherical k-means of the raw
+tokens with part scores upsampled (``"cosine"``); predictions and masks compared at 100 x 100 (masks resized
+nearest); label 255 ignored. Over-clustering (k > number of classes) maps clusters to classes many-to-one;
+k <= classes uses one-to-one Hungarian matching (largest sum of IoUs; see leopart.metrics). Fully
+unsupervised: k-means with K parts, CBFE + CD into objects, Hungarian matching of objects (and background)
+to classes, objects left over merged into background; the background share of CBFE is swept over
+0.55..0.75 and the best on the scored split is reported. The reference picked its CBFE cut with the train
+split's masks; ``bg_shares`` (``--bg-share``) fixed to the share chosen there gives a score that is not
+tuned on the scored images.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from .cluster import cluster
+from .cluster import KMeansResult, cluster
 from .data import image_size, read_lines
 from .device import default_device
 from .errors import LeopartError, positive_int
@@ -37,6 +42,31 @@ PUBLISHED = {  # PASCAL VOC 2012 val mIoU (%) from the paper
     "vitb8": {"overclustering": {"500": 59.7}, "fully_unsupervised": 47.2, "fcn": 76.3},
 }
 BG_SHARES = (0.55, 0.60, 0.65, 0.70, 0.75)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How the k-means of an evaluation is run and turned into 100 x 100 predictions."""
+
+    pca_dim: int | None       # standardise the tokens and keep this many principal components (None: raw tokens)
+    metric: str               # k-means metric
+    iters: int                # Lloyd iterations at most
+    n_init: int               # k-means runs per fit; the lowest-inertia one is kept
+    seeds: int                # fits per k (different seeds); their mean mIoU is reported
+    points_per_cluster: int | None  # fit on a random sample of this many points per cluster (None: all)
+    upsample: str             # "labels": patch labels, nearest; "scores": part scores, bilinear, then argmax
+
+
+PROTOCOLS = {
+    # The reference code's (experiments/ of the Leopart repository): scikit-learn's StandardScaler, faiss's
+    # PCA to 50 dimensions and faiss.Kmeans(niter=100, nredo=5), which trains on at most 256 points per
+    # centroid and random initial centroids (here k-means++), then labels every token; mean over 5 seeds.
+    "reference": Protocol(pca_dim=50, metric="euclidean", iters=100, n_init=5, seeds=5, points_per_cluster=256,
+                          upsample="labels"),
+    # Spherical k-means on the raw tokens, all of them, one fit; part scores upsampled before the argmax.
+    "cosine": Protocol(pca_dim=None, metric="cosine", iters=50, n_init=1, seeds=1, points_per_cluster=None,
+                       upsample="scores"),
+}
 
 
 @dataclass
@@ -116,6 +146,49 @@ def check_bg_shares(bg_shares) -> tuple[float, ...]:
     return tuple(float(share) for share in shares)
 
 
+def standardise_and_project(features: torch.Tensor, dim: int, device=None, chunk: int = 65536) -> torch.Tensor:
+    """[..., D] tokens -> [..., min(dim, D)]: each dimension standardised over all tokens (zero-variance ones
+    only centred, as scikit-learn's StandardScaler does), then projected on the top principal components of
+    the standardised tokens (as faiss's PCAMatrix without whitening). Two passes in chunks, fp64 sums."""
+    x = features.reshape(-1, features.shape[-1])
+    n, d = x.shape
+    dim = min(dim, d)
+    device = torch.device(device) if device is not None else x.device
+    total = torch.zeros(d, dtype=torch.float64, device=device)
+    for rows in x.split(chunk):
+        total += rows.to(device, torch.float64).sum(0)
+    mean = total / n
+    scatter = torch.zeros(d, d, dtype=torch.float64, device=device)
+    for rows in x.split(chunk):
+        centred = rows.to(device, torch.float32) - mean.float()
+        scatter += (centred.T @ centred).double()
+    cov = scatter / n
+    std = cov.diagonal().clamp_min(0).sqrt()
+    scale = torch.where(std > 0, std, torch.ones_like(std))
+    _, vectors = torch.linalg.eigh(cov / torch.outer(scale, scale))  # ascending eigenvalues
+    # ((x - mean) / scale) @ top == (x - mean) @ (top / scale[:, None])
+    basis = (vectors[:, -dim:].flip(-1) / scale[:, None]).float()
+    out = torch.empty(n, dim, dtype=torch.float32)
+    for start in range(0, n, chunk):
+        rows = x[start:start + chunk].to(device, torch.float32)
+        out[start:start + chunk] = ((rows - mean.float()) @ basis).cpu()
+    return out.view(*features.shape[:-1], dim)
+
+
+def fit_kmeans(features: torch.Tensor, k: int, protocol: Protocol, seed: int, device, progress) -> KMeansResult:
+    """k-means as ``protocol`` runs it; the result's labels cover every token of ``features`` [..., D]."""
+    x = features.reshape(-1, features.shape[-1])
+    cap = protocol.points_per_cluster and protocol.points_per_cluster * k
+    sample = x
+    if cap and x.shape[0] > cap:
+        sample = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:cap]]
+    km = cluster(sample, k, iters=protocol.iters, n_init=protocol.n_init, seed=seed, metric=protocol.metric,
+                 device=device, progress=progress)
+    if sample is not x:
+        km = KMeansResult(km.centroids, km.predict(x.to(km.centroids.device)).cpu(), km.inertia, km.n_iter, km.metric)
+    return km
+
+
 FG_MODEL_NEEDS_FU = ("a foreground model (--fg-model, fg_model=) serves the fully unsupervised protocol only: add "
                      "--fully-unsupervised (fully_unsupervised=True) or leave it out")
 
@@ -124,22 +197,35 @@ def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500,
              num_classes: int | None = None, split: str = "val", resolution: int = DEFAULT_RESOLUTION,
              mask_size: int = 100, fg_model: str | LeopartViT | None = None, fu_k: int | None = None,
              weight_threshold: float | None = None, cd_resolution: float = 1.0, bg_shares=BG_SHARES,
-             iters: int = 50, n_init: int = 1, seed: int = 0, batch_size: int = 16, device=None,
+             protocol: str = "reference", iters: int | None = None, n_init: int | None = None,
+             seeds: int | None = None, seed: int = 0, batch_size: int = 16, device=None,
              progress: bool | None = None, cache_dir: str | Path | None = None) -> dict:
     """Score ``model`` on a VOC-layout folder with the paper's protocols (what ``leopart eval`` runs): k-means
     over-clustering for each k in ``ks`` and, with ``fully_unsupervised``, CBFE + CD. Returns
     {"overclustering": {k: miou}, "fully_unsupervised": miou, "n_images": n, ...} with mIoU in percent.
-    ``n_init`` > 1 keeps the lowest-inertia of that many k-means runs: at small k a single run's mIoU swings
-    by ten points with the seed. ``cache_dir``: see segment.dense_features."""
+
+    ``protocol``: "reference" (the reference code's: standardised tokens, PCA to 50 dimensions, Euclidean
+    k-means fitted on 256 points per cluster, best of 5 runs of 100 iterations, patch labels upsampled; mean
+    over 5 seeds) or "cosine" (spherical k-means of all raw tokens, one run of 50 iterations, part scores
+    upsampled). ``iters``, ``n_init`` (k-means runs per fit, the lowest inertia kept) and ``seeds`` (fits per k,
+    mIoU averaged) override the protocol's. The fully unsupervised score uses one fit. ``cache_dir``: see
+    segment.dense_features."""
     device = default_device(device)  # the model's and k-means' (default: cuda when available)
     # Bad settings fail now, not after the features of the whole split are computed.
+    if protocol not in PROTOCOLS:
+        raise LeopartError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
+    if iters is not None and (isinstance(iters, bool) or not isinstance(iters, (int, np.integer)) or iters < 0):
+        raise LeopartError(f"iters must be >= 0, not {iters!r}")
+    run = dataclasses.replace(PROTOCOLS[protocol], **{name: value for name, value in
+                                                      (("iters", iters), ("n_init", n_init), ("seeds", seeds))
+                                                      if value is not None})
+    run = dataclasses.replace(run, iters=int(run.iters), n_init=positive_int(run.n_init, "n_init"),
+                              seeds=positive_int(run.seeds, "seeds"))
     ks = tuple(positive_int(k, "k") for k in (ks if isinstance(ks, Iterable) and not isinstance(ks, str) else [ks]))
     if not ks and not fully_unsupervised:
         raise LeopartError("nothing to evaluate: give ks (k-means k values) or fully_unsupervised=True")
     fu_k = positive_int(fu_k, "fu_k") if fu_k is not None else None
-    mask_size, n_init = positive_int(mask_size, "mask_size"), positive_int(n_init, "n_init")
-    if iters < 0:
-        raise LeopartError(f"iters must be >= 0, not {iters}")
+    mask_size = positive_int(mask_size, "mask_size")
     if fg_model is not None and not fully_unsupervised:
         raise LeopartError(FG_MODEL_NEEDS_FU)
     bg_shares = check_bg_shares(bg_shares)
@@ -162,38 +248,57 @@ def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500,
         check_k(k, len(voc.images), resolution, model.patch_size)
     dense = dense_features(voc.images, model, resolution, batch_size, device, fg_model=fg_model, progress=progress,
                            cache_dir=cache_dir)
+    tokens = dense.features if run.pca_dim is None else standardise_and_project(dense.features, run.pca_dim, device)
+    grid = tokens.shape[:3]
+    size = (mask_size, mask_size)
     results: dict = {"n_images": len(voc.names), "num_classes": num_classes, "resolution": resolution,
-                     "mask_size": mask_size, "overclustering": {}}
+                     "mask_size": mask_size, "protocol": protocol,
+                     "kmeans": {"pca_dim": run.pca_dim, "metric": run.metric, "iters": run.iters, "n_init": run.n_init,
+                                "seeds": run.seeds, "points_per_cluster": run.points_per_cluster},
+                     "overclustering": {}}
 
     def score(predict, n_images_desc: str, many_to_one: bool) -> float:
         preds = (predict(i) for i in progress_bar(range(len(targets)), desc=n_images_desc, unit="img", leave=False,
                                                   progress=progress))
         return 100.0 * hungarian_miou(preds, targets, n_classes=num_classes, many_to_one=many_to_one)[0]
 
+    def upsample_labels(labels: torch.Tensor) -> np.ndarray:
+        return F.interpolate(labels[None, None].float(), size=size, mode="nearest")[0, 0].long().numpy()
+
+    def part_predictor(km: KMeansResult):
+        """image index -> its part ids at mask size, upsampled as the protocol does."""
+        if run.upsample == "labels":
+            labels = km.labels.cpu().view(grid)
+            return lambda j: upsample_labels(labels[j])
+        centroids = km.centroids.to(tokens.device)
+        return lambda j: upsample_argmax(F.normalize(tokens[j], dim=-1) @ centroids.T, size).numpy()
+
+    def object_predictor(seg, labels: torch.Tensor):
+        """image index -> its object ids at mask size."""
+        if run.upsample == "labels":
+            return lambda j: upsample_labels(seg.objects(labels[j]))
+        return lambda j: predict_objects(seg, tokens[j], size).numpy()
+
     for k in ks:
-        km = cluster(dense.features, k, iters=iters, n_init=n_init, seed=seed, device=device, progress=progress)
-        centroids = km.centroids.to(dense.features.device)
-
-        def predict(i, centroids=centroids):
-            s = torch.nn.functional.normalize(dense.features[i], dim=-1) @ centroids.T
-            return upsample_argmax(s, (mask_size, mask_size)).numpy()
-
-        results["overclustering"][str(k)] = score(predict, f"score k={k}", many_to_one=k > num_classes)
+        runs = []
+        for i in range(run.seeds):  # each fit's n_init runs take seeds of their own
+            km = fit_kmeans(tokens, k, run, seed + i * run.n_init, device, progress)
+            runs.append(score(part_predictor(km), f"score k={k}", many_to_one=k > num_classes))
+        results["overclustering"][str(k)] = float(np.mean(runs))
+        if run.seeds > 1:
+            results.setdefault("overclustering_runs", {})[str(k)] = runs
 
     if fully_unsupervised:
         fu_k = fu_k or (109 if model.patch_size == 8 else 149)
         if weight_threshold is None:
             weight_threshold = reference_weight_threshold(model.patch_size)
-        n_patches = dense.features[..., 0].numel()
-        km = cluster(dense.features, min(fu_k, n_patches), iters=iters, n_init=n_init, seed=seed, device=device,
-                     progress=progress)
-        labels = km.labels.view(dense.features.shape[:3])
+        km = fit_kmeans(tokens, min(fu_k, grid.numel()), run, seed, device, progress)
+        labels = km.labels.cpu().view(grid)
         best = None
         for share in bg_shares:
             seg = merge(km, labels, dense.foreground, bg_share=share, weight_threshold=weight_threshold,
                         resolution=cd_resolution, seed=seed)
-            miou = score(lambda i, seg=seg: predict_objects(seg, dense.features[i], (mask_size, mask_size)).numpy(),
-                         f"score bg={share:.2f}", many_to_one=False)
+            miou = score(object_predictor(seg, labels), f"score bg={share:.2f}", many_to_one=False)
             if best is None or miou > best[0]:
                 best = (miou, share, seg.n_objects)
         results["fully_unsupervised"] = best[0]
@@ -221,7 +326,11 @@ def format_table(results: dict, model_name: str) -> str:
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [f"{r[0]:<{width[0]}}  {r[1]:>{width[1]}}  {r[2]:>{width[2]}}" for r in rows]
     lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines) + f"\n{results['n_images']} images, {results['num_classes']} classes"
+    how = results.get("kmeans", {})
+    protocol = f", {results['protocol']} protocol" if "protocol" in results else ""
+    if how.get("seeds", 1) > 1 and results.get("overclustering"):
+        protocol += f" (k-means scores: mean of {how['seeds']} seeds)"
+    return "\n".join(lines) + f"\n{results['n_images']} images, {results['num_classes']} classes{protocol}"
 
 
 def _fmt(v) -> str:

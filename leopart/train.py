@@ -687,8 +687,9 @@ def _evaluate_during_training(model: LeopartViT, cfg: TrainConfig, step: int, ou
     was_training = model.training
     model.eval()
     try:
-        res = evaluate(cfg.eval_data, model, ks=(cfg.eval_k,), resolution=cfg.global_size, device=device,
-                       progress=False)
+        # As the reference evaluated during training: its k-means protocol, one seed.
+        res = evaluate(cfg.eval_data, model, ks=(cfg.eval_k,), resolution=cfg.global_size, protocol="reference",
+                       seeds=1, device=device, progress=False)
     finally:
         model.train(was_training)
     with open(out / "eval.jsonl", "a") as f:

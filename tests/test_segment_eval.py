@@ -350,11 +350,11 @@ def test_eval_n_init_scores_the_lowest_inertia_run(tiny_model_dir, voc_dir):
     # cluster(n_init=3, seed=0) runs seeds 0, 1, 2 and keeps the lowest inertia.
     inertia = [cluster(dense.features, 3, iters=10, seed=s, progress=False).inertia for s in range(3)]
     best_seed = int(np.argmin(inertia))
-    args = dict(ks=(3,), resolution=64, mask_size=32, iters=10, progress=False)
+    args = dict(ks=(3,), resolution=64, mask_size=32, iters=10, protocol="cosine", progress=False)
     restarts = evaluate(voc_dir, model, n_init=3, seed=0, **args)["overclustering"]["3"]
     assert restarts == evaluate(voc_dir, model, seed=best_seed, **args)["overclustering"]["3"]
     r = CliRunner().invoke(main, ["eval", str(voc_dir), "--model", str(tiny_model_dir), "--k", "3",
-                                  "--resolution", "64", "--n-init", "3"])
+                                  "--resolution", "64", "--n-init", "3", "--protocol", "cosine"])
     assert r.exit_code == 0, r.output
     assert CliRunner().invoke(main, ["eval", str(voc_dir), "--n-init", "0"]).exit_code == 2
 
@@ -377,7 +377,7 @@ def test_eval_and_cluster_cli_run_kmeans_where_the_model_runs(tiny_model_dir, vo
     monkeypatch.setattr(sys.modules["leopart.evaluate"], "cluster", spy)
     monkeypatch.setattr(kmeans_module, "cluster", spy)  # where the CLI imports it from
     model = leopart.from_pretrained(str(tiny_model_dir))
-    evaluate(voc_dir, model, ks=(3,), resolution=64, mask_size=32, iters=2, progress=False)
+    evaluate(voc_dir, model, ks=(3,), resolution=64, mask_size=32, iters=2, seeds=1, progress=False)
     r = CliRunner().invoke(main, ["cluster", str(voc_dir / "JPEGImages"), "--model", str(tiny_model_dir), "--k", "3",
                                   "--resolution", "64", "--iters", "2", "-o", str(tmp_path / "parts")])
     assert r.exit_code == 0, r.output
@@ -573,3 +573,61 @@ def test_cbfe_cue_keeps_65_percent_of_the_attention_mass(tiny_model, voc_dir):
     assert not torch.equal(expected, foreground_mask(attn, keep=0.6))  # the test can tell the two apart
     assert torch.equal(dense_features(images, tiny_model, 64, progress=False).foreground, expected)
     assert torch.equal(dense_features(images, tiny_model, 64, fg_model=tiny_model, progress=False).foreground, expected)
+
+
+def test_standardise_and_project_matches_scikit_learn():
+    # The reference protocol's k-means input: StandardScaler, then PCA (faiss's PCAMatrix, no whitening). Each
+    # component may come out with either sign, which k-means does not see.
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    from leopart.evaluate import standardise_and_project
+
+    gen = torch.Generator().manual_seed(0)
+    mixing = torch.randn(12, 12, generator=gen) * torch.linspace(0.1, 3, 12)
+    tokens = (torch.randn(3, 20, 30, 12, generator=gen) @ mixing + 5).float()
+    tokens[..., 4] = 2.0  # a constant dimension: StandardScaler leaves it at scale 1 (zero after centring)
+    ours = standardise_and_project(tokens, 5, chunk=256)
+    assert ours.shape == (3, 20, 30, 5)
+    flat = tokens.reshape(-1, 12).double().numpy()
+    theirs = PCA(5, svd_solver="full").fit_transform(StandardScaler().fit_transform(flat))
+    ours = ours.reshape(-1, 5).double().numpy()
+    signs = np.sign((ours * theirs).sum(0))
+    np.testing.assert_allclose(ours * signs, theirs, atol=2e-4, rtol=1e-4)
+    assert standardise_and_project(tokens[..., :3], 50).shape == (3, 20, 30, 3)  # never more than D components
+
+
+def test_reference_protocol_fits_on_256_points_per_cluster_and_averages_seeds(tiny_model_dir, voc_dir, monkeypatch,
+                                                                              tmp_path):
+    ev = sys.modules["leopart.evaluate"]  # the package's `evaluate` is the function
+    fitted = []
+    real_cluster = ev.cluster
+
+    def recording_cluster(x, k, **kwargs):
+        fitted.append((x.shape, k, kwargs["metric"], kwargs["n_init"], kwargs["iters"], kwargs["seed"]))
+        return real_cluster(x, k, **kwargs)
+
+    monkeypatch.setattr(ev, "cluster", recording_cluster)
+    model = leopart.from_pretrained(str(tiny_model_dir))
+    res = ev.evaluate(voc_dir, model, ks=(3,), resolution=64, seeds=2, progress=False)  # 5 images x 16 patches
+    # PCA to 50 dimensions; 3 x 256 = 768 > 80 points: all are fitted; seeds 0 and 0 + n_init.
+    assert model.embed_dim > 50
+    assert fitted == [((80, 50), 3, "euclidean", 5, 100, 0), ((80, 50), 3, "euclidean", 5, 100, 5)]
+    assert res["protocol"] == "reference" and len(res["overclustering_runs"]["3"]) == 2
+    assert res["overclustering"]["3"] == pytest.approx(np.mean(res["overclustering_runs"]["3"]))
+    # Above 256 points per cluster, a seeded sample is fitted and every token labelled.
+    fitted.clear()
+    tokens = torch.randn(2000, 8, generator=torch.Generator().manual_seed(0))
+    km = ev.fit_kmeans(tokens, 2, ev.PROTOCOLS["reference"], seed=3, device="cpu", progress=False)
+    assert fitted[0][0] == (512, 8) and km.labels.shape == (2000,)
+    torch.testing.assert_close(km.labels, km.predict(tokens), rtol=0, atol=0)
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(main, ["eval", str(voc_dir), "--model", str(tiny_model_dir), "--k", "3", "--seeds", "2",
+                                  "--resolution", "64", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "reference protocol (k-means scores: mean of 2 seeds)" in r.output
+    assert json.loads(out.read_text())["kmeans"]["seeds"] == 2
+    with pytest.raises(LeopartError, match="protocol must be one of reference, cosine, not 'faiss'"):
+        ev.evaluate(voc_dir, model, ks=(3,), resolution=64, protocol="faiss")
+    with pytest.raises(LeopartError, match="seeds must be a positive integer"):
+        ev.evaluate(voc_dir, model, ks=(3,), resolution=64, seeds=0)
