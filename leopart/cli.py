@@ -586,8 +586,8 @@ def _segment_outputs(inputs: tuple[str, ...], output: Path) -> dict[Path, tuple[
 @_cache_option
 @_fg_option
 def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, weight_threshold, cd_resolution, bg_shares, num_classes,
-             split, resolution, json_path, seed, protocol, n_init, seeds, batch_size, device, linear, fcn, train_split, probe_epochs,
-             probe_mask_size, probe_dir, cache_dir, fg_model):
+             split, resolution, json_path, seed, protocol, n_init, seeds, batch_size, device, linear, fcn, train_split,
+             probe_epochs, probe_mask_size, probe_dir, cache_dir, fg_model):
     """Score MODEL on a PASCAL-VOC-layout folder DATA with the paper's protocols.
 
     k-means over-clustering (default k = 500 and 21) and, with --fully-unsupervised, CBFE + CD; with
