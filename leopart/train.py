@@ -54,6 +54,7 @@ LOSS_MASKS = ("all", "fg", "bg")
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model"
 IMAGE_LIST_NAME = "images.txt"
+QUEUE_PER_IMAGE = 10  # teacher embeddings a step adds to the queue per image (and global crop), as the reference
 # Settings a resumed run may change; everything else must match the checkpoint.
 RESUMABLE_OVERRIDES = {"steps", "epochs", "save_every", "workers", "device", "eval_data", "eval_every", "eval_k",
                        "output", "data", "progress"}
@@ -94,7 +95,7 @@ class TrainConfig:
     epsilon: float = 0.05
     sinkhorn_iters: int = 3
     temperature: float = 0.1
-    queue_length: int = 0                # patch embeddings per global crop; 0 = no queue
+    queue_length: int = 0                # past teacher embeddings per global crop (over all processes); 0: none
     loss_mask: str = "fg"                # all | fg | bg
     roi_size: int = 7
     drop_path: float = 0.1
@@ -247,8 +248,8 @@ def leopart_loss(student: nn.Module, teacher: LeopartViT, crops: list[torch.Tens
 
     student: a MultiCrop (optionally DDP-wrapped); teacher: the EMA model; crops: n_crops tensors [B, 3, S, S];
     boxes: [B, n_global, n_crops, 2, 4] from augment.make_views; queue: [n_global, L, proj_dim] or None.
-    Returns (loss to backpropagate, the single-process loss on the global batch as a 0-d tensor,
-    teacher embeddings per global crop for the queue).
+    Returns (loss to backpropagate, the single-process loss on the global batch as a 0-d tensor, per global
+    crop the teacher embeddings this batch adds to the queue: none without one).
     """
     rank, world_size = world()
     ng, n_crops = cfg.n_global, len(crops)
@@ -258,11 +259,9 @@ def leopart_loss(student: nn.Module, teacher: LeopartViT, crops: list[torch.Tens
     with torch.no_grad():
         t_out = teacher(torch.cat(crops[:ng]), attention=cfg.loss_mask != "all")
         h, w = t_out.scores.shape[1:3]
-        targets, new_embeddings = [], []
+        targets = []
         for gi in range(ng):
             scores = t_out.scores[gi * b:(gi + 1) * b].reshape(-1, k).float()
-            emb = t_out.embeddings[gi * b:(gi + 1) * b].reshape(-1, t_out.embeddings.shape[-1])
-            new_embeddings.append(emb.float())
             if queue is not None:
                 scores = torch.cat([queue[gi].to(scores) @ teacher.prototypes.weight.float().T, scores])
             q = sinkhorn(scores, cfg.epsilon, cfg.sinkhorn_iters, distributed=world_size > 1)[-b * h * w:]
@@ -273,6 +272,18 @@ def leopart_loss(student: nn.Module, teacher: LeopartViT, crops: list[torch.Tens
             if cfg.loss_mask == "bg":
                 masks = 1.0 - masks
             masks = masks[:, None]
+        new_embeddings = []
+        if cfg.queue_length:
+            # What the queue keeps of this batch, as in the reference: 10 teacher embeddings per image, drawn at
+            # random among the positions the loss counts (the foreground, or the background with loss_mask="bg").
+            # A random key plus the mask ranks counted positions first: a fixed size, so no wait on the GPU.
+            keep = min(QUEUE_PER_IMAGE * b, b * h * w)
+            for gi in range(ng):
+                emb = t_out.embeddings[gi * b:(gi + 1) * b].reshape(-1, t_out.embeddings.shape[-1])
+                key = torch.rand(len(emb), device=emb.device)
+                if masks is not None:
+                    key = key + masks[gi * b:(gi + 1) * b].flatten()
+                new_embeddings.append(emb[key.topk(keep).indices].float())
 
     outputs = student(crops)
     maps = [o.float().permute(0, 3, 1, 2) for o in outputs]  # [B, K, h_v, w_v]
@@ -406,7 +417,9 @@ class Learner:
         self.model = model.to(device).train()
         self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr_heads)
-        self.queue = (torch.zeros(cfg.n_global, cfg.queue_length, model.config.proj_dim, device=device)
+        # Each process keeps its share of the queue; distributed Sinkhorn sees all of them, as the reference did.
+        self.queue_length = max(1, cfg.queue_length // world()[1]) if cfg.queue_length else 0
+        self.queue = (torch.zeros(cfg.n_global, self.queue_length, model.config.proj_dim, device=device)
                       if cfg.queue_length else None)
         self.queue_filled = 0
         self.student = MultiCrop(model)
@@ -425,6 +438,9 @@ class Learner:
         self.teacher.load_state_dict(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.queue is not None and state.get("queue") is not None:
+            if state["queue"].shape != self.queue.shape:
+                raise LeopartError(f"the checkpoint's queue holds {state['queue'].shape[1]} embeddings per process, "
+                                   f"this run {self.queue.shape[1]}: resume with the number of processes it had")
             self.queue.copy_(state["queue"])
             self.queue_filled = int(state["queue_filled"])
 
@@ -441,7 +457,7 @@ class Learner:
         self.model.normalize_prototypes()
         self.teacher.normalize_prototypes()
         # 2-3. targets from the teacher, predictions from the student, the loss
-        full = self.queue is not None and self.queue_filled >= cfg.queue_length
+        full = self.queue is not None and self.queue_filled >= self.queue_length
         with autocast(self.device):
             loss, loss_value, embeddings = leopart_loss(self.student, self.teacher, crops, boxes, cfg,
                                                         self.queue if full else None)
@@ -458,9 +474,9 @@ class Learner:
             torch._foreach_add_(t_params, s_params, alpha=1 - m)
         if self.queue is not None:  # newest embeddings first, oldest fall off the end
             for gi, emb in enumerate(embeddings):
-                n = min(len(emb), cfg.queue_length)
-                self.queue[gi] = torch.cat([emb[-n:].to(self.queue), self.queue[gi, :cfg.queue_length - n]])
-            self.queue_filled = min(cfg.queue_length, self.queue_filled + len(embeddings[0]))
+                n = min(len(emb), self.queue_length)
+                self.queue[gi] = torch.cat([emb[-n:].to(self.queue), self.queue[gi, :self.queue_length - n]])
+            self.queue_filled = min(self.queue_length, self.queue_filled + len(embeddings[0]))
         loss_value = float(loss_value)  # the step's only host sync, after all its work is queued
         if not math.isfinite(loss_value):
             raise LeopartError(f"the loss became {loss_value} at step {step}: lower the learning rates")

@@ -148,6 +148,34 @@ def test_loss_decreases_on_a_fixed_batch(mask):
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.05, losses
 
 
+@pytest.mark.parametrize("mask", ["fg", "all"])
+def test_queue_takes_ten_random_counted_embeddings_per_image(mask):
+    """As in the reference, a step adds 10 teacher embeddings per image and global crop to the queue, drawn at
+    random among the positions the loss counts (all of them there if fewer); without a queue it draws nothing
+    from the RNG, so runs without one are unchanged."""
+    from leopart.foreground import foreground_mask
+
+    cfg = TrainConfig(**{**TINY, "global_size": 96}, loss_mask=mask, queue_length=64)
+    model, teacher = tiny_pair(cfg)
+    crops, boxes = fixed_batch(cfg=cfg)
+    b = crops[0].shape[0]
+    _, _, added = leopart_loss(MultiCrop(model), teacher, crops, boxes, cfg)
+    with torch.no_grad():
+        out = teacher(torch.cat(crops[:cfg.n_global]), attention=True)
+    counted = foreground_mask(out.attention) if mask == "fg" else torch.ones(out.embeddings.shape[:3], dtype=bool)
+    assert len(added) == cfg.n_global
+    for gi, emb in enumerate(added):
+        pool = out.embeddings[gi * b:(gi + 1) * b].reshape(-1, emb.shape[1])
+        inside = counted[gi * b:(gi + 1) * b].flatten()
+        assert emb.shape == (10 * b, pool.shape[1]) and inside.sum() >= 10 * b  # 6 x 6 patches per image
+        rows = [int(torch.cdist(e[None], pool).argmin()) for e in emb]
+        assert len(set(rows)) == 10 * b and all(inside[r] for r in rows)
+        torch.testing.assert_close(emb, pool[rows])
+    state = torch.get_rng_state()
+    _, _, added = leopart_loss(MultiCrop(model), teacher, crops, boxes, TrainConfig(**TINY, loss_mask=mask))
+    assert added == [] and torch.equal(torch.get_rng_state(), state)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -265,7 +293,7 @@ RESUME_SCRIPT = """
 import sys, leopart
 leopart.train(sys.argv[1], sys.argv[2], resume=len(sys.argv) > 3, init="random", arch="test_vit", steps=8,
               batch_size=4, global_size=64, local_size=32, num_prototypes=10, workers=0, progress=False,
-              save_every=2, lr_backbone=1e-3, lr_heads=3e-3, loss_mask="fg")
+              save_every=2, lr_backbone=1e-3, lr_heads=3e-3, loss_mask="fg", queue_length=48)
 """
 
 
@@ -492,10 +520,17 @@ def test_torchrun_two_cpu_processes(train_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "leopart",
                            "train", str(train_dir), "--init", "random", "--arch", "test_vit", "--batch-size", "4",
                            "--global-size", "64", "--local-size", "32", "--num-prototypes", "10", "--workers", "0",
-                           "--steps", "2", "--device", "cpu", "--output", str(out)],
+                           "--steps", "3", "--device", "cpu", "--output", str(out), "--queue-length", "32"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines] == [1, 2] and all(np.isfinite([r["loss"] for r in lines]))
+    assert [r["step"] for r in lines] == [1, 2, 3] and all(np.isfinite([r["loss"] for r in lines]))
     assert proc.stdout.count("wrote") == 1
     leopart.from_pretrained(out / "model")
+    # The queue's 32 embeddings are split over the processes (distributed Sinkhorn sees them all), as the
+    # reference split it; resuming with another number of processes says so.
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["queue"].shape[:2] == (2, 16) and ckpt["queue_filled"] == 16
+    r = CliRunner().invoke(main, ["train", str(train_dir), "--output", str(out), "--resume", "--steps", "4",
+                                  "--workers", "0", "--device", "cpu"])
+    assert r.exit_code == 1 and "resume with the number of processes it had" in r.output, r.output
