@@ -105,7 +105,7 @@ def main():
         crops, boxes, _ = make_batch(cfg, cfg.batch_size)
         crops = [c.to(device) for c in crops]
         if learner.queue is not None:
-            learner.queue_filled = cfg.queue_length  # time the step with a full queue, as in steady state
+            learner.queue_filled = learner.queue_length  # time the step with a full queue, as in steady state
         total = 1000
         losses = []
         t_step = timeit(lambda: losses.append(learner.step(crops, boxes, len(losses), total)), args.device,
