@@ -669,6 +669,8 @@ def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, weight_threshold, cd
               help="Past teacher patch embeddings per global crop prepended before Sinkhorn (paper: 8192).")
 @click.option("--loss-mask", default="fg", show_default=True, type=click.Choice(["all", "fg", "bg"]),
               help="Patches the loss counts, by the teacher's attention mask.")
+@click.option("--grad-clip", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Clip the gradient norm to this (default: no clipping, as the reference).")
 @click.option("--train-last-blocks", default=None, type=click.IntRange(min=0), help="Train only the last N blocks.")
 @click.option("--save-every", default=500, show_default=True, type=click.IntRange(min=1),
               help="Steps between checkpoints.")

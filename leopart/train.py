@@ -8,7 +8,7 @@ The story of one step (Ziegler & Asano, CVPR 2022; every default below is the pa
   3. the student scores every crop; for every (global crop g, other crop v) pair, g's targets and v's
      scores are RoI-aligned (7x7) onto their overlap box, and the loss is the cross-entropy between the
      targets and softmax(scores / 0.1), over positions the teacher's attention marks as foreground;
-  4. AdamW step (cosine lr and weight decay per step, gradient clipping), then the EMA teacher update.
+  4. AdamW step (cosine lr and weight decay per step, optional gradient clipping), then the EMA teacher update.
 
 Checkpoints (model, teacher, optimizer, queue, RNG, step) are written atomically every ``save_every`` steps
 and on Ctrl-C; ``resume=True`` continues exactly where a run stopped, data order included.
@@ -100,7 +100,7 @@ class TrainConfig:
     roi_size: int = 7
     drop_path: float = 0.1
     train_last_blocks: int | None = None
-    grad_clip: float | None = 3.0
+    grad_clip: float | None = None       # gradient norm clipping (the reference did not clip)
     save_every: int = 500
     workers: int = 4
     device: str | None = None

@@ -341,6 +341,10 @@ def test_train_cli_guards(train_dir, tmp_path):
             "--workers", "0", "--save-every", "1"]
     r = runner.invoke(main, [*base, "--steps", "1"])
     assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["grad_clip"] is None  # the reference: no clipping
+    r = runner.invoke(main, [*base[:3], str(tmp_path / "clipped"), *base[4:], "--steps", "1", "--grad-clip", "2.5"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "clipped" / "config.json").read_text())["grad_clip"] == 2.5
     # A finished run folder stands for its model, and `leopart info` says where the run stands.
     loaded = leopart.from_pretrained(tmp_path / "r")
     assert loaded.name_or_path == str((tmp_path / "r" / "model").resolve())  # what outputs record
