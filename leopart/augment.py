@@ -1,7 +1,8 @@
 """Leopart's multi-crop views and the overlap boxes that tie them together.
 
 Per image: ``n_global`` crops (scale 0.25-1 of the image area, resized to ``global_size``) and ``n_local``
-crops (scale 0.05-0.25, resized to ``local_size``), each with colour jitter, grayscale, blur and a flip.
+crops (scale 0.05-0.25, resized to ``local_size``), each with colour jitter, grayscale, blur (``PHOTOMETRIC``:
+the reference code's recipe, or DINO's) and a flip.
 Crops are resampled until the global crops overlap each other by >= 2% of the image area and every local
 crop overlaps every global crop by >= 1%. For each (global crop g, crop v) pair we return the overlap
 rectangle in g's own pixel coordinates and in v's (flips included), which is where the loss RoI-aligns
@@ -36,8 +37,9 @@ class CropConfig:
     min_overlap_local: float = 0.01   # of the image area, between each local crop and each global crop
     max_tries: int = 50
     jitter: bool = True               # colour jitter, grayscale and blur (flips always)
-    hue: float = 0.1                  # largest hue shift of the colour jitter (0.5 = anywhere on the wheel)
+    hue: float = 0.2                  # largest hue shift of the colour jitter (0.5 = anywhere on the wheel)
     blur: bool = True                 # Gaussian blur (sigma 0.1-2 px: it erases textures finer than ~4 px)
+    photometric: str = "reference"    # jitter strengths and blur probabilities: a key of PHOTOMETRIC
 
     @property
     def n_crops(self) -> int:
@@ -104,13 +106,43 @@ def sample_crop_boxes(width: int, height: int, cfg: CropConfig, g: torch.Generat
     return [(0, 0, width, height)] * cfg.n_crops
 
 
-def photometric(img: Image.Image, g: torch.Generator, blur_p: float, hue: float = 0.1) -> Image.Image:
-    """DINO-style colour augmentation with parameters drawn from ``g``."""
+@dataclass(frozen=True)
+class Photometric:
+    """Colour jitter (applied with p = 0.8; each factor uniform in 1 +- its strength) and Gaussian blur."""
+
+    brightness: float
+    contrast: float
+    saturation: float
+    random_order: bool                # the four adjustments in a random order, as torchvision's ColorJitter
+    blur_p: tuple[float, float, float]  # blur probability: first global crop, second global crop, other crops
+
+    def blur_probability(self, i: int, n_global: int) -> float:
+        return self.blur_p[i] if i < min(n_global, 2) else self.blur_p[2]
+
+
+PHOTOMETRIC = {
+    # The reference code's LeopartTransforms (jitter_strength 1, blur_strength 1): ColorJitter(0.8, 0.8, 0.8, 0.2)
+    # with p = 0.8, grayscale with p = 0.2, blur with p = 0.5 on every crop.
+    "reference": Photometric(0.8, 0.8, 0.8, random_order=True, blur_p=(0.5, 0.5, 0.5)),
+    # DINO's: ColorJitter(0.4, 0.4, 0.2, 0.1), blur always on the first global crop, 10% on the second, 50% on
+    # the local ones (leopart's recipe before 2026-11-28; the demo keeps it).
+    "dino": Photometric(0.4, 0.4, 0.2, random_order=False, blur_p=(1.0, 0.1, 0.5)),
+}
+
+
+def photometric(img: Image.Image, g: torch.Generator, blur_p: float, hue: float = 0.2,
+                recipe: Photometric = PHOTOMETRIC["reference"]) -> Image.Image:
+    """Colour jitter, grayscale and blur with parameters drawn from ``g``."""
     if float(torch.rand((), generator=g)) < 0.8:
-        img = TF.adjust_brightness(img, _uniform(g, 0.6, 1.4))
-        img = TF.adjust_contrast(img, _uniform(g, 0.6, 1.4))
-        img = TF.adjust_saturation(img, _uniform(g, 0.8, 1.2))
-        img = TF.adjust_hue(img, _uniform(g, -hue, hue))
+        adjustments = [
+            lambda x: TF.adjust_brightness(x, _uniform(g, 1 - recipe.brightness, 1 + recipe.brightness)),
+            lambda x: TF.adjust_contrast(x, _uniform(g, 1 - recipe.contrast, 1 + recipe.contrast)),
+            lambda x: TF.adjust_saturation(x, _uniform(g, 1 - recipe.saturation, 1 + recipe.saturation)),
+            lambda x: TF.adjust_hue(x, _uniform(g, -hue, hue)),
+        ]
+        order = torch.randperm(4, generator=g).tolist() if recipe.random_order else range(4)
+        for i in order:
+            img = adjustments[i](img)
     if float(torch.rand((), generator=g)) < 0.2:
         img = TF.rgb_to_grayscale(img, num_output_channels=3)
     if float(torch.rand((), generator=g)) < blur_p:
@@ -137,8 +169,9 @@ def make_views(img: Image.Image, cfg: CropConfig, g: torch.Generator) -> Views:
         if flip:
             crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
         if cfg.jitter:
-            blur_p = (1.0, 0.1)[i] if i < min(cfg.n_global, 2) else 0.5
-            crop = photometric(crop, g, blur_p if cfg.blur else 0.0, cfg.hue)
+            recipe = PHOTOMETRIC[cfg.photometric]
+            blur_p = recipe.blur_probability(i, cfg.n_global) if cfg.blur else 0.0
+            crop = photometric(crop, g, blur_p, cfg.hue, recipe)
         crops.append(to_tensor(crop, None))
     overlap = torch.zeros(cfg.n_global, cfg.n_crops, 2, 4)
     for gi in range(cfg.n_global):

@@ -69,6 +69,7 @@ class DemoConfig:
             # to 2 px erases these 3-5 px textures.
             global_scale=(0.4, 1.0), local_scale=(0.1, 0.3), blur=False, epsilon=0.02, momentum_teacher=0.9,
             lr_backbone=2e-4, lr_heads=5e-4, weight_decay_end=0.1, drop_path=0.0, grad_clip=3.0,
+            photometric="dino", hue=0.1,  # DINO's milder jitter, which the demo was tuned with
             loss_mask="all", workers=0, seed=self.seed, progress=self.progress,
         )
 

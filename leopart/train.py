@@ -38,7 +38,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from . import data
-from .augment import CropConfig
+from .augment import PHOTOMETRIC, CropConfig
 from .device import autocast, default_device
 from .errors import LeopartError, plural
 from .foreground import foreground_mask
@@ -55,6 +55,8 @@ CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model"
 IMAGE_LIST_NAME = "images.txt"
 QUEUE_PER_IMAGE = 10  # teacher embeddings a step adds to the queue per image (and global crop), as the reference
+# What runs recorded before these settings existed trained with (their checkpoints lack them).
+LEGACY_DEFAULTS = {"photometric": "dino", "hue": 0.1, "grad_clip": 3.0}
 # Settings a resumed run may change; everything else must match the checkpoint.
 RESUMABLE_OVERRIDES = {"steps", "epochs", "save_every", "workers", "device", "eval_data", "eval_every", "eval_k",
                        "output", "data", "progress"}
@@ -82,8 +84,9 @@ class TrainConfig:
     global_scale: tuple[float, float] = (0.25, 1.0)  # crop area as a share of the image
     local_scale: tuple[float, float] = (0.05, 0.25)
     jitter: bool = True                  # colour jitter, grayscale and blur (flips always)
-    hue: float = 0.1                     # largest hue shift of the jitter
+    hue: float = 0.2                     # largest hue shift of the jitter
     blur: bool = True                    # Gaussian blur in the jitter
+    photometric: str = "reference"       # jitter strengths and blur odds: "reference" or "dino" (augment.PHOTOMETRIC)
     num_prototypes: int | None = None    # default: the init model's own (300 for DINO and random init)
     lr_backbone: float = 1e-5
     lr_heads: float = 1e-4
@@ -117,12 +120,14 @@ class TrainConfig:
     def crops(self) -> CropConfig:
         return CropConfig(global_size=self.global_size, local_size=self.local_size, n_global=self.n_global,
                           n_local=self.n_local, global_scale=self.global_scale, local_scale=self.local_scale,
-                          jitter=self.jitter, hue=self.hue, blur=self.blur)
+                          jitter=self.jitter, hue=self.hue, blur=self.blur, photometric=self.photometric)
 
     def check(self):
         """One line naming the first setting out of its range, before any work (not a torch error mid-run)."""
         if self.loss_mask not in LOSS_MASKS:
             raise LeopartError(f"loss_mask must be one of {', '.join(LOSS_MASKS)}, not '{self.loss_mask}'")
+        if self.photometric not in PHOTOMETRIC:
+            raise LeopartError(f"photometric must be one of {', '.join(PHOTOMETRIC)}, not '{self.photometric}'")
         for name in ("batch_size", "global_size", "local_size", "n_global", "num_prototypes", "save_every", "steps",
                      "epochs", "sinkhorn_iters", "roi_size", "eval_every", "eval_k"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
@@ -350,7 +355,8 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict:
 def _resolve_config(cfg: TrainConfig, ckpt: dict | None, overrides: dict) -> TrainConfig:
     if ckpt is None:
         return cfg
-    saved = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
+    recorded = {**LEGACY_DEFAULTS, **ckpt["config"]}  # a run from before a default changed keeps its old one
+    saved = TrainConfig(**{k: v for k, v in recorded.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
     clash = {k: (getattr(saved, k), v) for k, v in overrides.items()
              if k not in RESUMABLE_OVERRIDES and getattr(saved, k) != v}
     if clash:

@@ -65,12 +65,12 @@ def test_blur_off_keeps_fine_textures_and_hue_reaches_the_whole_wheel():
     img = Image.fromarray(np.stack([checker, 255 - checker, np.full_like(checker, 128)], axis=-1))
     same = dict(global_size=64, local_size=32, global_scale=(1.0, 1.0), local_scale=(1.0, 1.0))
 
-    def contrast(cfg, seed):  # the first global crop, which the paper's recipe always blurs
+    def contrast(cfg, seed):  # the first global crop, which DINO's recipe always blurs
         crop = make_views(img, cfg, torch.Generator().manual_seed(seed)).crops[0]
         return float((crop[:, :, 1:] - crop[:, :, :-1]).abs().mean())
 
-    sharp = [contrast(CropConfig(**same, blur=False), s) for s in range(8)]
-    blurred = [contrast(CropConfig(**same), s) for s in range(8)]
+    sharp = [contrast(CropConfig(**same, blur=False, photometric="dino"), s) for s in range(8)]
+    blurred = [contrast(CropConfig(**same, photometric="dino"), s) for s in range(8)]
     # Same seed, same draws (the blur coin is still tossed): only the blur differs.
     assert all(s >= b - 1e-6 for s, b in zip(sharp, blurred)) and sum(sharp) > 3 * sum(blurred)
 
@@ -78,12 +78,38 @@ def test_blur_off_keeps_fine_textures_and_hue_reaches_the_whole_wheel():
     def hues(hue):
         out = []
         for s in range(40):
-            crop = make_views(red, CropConfig(**same, blur=False, hue=hue), torch.Generator().manual_seed(s)).crops[0]
+            crop = make_views(red, CropConfig(**same, blur=False, hue=hue, photometric="dino"),
+                              torch.Generator().manual_seed(s)).crops[0]
             mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
             r, g, b = (crop.mean(dim=(1, 2)) * std + mean).tolist()
             out.append(max(g, b) > r + 0.1)  # turned green or blue (grey, from the grayscale step, does not count)
         return sum(out)
     assert hues(0.1) == 0 and hues(0.5) > 5
+
+
+def test_reference_photometric_recipe():
+    """The reference code's LeopartTransforms: ColorJitter(0.8, 0.8, 0.8, 0.2) with p = 0.8 and Gaussian blur with
+    p = 0.5 on every crop (DINO's, the demo's: brightness within 1 +- 0.4, the first global crop always blurred)."""
+    same = dict(global_size=32, local_size=16, global_scale=(1.0, 1.0), local_scale=(1.0, 1.0))
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+
+    def crops(img, recipe, seeds=60, blur=True):
+        cfg = CropConfig(**same, photometric=recipe, blur=blur)
+        return [make_views(img, cfg, torch.Generator().manual_seed(s)).crops[0] * std + mean for s in range(seeds)]
+
+    grey = Image.new("RGB", (32, 32), (128, 128, 128))  # brightness is all that moves a uniform grey
+    levels = {r: [float(c.mean()) for c in crops(grey, r)] for r in ("reference", "dino")}
+    assert min(levels["dino"]) > 0.29 and max(levels["dino"]) < 0.71
+    assert min(levels["reference"]) < 0.25 and max(levels["reference"]) > 0.75
+    checker = (np.indices((32, 32)).sum(0) % 2 * 255).astype(np.uint8)
+    fine = Image.fromarray(np.stack([checker] * 3, axis=-1))
+    # Same seeds with blur off: the same draws (the blur coin is tossed either way), so a crop that differs was
+    # blurred (sigma below ~0.3 px leaves a checkerboard as it is: about a tenth of the blurred ones).
+    blurred = {r: sum(not torch.allclose(a, b, atol=1e-4) for a, b in zip(crops(fine, r), crops(fine, r, blur=False)))
+               for r in ("reference", "dino")}
+    assert blurred["dino"] >= 48 and 15 <= blurred["reference"] <= 40, blurred
+    with pytest.raises(LeopartError, match="photometric must be one of reference, dino, not 'simclr'"):
+        TrainConfig(photometric="simclr").check()
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -413,6 +439,18 @@ def test_train_on_a_python_list_of_paths(train_dir, tmp_path, monkeypatch):
         with pytest.raises(LeopartError, match=message):
             leopart.train(bad, tmp_path / "other", steps=1, **TINY)
     assert not (tmp_path / "other").exists()
+
+
+def test_a_run_from_before_the_reference_augmentations_resumes_with_its_own(train_dir, tmp_path):
+    leopart.train(train_dir, tmp_path / "old", steps=1, **TINY)
+    ckpt_path = tmp_path / "old" / "checkpoint.pt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    for name in ("photometric", "hue"):  # what checkpoints written before these settings existed lack
+        del ckpt["config"][name]
+    torch.save(ckpt, ckpt_path)
+    leopart.train(train_dir, tmp_path / "old", resume=True, steps=2, **TINY)
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    assert config["photometric"] == "dino" and config["hue"] == 0.1
 
 
 def test_train_cli_from_a_leopart_model_records_its_architecture(train_dir, tiny_model_dir, tmp_path):
