@@ -579,6 +579,10 @@ def _segment_outputs(inputs: tuple[str, ...], output: Path) -> dict[Path, tuple[
 @click.option("--train-split", default="train", show_default=True,
               help="Probe training split: ImageSets/Segmentation/<name>.txt or a file listing image names.")
 @click.option("--probe-epochs", default=None, type=click.IntRange(min=1), help="Default: 25 (linear), 30 (FCN).")
+@click.option("--probe-lr", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Probe SGD learning rate (default: the reference's, 0.1 for ViT-B/8, else 0.01).")
+@click.option("--probe-batch-size", default=None, type=click.IntRange(min=1),
+              help="Probe batch (default: the reference's, 12 for ViT-B/8, else 120 linear / 64 FCN).")
 @click.option("--probe-mask-size", default=100, show_default=True, type=click.IntRange(min=1),
               help="Tokens are upsampled to this size for the probe head, and masks resized to it.")
 @click.option("--probe-dir", default=None, type=_OutputPath(file_okay=False, path_type=Path),
@@ -587,7 +591,7 @@ def _segment_outputs(inputs: tuple[str, ...], output: Path) -> dict[Path, tuple[
 @_fg_option
 def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, weight_threshold, cd_resolution, bg_shares, num_classes,
              split, resolution, json_path, seed, protocol, n_init, seeds, batch_size, device, linear, fcn, train_split,
-             probe_epochs, probe_mask_size, probe_dir, cache_dir, fg_model):
+             probe_epochs, probe_lr, probe_batch_size, probe_mask_size, probe_dir, cache_dir, fg_model):
     """Score MODEL on a PASCAL-VOC-layout folder DATA with the paper's protocols.
 
     k-means over-clustering (default k = 500 and 21) and, with --fully-unsupervised, CBFE + CD; with
@@ -628,9 +632,10 @@ def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, weight_threshold, cd
 
         for head in heads:
             out = probe_dir / head if probe_dir else None
-            trained = probe(m, data_dir, head=head, split=train_split, epochs=probe_epochs, num_classes=num_classes,
-                            resolution=resolution, mask_size=probe_mask_size, output=str(out) if out else None,
-                            seed=seed, device=device, progress=True)
+            trained = probe(m, data_dir, head=head, split=train_split, epochs=probe_epochs, lr=probe_lr,
+                            batch_size=probe_batch_size, num_classes=num_classes, resolution=resolution,
+                            mask_size=probe_mask_size, output=str(out) if out else None, seed=seed, device=device,
+                            progress=True)
             results[head], _ = evaluate_probe(trained, m, data_dir, split=split, device=device,
                                               batch_size=batch_size, progress=True)
             results.setdefault("num_classes", trained.config.num_classes)

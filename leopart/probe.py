@@ -4,8 +4,10 @@ Protocol of the reference implementation (every default here): the backbone is f
 448 x 448; patch tokens bilinearly upsampled to 100 x 100; a 1x1 conv (linear) or an FCN head (two 3x3
 conv + ReLU with 512 channels, the input concatenated back and fused by a third 3x3 conv + ReLU, dropout
 0.1, a 1x1 conv to the classes); cross-entropy ignoring 255 against masks resized (nearest) to 100 x 100;
-SGD lr 0.1, momentum 0.9, weight decay 1e-4, lr x 0.1 at epoch 20; 25 epochs (linear) or 30 (FCN); batch
-12; evaluation at 100 x 100 with Hungarian-free (identity) matching, i.e. plain mIoU.
+SGD with momentum 0.9 and weight decay 1e-4, lr x 0.1 at epoch 20; 25 epochs (linear) or 30 (FCN); the lr and
+global batch of the reference's PASCAL configs (``reference_recipe``): ViT-B/8 lr 0.1, batch 12; other models
+(its ViT-S/16 configs) lr 0.01, batch 120 (linear) or 64 (FCN); evaluation at 100 x 100 with Hungarian-free
+(identity) matching, i.e. plain mIoU.
 One deviation: the reference trained on random 0.8-1.0 resized crops; we train on the resized images
 without augmentation, so the backbone's tokens can be computed once and cached (``cache_dir``): every
 epoch after the first reads them from disk instead of running the ViT.
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +44,14 @@ HEADS = ("linear", "fcn")
 # A probe's output folder: CHECKPOINT_NAME (per epoch), cache/ (tokens) and, at the end, HEAD_FOLDER/.
 CHECKPOINT_NAME, HEAD_FOLDER = "checkpoint.pt", "head"
 DEFAULT_EPOCHS = {"linear": 25, "fcn": 30}
+
+
+def reference_recipe(head: str, patch_size: int) -> tuple[float, int]:
+    """(lr, global batch) of the reference's PASCAL probe configs: its ViT-B/8 ones trained with lr 0.1 and
+    2 GPUs x 6 images; its ViT-S/16 ones with lr 0.01 and 2 x 60 (linear) or 2 x 32 (FCN)."""
+    if patch_size == 8:
+        return 0.1, 12
+    return 0.01, 120 if head == "linear" else 64
 
 
 # ---------------------------------------------------------------------- heads
@@ -201,11 +211,11 @@ def convert_head_checkpoint(path: str | Path, trust_pickle: bool = False) -> Pro
 class ProbeTrainConfig:
     head: str = "linear"
     epochs: int | None = None   # default: 25 (linear) / 30 (FCN)
-    lr: float = 0.1
+    lr: float | None = None     # default: reference_recipe's for the model (0.1 for ViT-B/8, else 0.01)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     drop_at: int = 20           # lr x 0.1 from this epoch on
-    batch_size: int = 12        # total over processes
+    batch_size: int | None = None  # total over processes; default: reference_recipe's (12, or 120 / 64)
     resolution: int = 448
     mask_size: int = 100
     split: str = "train"        # ImageSets/Segmentation/<split>.txt, or a path to a list of names
@@ -223,7 +233,7 @@ class ProbeTrainConfig:
             if getattr(self, name) is not None:  # stored as ints: the config is saved as JSON
                 setattr(self, name, positive_int(getattr(self, name), f"probe {name}"))
         for name in ("lr", "momentum", "weight_decay", "drop_at"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise LeopartError(f"probe {name} must be >= 0, not {getattr(self, name)!r}")
 
 
@@ -306,6 +316,15 @@ def probe(model: LeopartViT | str, train_data: str | os.PathLike, head: str = "l
                        cfg.progress)
     num_classes = cfg.num_classes or _count_classes(voc)
     torch.manual_seed(cfg.seed)
+    ckpt_path = output / CHECKPOINT_NAME if output else None
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True) \
+        if ckpt_path is not None and ckpt_path.is_file() else None
+    # Unset lr and batch: what a resumed run recorded (runs from before the per-model recipe used 0.1 and 12),
+    # else the reference's recipe for this model.
+    recorded = state.get("config", {}) if state else {}
+    lr, batch = reference_recipe(cfg.head, model.patch_size) if state is None else (0.1, 12)
+    cfg = replace(cfg, lr=cfg.lr if cfg.lr is not None else recorded.get("lr") or lr,
+                  batch_size=cfg.batch_size or recorded.get("batch_size") or batch)
     probe_head = ProbeHead(ProbeConfig(head=cfg.head, in_dim=model.embed_dim, num_classes=num_classes,
                                        mask_size=cfg.mask_size, resolution=cfg.resolution, model=model.name_or_path))
     probe_head.to(device).train()
@@ -314,9 +333,7 @@ def probe(model: LeopartViT | str, train_data: str | os.PathLike, head: str = "l
     optimizer = torch.optim.SGD(probe_head.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     start_epoch = 0
-    ckpt_path = output / CHECKPOINT_NAME if output else None
-    if ckpt_path is not None and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if state is not None:
         probe_head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"])

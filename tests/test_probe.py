@@ -95,6 +95,25 @@ def test_probe_resumes_from_its_checkpoint(block_voc, tiny_model, tmp_path):
         torch.testing.assert_close(resumed.state_dict()[k], v, atol=1e-6, rtol=0)
 
 
+def test_probe_lr_and_batch_default_to_the_reference_recipe_for_the_model(block_voc, tiny_model, tmp_path):
+    # The reference's PASCAL configs: ViT-S/16 probes lr 0.01 with 2 x 60 (linear) or 2 x 32 (FCN) images,
+    # ViT-B/8 ones lr 0.1 with 2 x 6; a resumed run keeps what it recorded (0.1 and 12 before 2026-11-28).
+    from leopart.probe import reference_recipe
+
+    assert reference_recipe("linear", 16) == (0.01, 120) and reference_recipe("fcn", 16) == (0.01, 64)
+    assert reference_recipe("linear", 8) == reference_recipe("fcn", 8) == (0.1, 12)
+    args = dict(head="fcn", epochs=1, resolution=64, mask_size=4, progress=False)
+    leopart.probe(tiny_model, block_voc, output=str(tmp_path / "p"), **args)
+    config = torch.load(tmp_path / "p" / "checkpoint.pt", weights_only=True)["config"]
+    assert tiny_model.patch_size == 16 and (config["lr"], config["batch_size"]) == (0.01, 64)
+    old = torch.load(tmp_path / "p" / "checkpoint.pt", weights_only=True)
+    old["config"].update(lr=0.1, batch_size=12)
+    torch.save(old, tmp_path / "p" / "checkpoint.pt")
+    leopart.probe(tiny_model, block_voc, output=str(tmp_path / "p"), **{**args, "epochs": 2})
+    config = torch.load(tmp_path / "p" / "checkpoint.pt", weights_only=True)["config"]
+    assert (config["lr"], config["batch_size"]) == (0.1, 12)
+
+
 def test_fcn_head_layout_and_parameter_count():
     head = ProbeHead(ProbeConfig(head="fcn", in_dim=384, num_classes=21))
     assert isinstance(head.head, FCNHead)
