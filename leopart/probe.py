@@ -8,7 +8,7 @@ SGD with momentum 0.9 and weight decay 1e-4, lr x 0.1 at epoch 20; 25 epochs (li
 global batch of the reference's PASCAL configs (``reference_recipe``): ViT-B/8 lr 0.1, batch 12; other models
 (its ViT-S/16 configs) lr 0.01, batch 120 (linear) or 64 (FCN); evaluation at 100 x 100 with Hungarian-free
 (identity) matching, i.e. plain mIoU.
-One deviation: the reference trained on random 0.8-1.0 resized crops; we train on the resized images
+One deviation: the reference trained on random 0.8-1.0 resized crops and flips; we train on the resized images
 without augmentation, so the backbone's tokens can be computed once and cached (``cache_dir``): every
 epoch after the first reads them from disk instead of running the ViT.
 
