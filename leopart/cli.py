@@ -686,8 +686,10 @@ def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, weight_threshold, cd
 @click.option("--eval-data", default=None, help="VOC-layout folder for k-means mIoU during training.")
 @click.option("--eval-every", default=1000, show_default=True, type=click.IntRange(min=1),
               help="Steps between evaluations on --eval-data.")
-@click.option("--eval-k", default=100, show_default=True, type=click.IntRange(min=1),
-              help="k-means k of those evaluations.")
+@click.option("--eval-k", default=(500, 300, 21), show_default=True, multiple=True, type=click.IntRange(min=1),
+              help="k-means k of those evaluations (repeatable; the reference's 500, 300 and 21).")
+@click.option("--eval-resolution", default=448, show_default=True, type=click.IntRange(min=1),
+              help="Input side of those evaluations, a multiple of the patch size (the reference's 448).")
 @click.pass_context
 def train(ctx, data_dir, output, resume, **options):
     """Fine-tune a ViT with the Leopart objective on DATA (an image folder or a text file of paths)."""

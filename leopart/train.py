@@ -56,10 +56,10 @@ MODEL_NAME = "model"
 IMAGE_LIST_NAME = "images.txt"
 QUEUE_PER_IMAGE = 10  # teacher embeddings a step adds to the queue per image (and global crop), as the reference
 # What runs recorded before these settings existed trained with (their checkpoints lack them).
-LEGACY_DEFAULTS = {"photometric": "dino", "hue": 0.1, "grad_clip": 3.0}
+LEGACY_DEFAULTS = {"photometric": "dino", "hue": 0.1, "grad_clip": 3.0, "eval_resolution": None}
 # Settings a resumed run may change; everything else must match the checkpoint.
 RESUMABLE_OVERRIDES = {"steps", "epochs", "save_every", "workers", "device", "eval_data", "eval_every", "eval_k",
-                       "output", "data", "progress"}
+                       "eval_resolution", "output", "data", "progress"}
 
 
 @dataclass
@@ -110,12 +110,14 @@ class TrainConfig:
     seed: int = 0
     eval_data: str | None = None
     eval_every: int = 1000
-    eval_k: int = 100
+    eval_k: tuple[int, ...] = (500, 300, 21)  # k-means k scored during training (the reference's)
+    eval_resolution: int | None = 448    # their input side (the reference's); None: global_size
     progress: bool | None = None
 
     def __post_init__(self):
         # JSON (config.json, checkpoints) turns tuples into lists: keep one form so resumed configs compare equal.
         self.global_scale, self.local_scale = tuple(self.global_scale), tuple(self.local_scale)
+        self.eval_k = tuple(self.eval_k) if isinstance(self.eval_k, (list, tuple)) else (self.eval_k,)
 
     def crops(self) -> CropConfig:
         return CropConfig(global_size=self.global_size, local_size=self.local_size, n_global=self.n_global,
@@ -129,7 +131,7 @@ class TrainConfig:
         if self.photometric not in PHOTOMETRIC:
             raise LeopartError(f"photometric must be one of {', '.join(PHOTOMETRIC)}, not '{self.photometric}'")
         for name in ("batch_size", "global_size", "local_size", "n_global", "num_prototypes", "save_every", "steps",
-                     "epochs", "sinkhorn_iters", "roi_size", "eval_every", "eval_k"):
+                     "epochs", "sinkhorn_iters", "roi_size", "eval_every", "eval_resolution"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise LeopartError(f"{name} must be positive, not {getattr(self, name)!r}")
         for name in ("n_local", "queue_length", "lr_backbone", "lr_heads", "final_lr", "weight_decay",
@@ -149,6 +151,8 @@ class TrainConfig:
             low, high = getattr(self, name)
             if not 0 < low <= high <= 1:
                 raise LeopartError(f"{name} must be (low, high) with 0 < low <= high <= 1, not {getattr(self, name)}")
+        if not self.eval_k or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.eval_k):
+            raise LeopartError(f"eval_k must be positive integers, not {self.eval_k!r}")
         if self.n_global + self.n_local < 2:
             raise LeopartError("the loss needs at least two crops per image (n_global + n_local >= 2)")
 
@@ -700,7 +704,12 @@ def _check_eval_data(cfg: TrainConfig, patch_size: int):
     from .evaluate import read_voc
     from .segment import check_k
 
-    check_k(cfg.eval_k, len(read_voc(cfg.eval_data, "val").images), cfg.global_size, patch_size, name="eval_k")
+    resolution = cfg.eval_resolution or cfg.global_size
+    if resolution % patch_size:
+        raise LeopartError(f"eval_resolution {resolution} is not a multiple of the patch size {patch_size}")
+    n_images = len(read_voc(cfg.eval_data, "val").images)
+    for k in cfg.eval_k:
+        check_k(k, n_images, resolution, patch_size, name="eval_k")
 
 
 def _evaluate_during_training(model: LeopartViT, cfg: TrainConfig, step: int, out: Path, device):
@@ -710,8 +719,8 @@ def _evaluate_during_training(model: LeopartViT, cfg: TrainConfig, step: int, ou
     model.eval()
     try:
         # As the reference evaluated during training: its k-means protocol, one seed.
-        res = evaluate(cfg.eval_data, model, ks=(cfg.eval_k,), resolution=cfg.global_size, protocol="reference",
-                       seeds=1, device=device, progress=False)
+        res = evaluate(cfg.eval_data, model, ks=cfg.eval_k, resolution=cfg.eval_resolution or cfg.global_size,
+                       protocol="reference", seeds=1, device=device, progress=False)
     finally:
         model.train(was_training)
     with open(out / "eval.jsonl", "a") as f:

@@ -301,15 +301,22 @@ def test_without_a_terminal_training_logs_progress_lines(train_dir, tmp_path, mo
 def test_evaluation_during_training(train_dir, tmp_path):
     """eval_data scores k-means mIoU every eval_every steps and at the end, into eval.jsonl; a bad folder or
     an eval_k above its patches fails before the first step."""
+    assert TrainConfig().eval_k == (500, 300, 21) and TrainConfig().eval_resolution == 448  # the reference's
     voc = write_voc_dataset(tmp_path / "voc", n_train=0, n_val=3, size=64)
-    leopart.train(train_dir, tmp_path / "run", steps=3, eval_data=str(voc), eval_every=2, eval_k=4, **TINY)
+    leopart.train(train_dir, tmp_path / "run", steps=3, eval_data=str(voc), eval_every=2, eval_k=[4, 3],
+                  eval_resolution=64, **TINY)
     lines = [json.loads(x) for x in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [2, 3]
-    assert all(0 < r["overclustering"]["4"] <= 100 for r in lines), lines
+    assert all(0 < r["overclustering"][k] <= 100 for r in lines for k in ("4", "3")), lines
     info = CliRunner().invoke(main, ["info", str(tmp_path / "run")])
-    assert f"k-means mIoU %  k=4: {lines[-1]['overclustering']['4']:.1f} at step 3" in info.output, info.output
+    last = lines[-1]["overclustering"]
+    assert f"k-means mIoU %  k=4: {last['4']:.1f}, k=3: {last['3']:.1f} at step 3" in info.output, info.output
     for bad, match in ((dict(eval_data=str(tmp_path / "nowhere")), "not a VOC-layout folder"),
-                       (dict(eval_data=str(voc), eval_k=49), r"eval_k=49 is larger than the number of patches \(48\)")):
+                       (dict(eval_data=str(voc), eval_k=49, eval_resolution=64),
+                        r"eval_k=49 is larger than the number of patches \(48\)"),
+                       (dict(eval_data=str(voc), eval_k=4, eval_resolution=72),
+                        "eval_resolution 72 is not a multiple of the patch size 16"),
+                       (dict(eval_data=str(voc), eval_k=(4, 0)), r"eval_k must be positive integers, not \(4, 0\)")):
         with pytest.raises(LeopartError, match=match):
             leopart.train(train_dir, tmp_path / "bad", steps=3, **{**TINY, **bad})
         assert not (tmp_path / "bad" / "metrics.jsonl").exists()
@@ -445,12 +452,14 @@ def test_a_run_from_before_the_reference_augmentations_resumes_with_its_own(trai
     leopart.train(train_dir, tmp_path / "old", steps=1, **TINY)
     ckpt_path = tmp_path / "old" / "checkpoint.pt"
     ckpt = torch.load(ckpt_path, weights_only=True)
-    for name in ("photometric", "hue"):  # what checkpoints written before these settings existed lack
+    for name in ("photometric", "hue", "eval_resolution"):  # what checkpoints from before these settings lack
         del ckpt["config"][name]
+    ckpt["config"]["eval_k"] = 100  # then one k
     torch.save(ckpt, ckpt_path)
     leopart.train(train_dir, tmp_path / "old", resume=True, steps=2, **TINY)
     config = json.loads((tmp_path / "old" / "config.json").read_text())
     assert config["photometric"] == "dino" and config["hue"] == 0.1
+    assert config["eval_resolution"] is None and config["eval_k"] == [100]  # scored at the global crop size
 
 
 def test_train_cli_from_a_leopart_model_records_its_architecture(train_dir, tiny_model_dir, tmp_path):
