@@ -313,7 +313,9 @@ def format_table(results: dict, model_name: str) -> str:
     rows = [("protocol", "mIoU (%)", "paper")]
     for k, miou in results.get("overclustering", {}).items():
         kind = "over-clustering, many-to-one" if int(k) > results["num_classes"] else "Hungarian, one-to-one"
-        rows.append((f"k-means k={k} ({kind})", f"{miou:.1f}", _fmt(paper.get("overclustering", {}).get(k))))
+        runs = results.get("overclustering_runs", {}).get(k)
+        spread = f" +- {np.std(runs):.1f}" if runs and len(runs) > 1 else ""  # over the seeds' fits
+        rows.append((f"k-means k={k} ({kind})", f"{miou:.1f}{spread}", _fmt(paper.get("overclustering", {}).get(k))))
     if "fully_unsupervised" in results:
         d = results["fully_unsupervised_details"]
         sweep = d.get("bg_share_sweep", [d["bg_share"]])
@@ -329,7 +331,7 @@ def format_table(results: dict, model_name: str) -> str:
     how = results.get("kmeans", {})
     protocol = f", {results['protocol']} protocol" if "protocol" in results else ""
     if how.get("seeds", 1) > 1 and results.get("overclustering"):
-        protocol += f" (k-means scores: mean of {how['seeds']} seeds)"
+        protocol += f" (k-means scores: mean +- std of {how['seeds']} seeds)"
     return "\n".join(lines) + f"\n{results['n_images']} images, {results['num_classes']} classes{protocol}"
 
 

@@ -625,7 +625,9 @@ def test_reference_protocol_fits_on_256_points_per_cluster_and_averages_seeds(ti
     r = CliRunner().invoke(main, ["eval", str(voc_dir), "--model", str(tiny_model_dir), "--k", "3", "--seeds", "2",
                                   "--resolution", "64", "--json", str(out)])
     assert r.exit_code == 0, r.output
-    assert "reference protocol (k-means scores: mean of 2 seeds)" in r.output
+    assert "reference protocol (k-means scores: mean +- std of 2 seeds)" in r.output
+    runs = json.loads(out.read_text())["overclustering_runs"]["3"]
+    assert f"{np.mean(runs):.1f} +- {np.std(runs):.1f}" in r.output  # the spread over the seeds
     assert json.loads(out.read_text())["kmeans"]["seeds"] == 2
     with pytest.raises(LeopartError, match="protocol must be one of reference, cosine, not 'faiss'"):
         ev.evaluate(voc_dir, model, ks=(3,), resolution=64, protocol="faiss")
