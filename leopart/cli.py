@@ -597,7 +597,7 @@ def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, weight_threshold, cd
     k-means over-clustering (default k = 500 and 21) and, with --fully-unsupervised, CBFE + CD; with
     --linear / --fcn, supervised probes trained on the train split (then k-means runs only if --k is given).
     """
-    from .evaluate import BG_SHARES, BG_SHARES_NEED_FU, FG_MODEL_NEEDS_FU, evaluate as run_eval, format_table, read_voc
+    from .evaluate import BG_SHARES_NEED_FU, FG_MODEL_NEEDS_FU, evaluate as run_eval, format_table, read_voc
     from .hub import from_pretrained
     from .serialization import write_json
 
@@ -623,7 +623,7 @@ def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, weight_threshold, cd
         results = run_eval(data_dir, m, ks=ks, fully_unsupervised=fully_unsupervised,
                            num_classes=num_classes, split=split, resolution=resolution, fg_model=fg, fu_k=fu_k,
                            weight_threshold=weight_threshold, cd_resolution=cd_resolution,
-                           bg_shares=bg_shares or BG_SHARES, protocol=protocol, n_init=n_init, seeds=seeds,
+                           bg_shares=bg_shares or None, protocol=protocol, n_init=n_init, seeds=seeds,
                            seed=seed, batch_size=batch_size, device=device, progress=True, cache_dir=cache_dir)
     else:
         results = {"n_images": len(scored), "overclustering": {}}

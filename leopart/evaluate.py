@@ -196,7 +196,7 @@ FG_MODEL_NEEDS_FU = ("a foreground model (--fg-model, fg_model=) serves the full
 def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500, 21), fully_unsupervised: bool = False,
              num_classes: int | None = None, split: str = "val", resolution: int = DEFAULT_RESOLUTION,
              mask_size: int = 100, fg_model: str | LeopartViT | None = None, fu_k: int | None = None,
-             weight_threshold: float | None = None, cd_resolution: float = 1.0, bg_shares=BG_SHARES,
+             weight_threshold: float | None = None, cd_resolution: float = 1.0, bg_shares=None,
              protocol: str = "reference", iters: int | None = None, n_init: int | None = None,
              seeds: int | None = None, seed: int = 0, batch_size: int = 16, device=None,
              progress: bool | None = None, cache_dir: str | Path | None = None) -> dict:
@@ -208,19 +208,18 @@ def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500,
     k-means fitted on 256 points per cluster, best of 5 runs of 100 iterations, patch labels upsampled; mean
     over 5 seeds) or "cosine" (spherical k-means of all raw tokens, one run of 50 iterations, part scores
     upsampled). ``iters``, ``n_init`` (k-means runs per fit, the lowest inertia kept) and ``seeds`` (fits per k,
-    mIoU averaged) override the protocol's. The fully unsupervised score uses one fit. ``cache_dir``: see
-    segment.dense_features."""
+    mIoU averaged) override the protocol's. The fully unsupervised score uses one fit; ``bg_shares``: the CBFE
+    background shares it tries (default BG_SHARES). ``cache_dir``: see segment.dense_features."""
     device = default_device(device)  # the model's and k-means' (default: cuda when available)
     # Bad settings fail now, not after the features of the whole split are computed.
     if protocol not in PROTOCOLS:
         raise LeopartError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
     if iters is not None and (isinstance(iters, bool) or not isinstance(iters, (int, np.integer)) or iters < 0):
         raise LeopartError(f"iters must be >= 0, not {iters!r}")
-    run = dataclasses.replace(PROTOCOLS[protocol], **{name: value for name, value in
-                                                      (("iters", iters), ("n_init", n_init), ("seeds", seeds))
-                                                      if value is not None})
-    run = dataclasses.replace(run, iters=int(run.iters), n_init=positive_int(run.n_init, "n_init"),
-                              seeds=positive_int(run.seeds, "seeds"))
+    base = PROTOCOLS[protocol]
+    run = dataclasses.replace(base, iters=base.iters if iters is None else int(iters),
+                              n_init=positive_int(base.n_init if n_init is None else n_init, "n_init"),
+                              seeds=positive_int(base.seeds if seeds is None else seeds, "seeds"))
     ks = tuple(positive_int(k, "k") for k in (ks if isinstance(ks, Iterable) and not isinstance(ks, str) else [ks]))
     if not ks and not fully_unsupervised:
         raise LeopartError("nothing to evaluate: give ks (k-means k values) or fully_unsupervised=True")
@@ -228,9 +227,9 @@ def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500,
     mask_size = positive_int(mask_size, "mask_size")
     if fg_model is not None and not fully_unsupervised:
         raise LeopartError(FG_MODEL_NEEDS_FU)
-    bg_shares = check_bg_shares(bg_shares)
-    if bg_shares != BG_SHARES and not fully_unsupervised:
+    if bg_shares is not None and not fully_unsupervised:
         raise LeopartError(BG_SHARES_NEED_FU)
+    bg_shares = check_bg_shares(BG_SHARES if bg_shares is None else bg_shares)
     voc = read_voc(data_root, split)  # a wrong folder fails before a model loads (or downloads)
     model = from_pretrained(model, device=device)
     fg_model = from_pretrained(fg_model, device=device) if fg_model is not None else None

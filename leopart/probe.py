@@ -319,12 +319,12 @@ def probe(model: LeopartViT | str, train_data: str | os.PathLike, head: str = "l
     ckpt_path = output / CHECKPOINT_NAME if output else None
     state = torch.load(ckpt_path, map_location="cpu", weights_only=True) \
         if ckpt_path is not None and ckpt_path.is_file() else None
-    # Unset lr and batch: what a resumed run recorded (runs from before the per-model recipe used 0.1 and 12),
-    # else the reference's recipe for this model.
-    recorded = state.get("config", {}) if state else {}
-    lr, batch = reference_recipe(cfg.head, model.patch_size) if state is None else (0.1, 12)
-    cfg = replace(cfg, lr=cfg.lr if cfg.lr is not None else recorded.get("lr") or lr,
-                  batch_size=cfg.batch_size or recorded.get("batch_size") or batch)
+    # Unset lr and batch: what a resumed run recorded (runs from before the per-model recipe recorded 0.1 and
+    # 12), else the reference's recipe for this model.
+    recorded = state["config"] if state else {}
+    lr, batch = reference_recipe(cfg.head, model.patch_size)
+    cfg = replace(cfg, lr=cfg.lr if cfg.lr is not None else recorded.get("lr", lr),
+                  batch_size=cfg.batch_size or recorded.get("batch_size", batch))
     probe_head = ProbeHead(ProbeConfig(head=cfg.head, in_dim=model.embed_dim, num_classes=num_classes,
                                        mask_size=cfg.mask_size, resolution=cfg.resolution, model=model.name_or_path))
     probe_head.to(device).train()

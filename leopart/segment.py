@@ -47,9 +47,10 @@ def dense_features(images: Any, model: LeopartViT, resolution: int = DEFAULT_RES
     """Patch tokens of every image plus a foreground mask on the same grid.
 
     The mask comes from ``fg_model``'s last-layer attention (Leopart used a DINO ViT-S/16), or from the
-    model's own attention when ``fg_model`` is None: the patches that hold 65% of its (blurred) mass. With ``cache_dir`` (image files only), features are
-    kept there in files of 256 images, named by the models' weights, the files and the resolution: an
-    interrupted run resumes at the first missing file, and a rerun (say with another k) skips the models.
+    model's own attention when ``fg_model`` is None: the patches that hold 65% of its (blurred) mass. With
+    ``cache_dir`` (image files only), features are kept there in files of 256 images, named by the models'
+    weights, the files and the resolution: an interrupted run resumes at the first missing file, and a rerun
+    (say with another k) skips the models.
     """
     device = default_device(device)
     images = list(data.expand_inputs(images)) if not isinstance(images, torch.Tensor) else images

@@ -119,6 +119,11 @@ class TrainConfig:
         self.global_scale, self.local_scale = tuple(self.global_scale), tuple(self.local_scale)
         self.eval_k = tuple(self.eval_k) if isinstance(self.eval_k, (list, tuple)) else (self.eval_k,)
 
+    @property
+    def eval_size(self) -> int:
+        """Input side of the evaluations during training."""
+        return self.eval_resolution or self.global_size
+
     def crops(self) -> CropConfig:
         return CropConfig(global_size=self.global_size, local_size=self.local_size, n_global=self.n_global,
                           n_local=self.n_local, global_scale=self.global_scale, local_scale=self.local_scale,
@@ -704,12 +709,11 @@ def _check_eval_data(cfg: TrainConfig, patch_size: int):
     from .evaluate import read_voc
     from .segment import check_k
 
-    resolution = cfg.eval_resolution or cfg.global_size
-    if resolution % patch_size:
-        raise LeopartError(f"eval_resolution {resolution} is not a multiple of the patch size {patch_size}")
+    if cfg.eval_size % patch_size:
+        raise LeopartError(f"eval_resolution {cfg.eval_size} is not a multiple of the patch size {patch_size}")
     n_images = len(read_voc(cfg.eval_data, "val").images)
     for k in cfg.eval_k:
-        check_k(k, n_images, resolution, patch_size, name="eval_k")
+        check_k(k, n_images, cfg.eval_size, patch_size, name="eval_k")
 
 
 def _evaluate_during_training(model: LeopartViT, cfg: TrainConfig, step: int, out: Path, device):
@@ -719,8 +723,8 @@ def _evaluate_during_training(model: LeopartViT, cfg: TrainConfig, step: int, ou
     model.eval()
     try:
         # As the reference evaluated during training: its k-means protocol, one seed.
-        res = evaluate(cfg.eval_data, model, ks=cfg.eval_k, resolution=cfg.eval_resolution or cfg.global_size,
-                       protocol="reference", seeds=1, device=device, progress=False)
+        res = evaluate(cfg.eval_data, model, ks=cfg.eval_k, resolution=cfg.eval_size, protocol="reference",
+                       seeds=1, device=device, progress=False)
     finally:
         model.train(was_training)
     with open(out / "eval.jsonl", "a") as f:
