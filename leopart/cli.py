@@ -548,10 +548,16 @@ def _segment_outputs(inputs: tuple[str, ...], output: Path) -> dict[Path, tuple[
               help="Parts for --fully-unsupervised (default 149 for /16, 109 for /8).")
 @click.option("--weight-threshold", default=None, type=click.FloatRange(0, 1),
               help="CD graph edges lighter than this are dropped (default 0.09 for /16, 0.07 for /8).")
-@click.option("--cd-resolution", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="Louvain resolution of CD: higher gives more, smaller objects.")
+@click.option("--markov-time", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Infomap markov time of CD, reference protocol (default 2 for /16, 0.4 for /8).")
+@click.option("--cbfe-k", default=None, type=click.IntRange(min=2),
+              help="Clusters of CBFE, reference protocol (default 200); its cut is chosen on --train-split's masks.")
+@click.option("--cd-runs", default=None, type=click.IntRange(min=1),
+              help="Infomap runs (seeds) averaged, reference protocol (default 10).")
+@click.option("--cd-resolution", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Louvain resolution of CD, cosine protocol (default 1.0): higher gives more, smaller objects.")
 @click.option("--bg-share", "bg_shares", multiple=True, type=click.FloatRange(0, 1),
-              help="CBFE background share of patches for --fully-unsupervised (repeatable: the best is reported; "
+              help="CBFE background share of patches, cosine protocol (repeatable: the best is reported; "
                    "default 0.55 to 0.75 by 0.05, best on the scored split). Give the one chosen on the train split "
                    "for a score not tuned on the scored images.")
 @click.option("--num-classes", default=None, type=click.IntRange(min=1), help="Default: read from the masks.")
@@ -577,7 +583,8 @@ def _segment_outputs(inputs: tuple[str, ...], output: Path) -> dict[Path, tuple[
 @click.option("--linear", is_flag=True, help="Train a linear probe on the train split and report its val mIoU.")
 @click.option("--fcn", is_flag=True, help="Train an FCN probe on the train split and report its val mIoU.")
 @click.option("--train-split", default="train", show_default=True,
-              help="Probe training split: ImageSets/Segmentation/<name>.txt or a file listing image names.")
+              help="Probe training split, also clustered with --split by --fully-unsupervised under the reference "
+                   "protocol: ImageSets/Segmentation/<name>.txt or a file listing image names.")
 @click.option("--probe-epochs", default=None, type=click.IntRange(min=1), help="Default: 25 (linear), 30 (FCN).")
 @click.option("--probe-lr", default=None, type=click.FloatRange(min=0, min_open=True),
               help="Probe SGD learning rate (default: the reference's, 0.1 for ViT-B/8, else 0.01).")
@@ -589,27 +596,30 @@ def _segment_outputs(inputs: tuple[str, ...], output: Path) -> dict[Path, tuple[
               help="Token cache, per-epoch checkpoints (resumable) and trained heads: <dir>/<linear|fcn>/head.")
 @_cache_option
 @_fg_option
-def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, weight_threshold, cd_resolution, bg_shares, num_classes,
-             split, resolution, json_path, seed, protocol, n_init, seeds, batch_size, device, linear, fcn, train_split,
-             probe_epochs, probe_lr, probe_batch_size, probe_mask_size, probe_dir, cache_dir, fg_model):
+def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, weight_threshold, markov_time, cbfe_k, cd_runs,
+             cd_resolution, bg_shares, num_classes, split, resolution, json_path, seed, protocol, n_init, seeds,
+             batch_size, device, linear, fcn, train_split, probe_epochs, probe_lr, probe_batch_size, probe_mask_size,
+             probe_dir, cache_dir, fg_model):
     """Score MODEL on a PASCAL-VOC-layout folder DATA with the paper's protocols.
 
-    k-means over-clustering (default k = 500 and 21) and, with --fully-unsupervised, CBFE + CD; with
-    --linear / --fcn, supervised probes trained on the train split (then k-means runs only if --k is given).
+    k-means over-clustering (default k = 500 and 21) and, with --fully-unsupervised, CBFE + CD (reference
+    protocol: clustered with --train-split, Infomap, needs `pip install infomap`); with --linear / --fcn,
+    supervised probes trained on the train split (then k-means runs only if --k is given).
     """
-    from .evaluate import BG_SHARES_NEED_FU, FG_MODEL_NEEDS_FU, evaluate as run_eval, format_table, read_voc
+    from .evaluate import check_fu_settings, evaluate as run_eval, format_table, read_fu_train_split, read_voc
     from .hub import from_pretrained
     from .serialization import write_json
 
     if json_path is not None and json_path.suffix.lower() != ".json":
         raise LeopartError(f"--json must name a .json file, not '{json_path.name}'")
-    if fg_model and not fully_unsupervised:
-        raise LeopartError(FG_MODEL_NEEDS_FU)
-    if bg_shares and not fully_unsupervised:
-        raise LeopartError(BG_SHARES_NEED_FU)
+    check_fu_settings(protocol, fully_unsupervised, fg_model=fg_model, bg_shares=bg_shares or None,
+                      cd_resolution=cd_resolution, markov_time=markov_time, cbfe_k=cbfe_k, cd_runs=cd_runs)
     heads = [h for h, on in (("linear", linear), ("fcn", fcn)) if on]
     # A wrong folder or split fails before the model loads (or downloads).
-    scored = set(read_voc(data_dir, split).names)
+    scored_split = read_voc(data_dir, split)
+    scored = set(scored_split.names)
+    if fully_unsupervised and protocol == "reference":
+        read_fu_train_split(data_dir, train_split, scored_split)
     if heads:
         shared = scored & set(read_voc(data_dir, train_split).names)
         if shared:
@@ -624,7 +634,8 @@ def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, weight_threshold, cd
                            num_classes=num_classes, split=split, resolution=resolution, fg_model=fg, fu_k=fu_k,
                            weight_threshold=weight_threshold, cd_resolution=cd_resolution,
                            bg_shares=bg_shares or None, protocol=protocol, n_init=n_init, seeds=seeds,
-                           seed=seed, batch_size=batch_size, device=device, progress=True, cache_dir=cache_dir)
+                           seed=seed, batch_size=batch_size, device=device, progress=True, cache_dir=cache_dir,
+                           train_split=train_split, markov_time=markov_time, cbfe_k=cbfe_k, cd_runs=cd_runs)
     else:
         results = {"n_images": len(scored), "overclustering": {}}
     if heads:

@@ -7,11 +7,12 @@ standardised and reduced to 50 dimensions by PCA, Euclidean k-means fitted on 25
 tokens with part scores upsampled (``"cosine"``); predictions and masks compared at 100 x 100 (masks resized
 nearest); label 255 ignored. Over-clustering (k > number of classes) maps clusters to classes many-to-one;
 k <= classes uses one-to-one Hungarian matching (largest sum of IoUs; see leopart.metrics). Fully
-unsupervised: k-means with K parts, CBFE + CD into objects, Hungarian matching of objects (and background)
-to classes, objects left over merged into background; the background share of CBFE is swept over
-0.55..0.75 and the best on the scored split is reported. The reference picked its CBFE cut with the train
-split's masks; ``bg_shares`` (``--bg-share``) fixed to the share chosen there gives a score that is not
-tuned on the scored images.
+unsupervised, reference protocol: the reference code's pipeline on the train and scored splits together
+(leopart.fully_unsupervised: CBFE cut chosen on the train masks, foreground parts, Infomap, mean of 10 runs).
+Cosine protocol: leopart.merge's pipeline on one k-means of the scored split with K parts, the background
+share of CBFE swept over 0.55..0.75 and the best on the scored split reported (``bg_shares``, ``--bg-share``,
+fixed to a share chosen on another split gives a score not tuned on the scored images); objects are matched
+one-to-one to classes in both, objects left over merged into background.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from .cluster import KMeansResult, cluster
 from .data import image_size, read_lines
 from .device import default_device
 from .errors import LeopartError, positive_int
+from .fully_unsupervised import CBFE_K, CD_RUNS, check_infomap, reference_markov_time, reference_protocol
 from .hub import from_pretrained
 from .merge import merge, reference_weight_threshold
 from .metrics import hungarian_miou
@@ -146,20 +148,22 @@ def check_bg_shares(bg_shares) -> tuple[float, ...]:
     return tuple(float(share) for share in shares)
 
 
-def standardise_and_project(features: torch.Tensor, dim: int, device=None, chunk: int = 65536) -> torch.Tensor:
+def standardise_and_project(features, dim: int, device=None, chunk: int = 65536):
     """[..., D] tokens -> [..., min(dim, D)]: each dimension standardised over all tokens (zero-variance ones
     only centred, as scikit-learn's StandardScaler does), then projected on the top principal components of
-    the standardised tokens (as faiss's PCAMatrix without whitening). Two passes in chunks, fp64 sums."""
-    x = features.reshape(-1, features.shape[-1])
-    n, d = x.shape
+    the standardised tokens (as faiss's PCAMatrix without whitening). Two passes in chunks, fp64 sums.
+    A list of tensors is standardised and projected as one set (a list comes back)."""
+    parts = list(features) if isinstance(features, (list, tuple)) else [features]
+    rows_of = [p.reshape(-1, p.shape[-1]) for p in parts]
+    n, d = sum(x.shape[0] for x in rows_of), rows_of[0].shape[1]
     dim = min(dim, d)
-    device = torch.device(device) if device is not None else x.device
+    device = torch.device(device) if device is not None else rows_of[0].device
     total = torch.zeros(d, dtype=torch.float64, device=device)
-    for rows in x.split(chunk):
+    for rows in (r for x in rows_of for r in x.split(chunk)):
         total += rows.to(device, torch.float64).sum(0)
     mean = total / n
     scatter = torch.zeros(d, d, dtype=torch.float64, device=device)
-    for rows in x.split(chunk):
+    for rows in (r for x in rows_of for r in x.split(chunk)):
         centred = rows.to(device, torch.float32) - mean.float()
         scatter += (centred.T @ centred).double()
     cov = scatter / n
@@ -168,20 +172,29 @@ def standardise_and_project(features: torch.Tensor, dim: int, device=None, chunk
     _, vectors = torch.linalg.eigh(cov / torch.outer(scale, scale))  # ascending eigenvalues
     # ((x - mean) / scale) @ top == (x - mean) @ (top / scale[:, None])
     basis = (vectors[:, -dim:].flip(-1) / scale[:, None]).float()
-    out = torch.empty(n, dim, dtype=torch.float32)
-    for start in range(0, n, chunk):
-        rows = x[start:start + chunk].to(device, torch.float32)
-        out[start:start + chunk] = ((rows - mean.float()) @ basis).cpu()
-    return out.view(*features.shape[:-1], dim)
+    projected = []
+    for part, x in zip(parts, rows_of):
+        out = torch.empty(x.shape[0], dim, dtype=torch.float32)
+        for start in range(0, x.shape[0], chunk):
+            out[start:start + chunk] = ((x[start:start + chunk].to(device, torch.float32) - mean.float()) @ basis).cpu()
+        projected.append(out.view(*part.shape[:-1], dim))
+    return projected if isinstance(features, (list, tuple)) else projected[0]
 
 
-def fit_kmeans(features: torch.Tensor, k: int, protocol: Protocol, seed: int, device, progress) -> KMeansResult:
-    """k-means as ``protocol`` runs it; the result's labels cover every token of ``features`` [..., D]."""
+def fit_kmeans(features: torch.Tensor, k: int, protocol: Protocol, seed: int, device, progress,
+               repeats: torch.Tensor | None = None) -> KMeansResult:
+    """k-means as ``protocol`` runs it; the result's labels cover every token of ``features`` [..., D].
+    ``repeats`` [N]: each token stands for that many points (the pixels it covers in an upsampled map), so
+    the fit and its sample are over points, as clustering the upsampled map would be."""
     x = features.reshape(-1, features.shape[-1])
+    generator = torch.Generator().manual_seed(seed)
+    points = None if repeats is None else torch.repeat_interleave(torch.arange(x.shape[0]), repeats.reshape(-1))
+    n_points = x.shape[0] if points is None else points.shape[0]
     cap = protocol.points_per_cluster and protocol.points_per_cluster * k
-    sample = x
-    if cap and x.shape[0] > cap:
-        sample = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:cap]]
+    chosen = torch.randperm(n_points, generator=generator)[:cap] if cap and n_points > cap else None
+    if points is not None:
+        points = points if chosen is None else points[chosen]
+    sample = x if points is None and chosen is None else x[chosen if points is None else points]
     km = cluster(sample, k, iters=protocol.iters, n_init=protocol.n_init, seed=seed, metric=protocol.metric,
                  device=device, progress=progress)
     if sample is not x:
@@ -191,15 +204,63 @@ def fit_kmeans(features: torch.Tensor, k: int, protocol: Protocol, seed: int, de
 
 FG_MODEL_NEEDS_FU = ("a foreground model (--fg-model, fg_model=) serves the fully unsupervised protocol only: add "
                      "--fully-unsupervised (fully_unsupervised=True) or leave it out")
+# Settings of one fully unsupervised pipeline that the other does not have: (name, the protocol they serve).
+FU_SETTINGS = {"bg_shares": ("--bg-share (bg_shares=)", "cosine"),
+               "cd_resolution": ("--cd-resolution (cd_resolution=)", "cosine"),
+               "markov_time": ("--markov-time (markov_time=)", "reference"),
+               "cbfe_k": ("--cbfe-k (cbfe_k=)", "reference"),
+               "cd_runs": ("--cd-runs (cd_runs=)", "reference")}
+
+
+def check_fu_settings(protocol: str, fully_unsupervised: bool, **given) -> None:
+    """Refuse fully unsupervised settings without --fully-unsupervised, or meant for the other protocol's
+    pipeline; the CLI calls this before it loads a model. ``given``: fg_model and the FU_SETTINGS names."""
+    if protocol not in PROTOCOLS:
+        raise LeopartError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
+    if given.get("fg_model") is not None and not fully_unsupervised:
+        raise LeopartError(FG_MODEL_NEEDS_FU)
+    if given.get("bg_shares") is not None and not fully_unsupervised:
+        raise LeopartError(BG_SHARES_NEED_FU)
+    for name, (flag, owner) in FU_SETTINGS.items():
+        if given.get(name) is None:
+            continue
+        if not fully_unsupervised:
+            raise LeopartError(f"{flag} serves the fully unsupervised protocol only: add --fully-unsupervised "
+                               "(fully_unsupervised=True) or leave it out")
+        if protocol != owner:
+            raise LeopartError(f"{flag} serves the fully unsupervised pipeline of --protocol {owner}, not of "
+                               f"--protocol {protocol}")
+    if given.get("cbfe_k") is not None:
+        positive_int(given["cbfe_k"], "cbfe_k")
+    if given.get("cd_runs") is not None:
+        positive_int(given["cd_runs"], "cd_runs")
+    for name in ("markov_time", "cd_resolution"):
+        value = given.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+            raise LeopartError(f"{name} must be a positive number, not {value!r}")
+    if fully_unsupervised and protocol == "reference":
+        check_infomap()
+
+
+def read_fu_train_split(data_root, train_split: str, scored: VOCSplit) -> VOCSplit:
+    """The train split the reference protocol clusters with the scored one (and picks its CBFE cut on)."""
+    train = read_voc(data_root, train_split)
+    shared = set(train.names) & set(scored.names)
+    if shared:
+        raise LeopartError(f"the fully unsupervised --train-split '{train_split}' shares {len(shared)} image(s) "
+                           f"with the scored split ({min(shared)}, ...): the reference protocol clusters the two "
+                           "together and picks its CBFE cut on the train masks")
+    return train
 
 
 def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500, 21), fully_unsupervised: bool = False,
              num_classes: int | None = None, split: str = "val", resolution: int = DEFAULT_RESOLUTION,
              mask_size: int = 100, fg_model: str | LeopartViT | None = None, fu_k: int | None = None,
-             weight_threshold: float | None = None, cd_resolution: float = 1.0, bg_shares=None,
+             weight_threshold: float | None = None, cd_resolution: float | None = None, bg_shares=None,
              protocol: str = "reference", iters: int | None = None, n_init: int | None = None,
              seeds: int | None = None, seed: int = 0, batch_size: int = 16, device=None,
-             progress: bool | None = None, cache_dir: str | Path | None = None) -> dict:
+             progress: bool | None = None, cache_dir: str | Path | None = None, train_split: str = "train",
+             markov_time: float | None = None, cbfe_k: int | None = None, cd_runs: int | None = None) -> dict:
     """Score ``model`` on a VOC-layout folder with the paper's protocols (what ``leopart eval`` runs): k-means
     over-clustering for each k in ``ks`` and, with ``fully_unsupervised``, CBFE + CD. Returns
     {"overclustering": {k: miou}, "fully_unsupervised": miou, "n_images": n, ...} with mIoU in percent.
@@ -208,8 +269,14 @@ def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500,
     k-means fitted on 256 points per cluster, best of 5 runs of 100 iterations, patch labels upsampled; mean
     over 5 seeds) or "cosine" (spherical k-means of all raw tokens, one run of 50 iterations, part scores
     upsampled). ``iters``, ``n_init`` (k-means runs per fit, the lowest inertia kept) and ``seeds`` (fits per k,
-    mIoU averaged) override the protocol's. The fully unsupervised score uses one fit; ``bg_shares``: the CBFE
-    background shares it tries (default BG_SHARES). ``cache_dir``: see segment.dense_features."""
+    mIoU averaged) override the protocol's. ``cache_dir``: see segment.dense_features.
+
+    Fully unsupervised, "reference" protocol (leopart.fully_unsupervised): the train split ``train_split`` is
+    clustered with the scored one; CBFE on ``cbfe_k`` clusters (200) with its cut chosen on the train masks,
+    ``fu_k`` foreground parts, CD with Infomap (``markov_time``, ``weight_threshold``; default: the reference's
+    for the patch size), mean of ``cd_runs`` runs (10). Needs the infomap package. "cosine" protocol: leopart's
+    own CBFE + CD (leopart.merge) on one fit of the scored split with ``fu_k`` parts, networkx Louvain
+    (``cd_resolution``, 1.0), CBFE background shares ``bg_shares`` tried (default BG_SHARES), the best reported."""
     device = default_device(device)  # the model's and k-means' (default: cuda when available)
     # Bad settings fail now, not after the features of the whole split are computed.
     if protocol not in PROTOCOLS:
@@ -225,12 +292,12 @@ def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500,
         raise LeopartError("nothing to evaluate: give ks (k-means k values) or fully_unsupervised=True")
     fu_k = positive_int(fu_k, "fu_k") if fu_k is not None else None
     mask_size = positive_int(mask_size, "mask_size")
-    if fg_model is not None and not fully_unsupervised:
-        raise LeopartError(FG_MODEL_NEEDS_FU)
-    if bg_shares is not None and not fully_unsupervised:
-        raise LeopartError(BG_SHARES_NEED_FU)
+    check_fu_settings(protocol, fully_unsupervised, fg_model=fg_model, bg_shares=bg_shares,
+                      cd_resolution=cd_resolution, markov_time=markov_time, cbfe_k=cbfe_k, cd_runs=cd_runs)
     bg_shares = check_bg_shares(BG_SHARES if bg_shares is None else bg_shares)
+    reference_fu = fully_unsupervised and protocol == "reference"
     voc = read_voc(data_root, split)  # a wrong folder fails before a model loads (or downloads)
+    train = read_fu_train_split(data_root, train_split, voc) if reference_fu else None
     model = from_pretrained(model, device=device)
     fg_model = from_pretrained(fg_model, device=device) if fg_model is not None else None
     targets = []
@@ -287,10 +354,38 @@ def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500,
         if run.seeds > 1:
             results.setdefault("overclustering_runs", {})[str(k)] = runs
 
-    if fully_unsupervised:
+    if reference_fu:
         fu_k = fu_k or (109 if model.patch_size == 8 else 149)
         if weight_threshold is None:
             weight_threshold = reference_weight_threshold(model.patch_size)
+        markov_time = markov_time or reference_markov_time(model.patch_size)
+        cbfe_k, cd_runs = cbfe_k or CBFE_K, cd_runs or CD_RUNS
+        train_dense = dense_features(train.images, model, resolution, batch_size, device, fg_model=fg_model,
+                                     progress=progress, cache_dir=cache_dir)
+        train_targets = [resize_mask(load_mask(mask_path, image_size(img_path)), mask_size)
+                         for img_path, mask_path in zip(train.images, train.masks)]
+        # One standardisation and PCA for both splits, as the reference fitted them on train + val.
+        train_tokens, scored_tokens = standardise_and_project([train_dense.features, dense.features], run.pca_dim,
+                                                              device)
+
+        def fit(points, k, metric, fit_seed, repeats):
+            return fit_kmeans(points, k, dataclasses.replace(run, metric=metric), fit_seed, device, progress, repeats)
+
+        fu = reference_protocol(train_tokens, train_dense.foreground, train_targets, scored_tokens, dense.foreground,
+                                targets, k=fu_k, num_classes=num_classes, fit=fit, cbfe_k=cbfe_k,
+                                weight_threshold=weight_threshold, markov_time=markov_time, runs=cd_runs, seed=seed,
+                                mask_size=mask_size)
+        results["fully_unsupervised"] = fu.pop("miou")
+        results["fully_unsupervised_runs"] = fu.pop("runs")
+        results["fully_unsupervised_details"] = {
+            "pipeline": "reference", "k": fu_k, "cbfe_k": cbfe_k, "weight_threshold": weight_threshold,
+            "markov_time": markov_time, "cd_runs": cd_runs, "train_split": train_split,
+            "n_train_images": len(train.names), **fu}
+    elif fully_unsupervised:
+        fu_k = fu_k or (109 if model.patch_size == 8 else 149)
+        if weight_threshold is None:
+            weight_threshold = reference_weight_threshold(model.patch_size)
+        cd_resolution = cd_resolution or 1.0
         km = fit_kmeans(tokens, min(fu_k, grid.numel()), run, seed, device, progress)
         labels = km.labels.cpu().view(grid)
         best = None
@@ -301,7 +396,8 @@ def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500,
             if best is None or miou > best[0]:
                 best = (miou, share, seg.n_objects)
         results["fully_unsupervised"] = best[0]
-        results["fully_unsupervised_details"] = {"k": fu_k, "bg_share": best[1], "n_objects": best[2],
+        results["fully_unsupervised_details"] = {"pipeline": "leopart", "k": fu_k, "bg_share": best[1],
+                                                 "n_objects": best[2],
                                                  "weight_threshold": weight_threshold, "cd_resolution": cd_resolution,
                                                  "bg_share_sweep": list(bg_shares)}
     return results
@@ -315,7 +411,14 @@ def format_table(results: dict, model_name: str) -> str:
         runs = results.get("overclustering_runs", {}).get(k)
         spread = f" +- {np.std(runs):.1f}" if runs and len(runs) > 1 else ""  # over the seeds' fits
         rows.append((f"k-means k={k} ({kind})", f"{miou:.1f}{spread}", _fmt(paper.get("overclustering", {}).get(k))))
-    if "fully_unsupervised" in results:
+    if "fully_unsupervised" in results and results["fully_unsupervised_details"].get("pipeline") == "reference":
+        d, runs = results["fully_unsupervised_details"], results["fully_unsupervised_runs"]
+        spread = f" +- {np.std(runs):.1f}" if len(runs) > 1 else ""
+        objects = f"{min(d['n_objects'])}-{max(d['n_objects'])}" if len(set(d["n_objects"])) > 1 else d["n_objects"][0]
+        label = (f"fully unsupervised (k={d['k']}, CBFE k={d['cbfe_k']} cut on {d['train_split']} masks, "
+                 f"Infomap markov time {d['markov_time']:g}, {objects} objects)")
+        rows.append((label, f"{results['fully_unsupervised']:.1f}{spread}", _fmt(paper.get("fully_unsupervised"))))
+    elif "fully_unsupervised" in results:
         d = results["fully_unsupervised_details"]
         sweep = d.get("bg_share_sweep", [d["bg_share"]])
         bg = f"bg {d['bg_share']:.2f}" + (f", best of {len(sweep)} on this split" if len(sweep) > 1 else "")
@@ -329,8 +432,13 @@ def format_table(results: dict, model_name: str) -> str:
     lines.insert(1, "-" * len(lines[0]))
     how = results.get("kmeans", {})
     protocol = f", {results['protocol']} protocol" if "protocol" in results else ""
+    spreads = []
     if how.get("seeds", 1) > 1 and results.get("overclustering"):
-        protocol += f" (k-means scores: mean +- std of {how['seeds']} seeds)"
+        spreads.append(f"k-means scores: mean +- std of {how['seeds']} seeds")
+    if len(results.get("fully_unsupervised_runs", ())) > 1:
+        spreads.append(f"fully unsupervised: mean +- std of {len(results['fully_unsupervised_runs'])} Infomap runs")
+    if spreads:
+        protocol += f" ({'; '.join(spreads)})"
     return "\n".join(lines) + f"\n{results['n_images']} images, {results['num_classes']} classes{protocol}"
 
 

@@ -307,7 +307,8 @@ def test_cluster_merge_segment_chain(tiny_model_dir, voc_dir, tmp_path, monkeypa
 def test_eval_cli_json(tiny_model_dir, voc_dir, tmp_path):
     out = tmp_path / "res.json"
     r = CliRunner().invoke(main, ["eval", str(voc_dir), "--model", str(tiny_model_dir), "--k", "8", "--k", "3",
-                                  "--fully-unsupervised", "--fu-k", "6", "--resolution", "64", "--json", str(out)])
+                                  "--fully-unsupervised", "--protocol", "cosine", "--fu-k", "6", "--resolution", "64", "--json",
+                                  str(out)])
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
     assert res["n_images"] == 5 and res["num_classes"] == 3
@@ -320,7 +321,8 @@ def test_eval_cli_json(tiny_model_dir, voc_dir, tmp_path):
     details = res["fully_unsupervised_details"]
     assert details["weight_threshold"] == 0.09 and details["cd_resolution"] == 1.0  # the paper's, for a /16 model
     r = CliRunner().invoke(main, ["eval", str(voc_dir), "--model", str(tiny_model_dir), "--k", "3",
-                                  "--fully-unsupervised", "--fu-k", "6", "--resolution", "64", "--json", str(out),
+                                  "--fully-unsupervised", "--protocol", "cosine", "--fu-k", "6", "--resolution", "64", "--json",
+                                  str(out),
                                   "--weight-threshold", "0.2", "--cd-resolution", "2"])
     assert r.exit_code == 0, r.output
     details = json.loads(out.read_text())["fully_unsupervised_details"]
@@ -328,7 +330,8 @@ def test_eval_cli_json(tiny_model_dir, voc_dir, tmp_path):
     assert "best of 5 on this split" in r.output  # the default sweep picks on the scored images, and says so
     # A fixed background share (say, the one chosen on the train split): no sweep over the scored images.
     r = CliRunner().invoke(main, ["eval", str(voc_dir), "--model", str(tiny_model_dir), "--k", "3",
-                                  "--fully-unsupervised", "--fu-k", "6", "--resolution", "64", "--json", str(out),
+                                  "--fully-unsupervised", "--protocol", "cosine", "--fu-k", "6", "--resolution", "64", "--json",
+                                  str(out),
                                   "--bg-share", "0.6"])
     assert r.exit_code == 0, r.output
     details = json.loads(out.read_text())["fully_unsupervised_details"]
@@ -438,9 +441,21 @@ def test_evaluate_api_checks_its_settings_before_any_feature(tiny_model, voc_dir
            (dict(n_init=0), "n_init must be a positive integer"), (dict(iters=-1), "iters must be >= 0, not -1"),
            (dict(fg_model=tiny_model), "serves the fully unsupervised protocol only"),  # ran a second model for nothing
            (dict(bg_shares=(0.6,)), "serve the fully unsupervised protocol only"),
-           (dict(fully_unsupervised=True, bg_shares=()), "bg_shares is empty"),
-           (dict(fully_unsupervised=True, bg_shares=(0.6, 1.5)), r"a CBFE background share lies in \[0, 1\], not 1.5"),
-           (dict(fully_unsupervised=True, bg_shares="0.6"), "a CBFE background share lies in")]
+           (dict(fully_unsupervised=True, protocol="cosine", bg_shares=()), "bg_shares is empty"),
+           (dict(fully_unsupervised=True, protocol="cosine", bg_shares=(0.6, 1.5)),
+            r"a CBFE background share lies in \[0, 1\], not 1.5"),
+           (dict(fully_unsupervised=True, protocol="cosine", bg_shares="0.6"), "a CBFE background share lies in"),
+           # Each fully unsupervised pipeline's own settings are refused by the other.
+           (dict(fully_unsupervised=True, bg_shares=(0.6,)), "--bg-share .* serves the fully unsupervised pipeline "
+                                                             "of --protocol cosine, not of --protocol reference"),
+           (dict(fully_unsupervised=True, cd_resolution=2.0), "--cd-resolution .* of --protocol cosine"),
+           (dict(fully_unsupervised=True, protocol="cosine", markov_time=0.4), "--markov-time .* of --protocol ref"),
+           (dict(fully_unsupervised=True, protocol="cosine", cbfe_k=50), "--cbfe-k .* of --protocol reference"),
+           (dict(cd_runs=3), "--cd-runs .* serves the fully unsupervised protocol only"),
+           (dict(fully_unsupervised=True, markov_time=-1.0), "markov_time must be a positive number, not -1.0"),
+           (dict(fully_unsupervised=True, cd_runs=0), "cd_runs must be a positive integer, not 0"),
+           # The reference protocol clusters a train split with the scored one: this folder lists none.
+           (dict(fully_unsupervised=True), "no split 'train'")]
     for settings, match in bad:
         with pytest.raises(LeopartError, match=match):
             evaluate(voc_dir, tiny_model, resolution=64, **settings)
