@@ -215,8 +215,6 @@ FU_SETTINGS = {"bg_shares": ("--bg-share (bg_shares=)", "cosine"),
 def check_fu_settings(protocol: str, fully_unsupervised: bool, **given) -> None:
     """Refuse fully unsupervised settings without --fully-unsupervised, or meant for the other protocol's
     pipeline; the CLI calls this before it loads a model. ``given``: fg_model and the FU_SETTINGS names."""
-    if protocol not in PROTOCOLS:
-        raise LeopartError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
     if given.get("fg_model") is not None and not fully_unsupervised:
         raise LeopartError(FG_MODEL_NEEDS_FU)
     if given.get("bg_shares") is not None and not fully_unsupervised:
@@ -236,20 +234,20 @@ def check_fu_settings(protocol: str, fully_unsupervised: bool, **given) -> None:
         positive_int(given["cd_runs"], "cd_runs")
     for name in ("markov_time", "cd_resolution"):
         value = given.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not value > 0):
             raise LeopartError(f"{name} must be a positive number, not {value!r}")
-    if fully_unsupervised and protocol == "reference":
-        check_infomap()
 
 
 def read_fu_train_split(data_root, train_split: str, scored: VOCSplit) -> VOCSplit:
-    """The train split the reference protocol clusters with the scored one (and picks its CBFE cut on)."""
+    """The train split the reference protocol clusters with the scored one (and picks its CBFE cut on); the
+    last check before a model runs, with the one for the infomap package."""
     train = read_voc(data_root, train_split)
     shared = set(train.names) & set(scored.names)
     if shared:
         raise LeopartError(f"the fully unsupervised --train-split '{train_split}' shares {len(shared)} image(s) "
                            f"with the scored split ({min(shared)}, ...): the reference protocol clusters the two "
                            "together and picks its CBFE cut on the train masks")
+    check_infomap()
     return train
 
 
@@ -354,10 +352,11 @@ def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500,
         if run.seeds > 1:
             results.setdefault("overclustering_runs", {})[str(k)] = runs
 
-    if reference_fu:
+    if fully_unsupervised:  # the reference's settings for the patch size, unless given
         fu_k = fu_k or (109 if model.patch_size == 8 else 149)
         if weight_threshold is None:
             weight_threshold = reference_weight_threshold(model.patch_size)
+    if reference_fu:
         markov_time = markov_time or reference_markov_time(model.patch_size)
         cbfe_k, cd_runs = cbfe_k or CBFE_K, cd_runs or CD_RUNS
         train_dense = dense_features(train.images, model, resolution, batch_size, device, fg_model=fg_model,
@@ -382,9 +381,6 @@ def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500,
             "markov_time": markov_time, "cd_runs": cd_runs, "train_split": train_split,
             "n_train_images": len(train.names), **fu}
     elif fully_unsupervised:
-        fu_k = fu_k or (109 if model.patch_size == 8 else 149)
-        if weight_threshold is None:
-            weight_threshold = reference_weight_threshold(model.patch_size)
         cd_resolution = cd_resolution or 1.0
         km = fit_kmeans(tokens, min(fu_k, grid.numel()), run, seed, device, progress)
         labels = km.labels.cpu().view(grid)
