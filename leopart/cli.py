@@ -568,7 +568,7 @@ def _segment_outputs(inputs: tuple[str, ...], output: Path) -> dict[Path, tuple[
               help="Square input side in pixels, a multiple of the patch size (the paper: 448).")
 @click.option("--json", "json_path", default=None, type=_OutputPath(dir_okay=False, path_type=Path),
               help="Also write the results as JSON.")
-@click.option("--seed", default=0, show_default=True, help="Seed of k-means++, community detection and the probes.")
+@click.option("--seed", default=0, show_default=True, help="Seed of k-means, community detection and the probes.")
 @click.option("--protocol", default="reference", show_default=True, type=click.Choice(["reference", "cosine"]),
               help="k-means as the reference code ran it (standardised tokens, PCA to 50 dimensions, Euclidean, "
                    "best of 5 runs, mean of 5 seeds) or spherical k-means of the raw tokens (one run).")

@@ -54,6 +54,7 @@ class Protocol:
     metric: str               # k-means metric
     iters: int                # Lloyd iterations at most
     n_init: int               # k-means runs per fit; the lowest-inertia one is kept
+    init: str                 # initial centroids of each run: "random" points or "k-means++"
     seeds: int                # fits per k (different seeds); their mean mIoU is reported
     points_per_cluster: int | None  # fit on a random sample of this many points per cluster (None: all)
     upsample: str             # "labels": patch labels, nearest; "scores": part scores, bilinear, then argmax
@@ -62,12 +63,12 @@ class Protocol:
 PROTOCOLS = {
     # The reference code's (experiments/ of the Leopart repository): scikit-learn's StandardScaler, faiss's
     # PCA to 50 dimensions and faiss.Kmeans(niter=100, nredo=5), which trains on at most 256 points per
-    # centroid and random initial centroids (here k-means++), then labels every token; mean over 5 seeds.
-    "reference": Protocol(pca_dim=50, metric="euclidean", iters=100, n_init=5, seeds=5, points_per_cluster=256,
-                          upsample="labels"),
-    # Spherical k-means on the raw tokens, all of them, one fit; part scores upsampled before the argmax.
-    "cosine": Protocol(pca_dim=None, metric="cosine", iters=50, n_init=1, seeds=1, points_per_cluster=None,
-                       upsample="scores"),
+    # centroid and starts each run from random points, then labels every token; mean over 5 seeds.
+    "reference": Protocol(pca_dim=50, metric="euclidean", iters=100, n_init=5, init="random", seeds=5,
+                          points_per_cluster=256, upsample="labels"),
+    # Spherical k-means of all the raw tokens, one fit from k-means++; part scores upsampled before the argmax.
+    "cosine": Protocol(pca_dim=None, metric="cosine", iters=50, n_init=1, init="k-means++", seeds=1,
+                       points_per_cluster=None, upsample="scores"),
 }
 
 
@@ -196,7 +197,7 @@ def fit_kmeans(features: torch.Tensor, k: int, protocol: Protocol, seed: int, de
         points = points if chosen is None else points[chosen]
     sample = x if points is None and chosen is None else x[chosen if points is None else points]
     km = cluster(sample, k, iters=protocol.iters, n_init=protocol.n_init, seed=seed, metric=protocol.metric,
-                 device=device, progress=progress)
+                 init=protocol.init, device=device, progress=progress)
     if sample is not x:
         km = KMeansResult(km.centroids, km.predict(x.to(km.centroids.device)).cpu(), km.inertia, km.n_iter, km.metric)
     return km
@@ -318,7 +319,7 @@ def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500,
     results: dict = {"n_images": len(voc.names), "num_classes": num_classes, "resolution": resolution,
                      "mask_size": mask_size, "protocol": protocol,
                      "kmeans": {"pca_dim": run.pca_dim, "metric": run.metric, "iters": run.iters, "n_init": run.n_init,
-                                "seeds": run.seeds, "points_per_cluster": run.points_per_cluster},
+                                "init": run.init, "seeds": run.seeds, "points_per_cluster": run.points_per_cluster},
                      "overclustering": {}}
 
     def score(predict, n_images_desc: str, many_to_one: bool) -> float:

@@ -136,7 +136,7 @@ def test_fit_kmeans_with_repeats_clusters_the_upsampled_points():
     # With at most 256 points per cluster nothing is sampled: the fit is over every repeated point.
     from leopart.cluster import cluster
 
-    want = cluster(x.repeat_interleave(repeats, dim=0), 4, iters=run.iters, n_init=run.n_init, seed=3,
+    want = cluster(x.repeat_interleave(repeats, dim=0), 4, iters=run.iters, n_init=run.n_init, init=run.init, seed=3,
                    metric="euclidean")
     torch.testing.assert_close(got.centroids, want.centroids)
     assert torch.equal(got.labels, want.predict(x))
@@ -200,7 +200,8 @@ def test_eval_cli_runs_the_reference_fully_unsupervised_protocol(tiny_model_dir,
     assert len(res["fully_unsupervised_runs"]) == 3 and len(d["n_objects"]) == 3
     assert res["fully_unsupervised"] == pytest.approx(np.mean(res["fully_unsupervised_runs"]))
     assert all(0 <= v <= 100 for v in res["fully_unsupervised_runs"])
-    assert d["cbfe_cut"] == 5 and 0 <= d["cbfe_threshold"] < 1 and 0 <= d["fg_share"] <= 1  # int(0.55 * 10)
+    # The cuts tried send int(0.55 * 10) = 5 or 6 (< int(0.75 * 10)) of the 10 CBFE clusters to the background.
+    assert d["cbfe_cut"] in (5, 6) and 0 <= d["cbfe_threshold"] < 1 and 0 <= d["fg_share"] <= 1
     assert round(d["cbfe_threshold"] / 0.05, 6) == round(d["cbfe_threshold"] / 0.05)
     assert "fully unsupervised (k=6, CBFE k=10 cut on train masks, Infomap markov time 2," in r.output
     assert "mean +- std of 3 Infomap runs" in r.output

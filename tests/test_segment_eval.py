@@ -619,15 +619,16 @@ def test_reference_protocol_fits_on_256_points_per_cluster_and_averages_seeds(ti
     real_cluster = ev.cluster
 
     def recording_cluster(x, k, **kwargs):
-        fitted.append((x.shape, k, kwargs["metric"], kwargs["n_init"], kwargs["iters"], kwargs["seed"]))
+        fitted.append((x.shape, k, kwargs["metric"], kwargs["n_init"], kwargs["iters"], kwargs["seed"], kwargs["init"]))
         return real_cluster(x, k, **kwargs)
 
     monkeypatch.setattr(ev, "cluster", recording_cluster)
     model = leopart.from_pretrained(str(tiny_model_dir))
     res = ev.evaluate(voc_dir, model, ks=(3,), resolution=64, seeds=2, progress=False)  # 5 images x 16 patches
-    # PCA to 50 dimensions; 3 x 256 = 768 > 80 points: all are fitted; seeds 0 and 0 + n_init.
+    # PCA to 50 dimensions; 3 x 256 = 768 > 80 points: all are fitted, from random points (faiss's start);
+    # seeds 0 and 0 + n_init.
     assert model.embed_dim > 50
-    assert fitted == [((80, 50), 3, "euclidean", 5, 100, 0), ((80, 50), 3, "euclidean", 5, 100, 5)]
+    assert fitted == [((80, 50), 3, "euclidean", 5, 100, seed, "random") for seed in (0, 5)]
     assert res["protocol"] == "reference" and len(res["overclustering_runs"]["3"]) == 2
     assert res["overclustering"]["3"] == pytest.approx(np.mean(res["overclustering_runs"]["3"]))
     # Above 256 points per cluster, a seeded sample is fitted and every token labelled.
