@@ -261,7 +261,8 @@ def leopart_loss(student: nn.Module, teacher: LeopartViT, crops: list[torch.Tens
     """The Leopart objective on one (per-process) batch.
 
     student: a MultiCrop (optionally DDP-wrapped); teacher: the EMA model; crops: n_crops tensors [B, 3, S, S];
-    boxes: [B, n_global, n_crops, 2, 4] from augment.make_views; queue: [n_global, L, proj_dim] or None.
+    boxes: [B, n_global, n_crops, 2, 4] from augment.make_views; queue: [n_global, L, proj_dim] or None, past
+    teacher embeddings scored with the student's prototypes and prepended to the teacher's scores before Sinkhorn.
     Returns (loss to backpropagate, the single-process loss on the global batch as a 0-d tensor, per global
     crop the teacher embeddings this batch adds to the queue: none without one).
     """
@@ -270,14 +271,15 @@ def leopart_loss(student: nn.Module, teacher: LeopartViT, crops: list[torch.Tens
     b = crops[0].shape[0]
     p = teacher.patch_size
     k = teacher.config.num_prototypes
+    student_prototypes = getattr(student, "module", student).model.prototypes.weight  # under DDP, its module
     with torch.no_grad():
         t_out = teacher(torch.cat(crops[:ng]), attention=cfg.loss_mask != "all")
         h, w = t_out.scores.shape[1:3]
         targets = []
         for gi in range(ng):
             scores = t_out.scores[gi * b:(gi + 1) * b].reshape(-1, k).float()
-            if queue is not None:
-                scores = torch.cat([queue[gi].to(scores) @ teacher.prototypes.weight.float().T, scores])
+            if queue is not None:  # scored with the student's prototypes, as the reference did
+                scores = torch.cat([queue[gi].to(scores) @ student_prototypes.float().T, scores])
             q = sinkhorn(scores, cfg.epsilon, cfg.sinkhorn_iters, distributed=world_size > 1)[-b * h * w:]
             targets.append(q.view(b, h, w, k).permute(0, 3, 1, 2))
         masks = None

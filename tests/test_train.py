@@ -202,6 +202,30 @@ def test_queue_takes_ten_random_counted_embeddings_per_image(mask):
     assert added == [] and torch.equal(torch.get_rng_state(), state)
 
 
+def test_queue_is_scored_with_the_student_prototypes(monkeypatch):
+    """The reference prepends queue @ student prototypes to the teacher's scores of the batch before Sinkhorn
+    (the batch itself is scored by the teacher's prototypes)."""
+    cfg = TrainConfig(**TINY, queue_length=16)
+    model, teacher = tiny_pair(cfg)
+    with torch.no_grad():
+        teacher.prototypes.weight.add_(0.5 * torch.randn_like(teacher.prototypes.weight))
+    model.normalize_prototypes()
+    teacher.normalize_prototypes()
+    crops, boxes = fixed_batch(cfg=cfg)
+    queue = torch.nn.functional.normalize(torch.randn(cfg.n_global, 16, model.config.proj_dim), dim=-1)
+    seen = []
+    train_module = sys.modules["leopart.train"]
+    real = train_module.sinkhorn
+    monkeypatch.setattr(train_module, "sinkhorn", lambda x, *a, **kw: seen.append(x) or real(x, *a, **kw))
+    leopart_loss(MultiCrop(model), teacher, crops, boxes, cfg, queue)
+    with torch.no_grad():
+        batch_scores = teacher(torch.cat(crops[:cfg.n_global])).scores
+    b, k = crops[0].shape[0], cfg.num_prototypes
+    for gi, scores in enumerate(seen):
+        torch.testing.assert_close(scores[:16], queue[gi] @ model.prototypes.weight.T)
+        torch.testing.assert_close(scores[16:], batch_scores[gi * b:(gi + 1) * b].reshape(-1, k).float())
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
