@@ -1,12 +1,10 @@
 """Foreground masks from a ViT's last-layer CLS attention, as Leopart's training and CBFE use them.
 
-Average the heads, blur with a Gaussian (sigma 0.6 patches), keep the patches that hold the top 60% of the
+Average the heads, blur with a Gaussian (sigma 0.6 patches, 7 x 7, reflect padding), keep the patches that hold the top 60% of the
 attention mass (CBFE's cue: 65%, ``segment.CBFE_ATTENTION_MASS``), and drop connected components of at most
 2 patches.
 """
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
@@ -14,15 +12,17 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Blur [B, h, w] maps with a separable Gaussian (radius ceil(3 sigma)), replicate padding."""
+def gaussian_blur(maps: torch.Tensor, sigma: float, kernel_size: int = 7) -> torch.Tensor:
+    """Blur [B, h, w] maps as torchvision's GaussianBlur(kernel_size, sigma) does (the reference's): a separable
+    Gaussian, reflect padding (replicate where a map is too small to reflect)."""
     if sigma <= 0:
         return maps
-    radius = max(1, math.ceil(3 * sigma))
+    radius = kernel_size // 2
     t = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
     kernel = torch.exp(-0.5 * (t / sigma) ** 2)
     kernel = kernel / kernel.sum()
-    x = F.pad(maps[:, None], (radius, radius, radius, radius), mode="replicate")
+    mode = "reflect" if min(maps.shape[-2:]) > radius else "replicate"
+    x = F.pad(maps[:, None], (radius, radius, radius, radius), mode=mode)
     x = F.conv2d(x, kernel.view(1, 1, 1, -1))
     x = F.conv2d(x, kernel.view(1, 1, -1, 1))
     return x[:, 0]

@@ -174,6 +174,29 @@ def test_loss_decreases_on_a_fixed_batch(mask):
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.05, losses
 
 
+@pytest.mark.parametrize("h, w", [(14, 14), (28, 28), (6, 9), (4, 4)])
+def test_foreground_mask_is_the_references_attention_processing(h, w):
+    """The reference (process_attentions): heads averaged, torchvision GaussianBlur(7, sigma 0.6) (reflect
+    padding), the cells holding the top 60% of the mass, 8-connected components of <= 2 cells removed."""
+    from scipy import ndimage
+    from torchvision.transforms import GaussianBlur
+
+    from leopart.foreground import foreground_mask
+
+    torch.manual_seed(h * w)
+    attention = torch.rand(6, 3, h, w) ** 4  # peaky, like CLS attention
+    blurred = GaussianBlur(7, sigma=0.6)(attention.mean(1, keepdim=True)).flatten(1)
+    values, order = blurred.sort(dim=1)
+    kept = (values / values.sum(1, keepdim=True)).cumsum(1) > 1 - 0.6
+    want = torch.zeros_like(kept).scatter_(1, order, kept).view(6, h, w).numpy()
+    for m in want:
+        labels, n = ndimage.label(m, structure=np.ones((3, 3)))
+        for c in range(1, n + 1):
+            if (labels == c).sum() <= 2:
+                m[labels == c] = False
+    assert np.array_equal(foreground_mask(attention).numpy(), want)
+
+
 @pytest.mark.parametrize("mask", ["fg", "all"])
 def test_queue_takes_ten_random_counted_embeddings_per_image(mask):
     """As in the reference, a step adds 10 teacher embeddings per image and global crop to the queue, drawn at
