@@ -223,3 +223,95 @@ def test_eval_cli_reference_fully_unsupervised_refusals(tiny_model_dir, voc_trai
     monkeypatch.setattr(sys.modules["leopart.evaluate"], "dense_features", None)
     r = CliRunner().invoke(main, base)
     assert r.exit_code == 1 and "pip install infomap" in r.output and "Traceback" not in r.output, r.output
+
+
+def test_reference_protocol_orchestrates_its_steps_as_the_reference(monkeypatch):
+    """The whole pipeline, with k-means and Infomap replaced by fixed rules, against the reference's steps written
+    out as plain loops on the upsampled maps: train/scored splits, CBFE on both, parts, graph, scoring."""
+    from scipy.optimize import linear_sum_assignment
+
+    from leopart.cluster import KMeansResult
+
+    def fit(points, k, metric, seed, repeats):  # a fixed "clustering": the largest of the first k coordinates
+        return KMeansResult(torch.zeros(k, points.shape[-1]), points.reshape(-1, points.shape[-1])[:, :k].argmax(1),
+                            0.0, 0, metric)
+
+    def components(edges, markov_time, preferred_modules, seed):  # a fixed "community detection"
+        parent = {}
+
+        def root(i):
+            while parent.setdefault(i, i) != i:
+                i = parent[i]
+            return i
+        for i, j, _ in edges:
+            parent[root(i)] = root(j)
+        roots = sorted({root(i) for i in parent})
+        return {i: roots.index(root(i)) + 1 for i in parent}
+
+    monkeypatch.setattr(fu, "infomap_modules", components)
+    rng = np.random.default_rng(5)
+    nt, nv, grid, size, d, cbfe_k, k, classes = 7, 6, (6, 6), 13, 12, 10, 8, 3
+    tokens = torch.from_numpy(rng.normal(size=(nt + nv, *grid, d))).float()
+    attention_fg = torch.from_numpy(rng.random((nt + nv, *grid)) < 0.5)
+    targets = [rng.choice([0, 1, 2, 255], (size, size), p=[0.5, 0.2, 0.2, 0.1]).astype(np.uint8)
+               for _ in range(nt + nv)]
+    got = fu.reference_protocol(tokens[:nt], attention_fg[:nt], targets[:nt], tokens[nt:], attention_fg[nt:],
+                                targets[nt:], k=k, num_classes=classes, fit=fit, cbfe_k=cbfe_k, weight_threshold=0.12,
+                                markov_time=1.0, runs=2, mask_size=size)
+
+    def up(maps):
+        return F.interpolate(maps[:, None].float(), size=(size, size), mode="nearest")[:, 0].long().numpy()
+
+    def precisions(labels, fg):  # get_cluster_precs
+        sums, seen = np.zeros(cbfe_k), np.zeros(cbfe_k)
+        for lab, att in zip(labels, fg):
+            for c in np.unique(lab):
+                sums[c] += np.sum(att[lab == c]) / np.sum(lab == c)
+                seen[c] += 1
+        return np.divide(sums, seen, out=np.zeros(cbfe_k), where=seen > 0)
+
+    cbfe = tokens[..., :cbfe_k].argmax(-1)
+    cbfe_up, fg_up = up(cbfe), up(attention_fg.long())
+    train_precs = precisions(cbfe_up[:nt], fg_up[:nt])
+    order = np.argsort(train_precs, kind="stable")
+    jacs = []
+    for start in range(int(0.55 * cbfe_k), int(0.75 * cbfe_k)):  # find_good_threshold with eval_jac
+        mask = np.isin(cbfe_up[:nt], order[start:])
+        ious = [np.sum((t != 0) & m) / np.sum((t != 0) | m) for t, m in zip(targets[:nt], mask)]
+        jacs.append((train_precs[order[start]], np.mean(ious)))
+    best = sorted(jacs, key=lambda j: j[1])[-1]  # not max(): among ties the last one, as the reference
+    threshold = min(np.arange(0, 1, 0.05), key=lambda x: abs(x - best[0]))
+    keep = np.concatenate([np.isin(cbfe_up[:nt], np.flatnonzero(train_precs >= threshold)),
+                           np.isin(cbfe_up[nt:], np.flatnonzero(precisions(cbfe_up[nt:], fg_up[nt:]) >= threshold))])
+    parts = np.where(keep, up(tokens[..., :k].argmax(-1)), k)  # foreground pixels' parts, background k
+    total, appears = np.zeros((k + 1, k + 1)), np.zeros(k + 1)
+    for image in parts:  # create_matrix
+        counts = glcm_loops(image, k + 1, [1, 2], fu.CD_ANGLES)
+        np.fill_diagonal(counts, 0)
+        rows = counts.sum(1, keepdims=True)
+        total += np.divide(counts, rows, out=np.zeros(counts.shape), where=rows != 0)
+        appears += rows[:, 0] > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        w = total / appears[:, None]
+    edges = [(i, j, min(w[i, j], w[j, i])) for i in range(k + 1) for j in range(i + 1, k + 1)
+             if w[i, j] >= 0.12 and w[j, i] >= 0.12]
+    modules = components(edges, 1.0, classes - 1, 1)
+    pred = np.vectorize(lambda p: modules.get(p, 0))(parts[nt:])
+    gt = np.stack(targets[nt:])
+    valid = gt != 255
+    n_pred = max(pred.max() + 1, classes)
+    iou = np.zeros((n_pred, classes))
+    for p in range(n_pred):
+        for c in range(classes):
+            inter = np.sum((pred == p) & (gt == c) & valid)
+            union = np.sum(((pred == p) | (gt == c)) & valid)
+            iou[p, c] = inter / union if union else 0
+    rows, cols = linear_sum_assignment(iou, maximize=True)
+    mapped = np.zeros_like(pred)  # unmatched predictions -> background
+    for r, c in zip(rows, cols):
+        mapped[pred == r] = c
+    class_iou = [np.sum((mapped == c) & (gt == c) & valid) / np.sum(((mapped == c) | (gt == c)) & valid)
+                 for c in range(classes)]
+    assert got["runs"] == pytest.approx([100 * np.mean(class_iou)] * 2, rel=1e-9)
+    assert got["n_edges"] == len(edges) and got["cbfe_threshold"] == pytest.approx(threshold)
+    assert got["n_objects"] == [len(set(modules.values()))] * 2 and len(set(modules.values())) > 1  # not all one
