@@ -3,9 +3,9 @@
 Protocol (Ziegler & Asano, CVPR 2022, and its reference code): 448 x 448 inputs; k-means over the backbone
 patch tokens of the whole split, run as the reference code runs it (``PROTOCOLS["reference"]``: tokens
 standardised and reduced to 50 dimensions by PCA, Euclidean k-means fitted on 256 points per cluster, best of
-5 runs, patch labels upsampled nearest; the mean over 5 seeds is reported) or as spherical k-means of the raw
+5 runs from random points, patch labels upsampled nearest; the mean over 5 seeds is reported) or as spherical k-means of the raw
 tokens with part scores upsampled (``"cosine"``); predictions and masks compared at 100 x 100 (masks resized
-nearest); label 255 ignored. Over-clustering (k > number of classes) maps clusters to classes many-to-one;
+nearest to the input side, then to 100, as the reference); label 255 ignored. Over-clustering (k > number of classes) maps clusters to classes many-to-one;
 k <= classes uses one-to-one Hungarian matching (largest sum of IoUs; see leopart.metrics). Fully
 unsupervised, reference protocol: the reference code's pipeline on the train and scored splits together
 (leopart.fully_unsupervised: CBFE cut chosen on the train masks, foreground parts, Infomap, mean of 10 runs).
@@ -130,8 +130,14 @@ def load_mask(path: Path, image_size: tuple[int, int] | None = None) -> np.ndarr
         raise LeopartError(f"cannot read mask {path}: {e}") from None
 
 
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((size, size), Image.NEAREST), dtype=np.int64)
+def resize_mask(mask: np.ndarray, size: int, via: int | None = None) -> np.ndarray:
+    """Nearest resize of a class-id mask to size x size. ``via``: first to via x via with PIL, then to size with
+    F.interpolate, as the reference resized masks to the input side and then to 100 x 100."""
+    resized = Image.fromarray(mask.astype(np.uint8)).resize((via or size,) * 2, Image.NEAREST)
+    if via is None:
+        return np.asarray(resized, dtype=np.int64)
+    at_input = torch.from_numpy(np.array(resized)).float()[None, None]
+    return F.interpolate(at_input, size=(size, size), mode="nearest")[0, 0].long().numpy()
 
 
 BG_SHARES_NEED_FU = ("background shares (--bg-share, bg_shares=) serve the fully unsupervised protocol only: add "
@@ -301,7 +307,7 @@ def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500,
     fg_model = from_pretrained(fg_model, device=device) if fg_model is not None else None
     targets = []
     for img_path, mask_path in zip(voc.images, voc.masks):
-        targets.append(resize_mask(load_mask(mask_path, image_size(img_path)), mask_size))
+        targets.append(resize_mask(load_mask(mask_path, image_size(img_path)), mask_size, via=resolution))
     n_found = max(int(t[t != 255].max(initial=-1)) for t in targets) + 1
     if num_classes is None:
         num_classes = n_found
@@ -362,7 +368,7 @@ def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500,
         cbfe_k, cd_runs = cbfe_k or CBFE_K, cd_runs or CD_RUNS
         train_dense = dense_features(train.images, model, resolution, batch_size, device, fg_model=fg_model,
                                      progress=progress, cache_dir=cache_dir)
-        train_targets = [resize_mask(load_mask(mask_path, image_size(img_path)), mask_size)
+        train_targets = [resize_mask(load_mask(mask_path, image_size(img_path)), mask_size, via=resolution)
                          for img_path, mask_path in zip(train.images, train.masks)]
         # One standardisation and PCA for both splits, as the reference fitted them on train + val.
         train_tokens, scored_tokens = standardise_and_project([train_dense.features, dense.features], run.pca_dim,

@@ -649,3 +649,29 @@ def test_reference_protocol_fits_on_256_points_per_cluster_and_averages_seeds(ti
         ev.evaluate(voc_dir, model, ks=(3,), resolution=64, protocol="faiss")
     with pytest.raises(LeopartError, match="seeds must be a positive integer"):
         ev.evaluate(voc_dir, model, ks=(3,), resolution=64, seeds=0)
+
+
+@pytest.mark.parametrize("h, w, via", [(500, 375, 448), (333, 500, 448), (281, 500, 224), (64, 48, 64)])
+def test_eval_masks_are_resized_as_the_reference_resized_them(h, w, via):
+    """The reference resized masks to the input side (torchvision Resize, nearest) and then to 100 x 100
+    (F.interpolate, nearest): the two roundings pick other source pixels than one direct resize."""
+    import torch.nn.functional as F
+    import torchvision.transforms as T
+
+    from leopart.evaluate import resize_mask
+
+    rng = np.random.default_rng(h)
+    mask = rng.integers(0, 21, (h, w)).astype(np.uint8)
+    mask[rng.random((h, w)) < 0.1] = 255
+    at_input = T.Resize((via, via), interpolation=T.InterpolationMode.NEAREST)(Image.fromarray(mask))
+    want = F.interpolate(torch.from_numpy(np.array(at_input))[None, None].float(), size=(100, 100))[0, 0]
+    assert np.array_equal(resize_mask(mask, 100, via=via), want.long().numpy())
+
+
+def test_eval_resizes_masks_through_the_input_side(tiny_model, voc_dir, monkeypatch):
+    ev = sys.modules["leopart.evaluate"]
+    seen = []
+    real = ev.resize_mask
+    monkeypatch.setattr(ev, "resize_mask", lambda m, size, via=None: seen.append((size, via)) or real(m, size, via))
+    ev.evaluate(voc_dir, tiny_model, ks=(3,), resolution=64, seeds=1, progress=False)
+    assert seen == [(100, 64)] * 5
