@@ -266,10 +266,14 @@ def check_size(img: Image.Image, min_size: int, name: str) -> None:
         raise LeopartError(f"{name} is {img.width}x{img.height} pixels: smaller than one {min_size}x{min_size} patch")
 
 
-def to_tensor(img: Image.Image, size: tuple[int, int] | None) -> torch.Tensor:
-    """RGB PIL -> normalised float tensor [3, H, W]; ``size`` = (height, width) for a bicubic resize."""
+RESAMPLING = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+
+
+def to_tensor(img: Image.Image, size: tuple[int, int] | None, resample: str = "bicubic") -> torch.Tensor:
+    """RGB PIL -> normalised float tensor [3, H, W]; ``size`` = (height, width) for a resize, bicubic (leopart's)
+    or bilinear (torchvision's Resize default, which the reference's evaluation used)."""
     if size is not None and (img.height, img.width) != tuple(size):
-        img = img.resize((size[1], size[0]), Image.BICUBIC)
+        img = img.resize((size[1], size[0]), RESAMPLING[resample])
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)

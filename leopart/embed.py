@@ -16,7 +16,8 @@ from .model import LeopartViT
 from .progress import progress_bar
 
 
-def _preprocess(i: int, item: Any, resolution: int | None, patch_size: int) -> tuple[str, torch.Tensor]:
+def _preprocess(i: int, item: Any, resolution: int | None, patch_size: int,
+                resample: str = "bicubic") -> tuple[str, torch.Tensor]:
     name = data.describe(item, i)
     img = data.load_image(item, name)
     if resolution is None:  # native size: at least one patch; a fixed resolution resizes any image
@@ -24,7 +25,7 @@ def _preprocess(i: int, item: Any, resolution: int | None, patch_size: int) -> t
         size = (img.height // patch_size * patch_size, img.width // patch_size * patch_size)
     else:
         size = (resolution, resolution)
-    return name, data.to_tensor(img, size)
+    return name, data.to_tensor(img, size, resample)
 
 
 def check_features_fit(n_images: int, model: LeopartViT, resolution: int, bytes_per_value: int, what: str,
@@ -35,8 +36,8 @@ def check_features_fit(n_images: int, model: LeopartViT, resolution: int, bytes_
                       advice)
 
 
-def iter_preprocessed(images: Iterable, resolution: int | None, patch_size: int,
-                      threads: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_preprocessed(images: Iterable, resolution: int | None, patch_size: int, threads: int | None = None,
+                      resample: str = "bicubic") -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, normalised tensor [3, H, W]) of single images (as ``data.listed`` gives them: expanding
     again would open a folder that a .txt list names) in input order, decoding lazily.
 
@@ -45,7 +46,7 @@ def iter_preprocessed(images: Iterable, resolution: int | None, patch_size: int,
     """
     threads = threads if threads is not None else min(8, os.cpu_count() or 1)
     items = enumerate(images)
-    yield from data.map_ahead(lambda item: _preprocess(*item, resolution, patch_size), items, threads)
+    yield from data.map_ahead(lambda item: _preprocess(*item, resolution, patch_size, resample), items, threads)
 
 
 def _count(images: Any) -> int | None:
@@ -58,7 +59,8 @@ def _count(images: Any) -> int | None:
 
 @torch.no_grad()
 def iter_batches(images: Any, model: LeopartViT, resolution: int | None, batch_size: int, device: torch.device,
-                 attention: bool = False, progress: bool | None = None, desc: str = "embed"):
+                 attention: bool = False, progress: bool | None = None, desc: str = "embed",
+                 resample: str = "bicubic"):
     """Yield (names, patch tokens [b, h, w, D], attention [b, heads, h, w] or None) per batch, on ``device``.
 
     Ragged sizes (resolution=None) go one image at a time.
@@ -68,7 +70,8 @@ def iter_batches(images: Any, model: LeopartViT, resolution: int | None, batch_s
     batch_size = positive_int(batch_size, "batch_size")
     # On a GPU, decode in threads so the model is not left waiting; on the CPU the model already uses every
     # core, and decoding threads would only compete with it.
-    stream = iter_preprocessed(images, resolution, model.patch_size, threads=0 if device.type == "cpu" else None)
+    stream = iter_preprocessed(images, resolution, model.patch_size, threads=0 if device.type == "cpu" else None,
+                               resample=resample)
     total = _count(images)
     per_call = batch_size if resolution is not None else 1
     with progress_bar(total=total, unit="img", desc=desc, progress=_progress(progress, total, batch_size)) as bar:

@@ -58,17 +58,19 @@ class Protocol:
     seeds: int                # fits per k (different seeds); their mean mIoU is reported
     points_per_cluster: int | None  # fit on a random sample of this many points per cluster (None: all)
     upsample: str             # "labels": patch labels, nearest; "scores": part scores, bilinear, then argmax
+    resample: str             # how images are resized to the input side: "bilinear" or "bicubic"
 
 
 PROTOCOLS = {
     # The reference code's (experiments/ of the Leopart repository): scikit-learn's StandardScaler, faiss's
     # PCA to 50 dimensions and faiss.Kmeans(niter=100, nredo=5), which trains on at most 256 points per
-    # centroid and starts each run from random points, then labels every token; mean over 5 seeds.
+    # centroid and starts each run from random points, then labels every token; mean over 5 seeds. Images
+    # resized by torchvision's Resize, bilinear.
     "reference": Protocol(pca_dim=50, metric="euclidean", iters=100, n_init=5, init="random", seeds=5,
-                          points_per_cluster=256, upsample="labels"),
+                          points_per_cluster=256, upsample="labels", resample="bilinear"),
     # Spherical k-means of all the raw tokens, one fit from k-means++; part scores upsampled before the argmax.
     "cosine": Protocol(pca_dim=None, metric="cosine", iters=50, n_init=1, init="k-means++", seeds=1,
-                       points_per_cluster=None, upsample="scores"),
+                       points_per_cluster=None, upsample="scores", resample="bicubic"),
 }
 
 
@@ -318,12 +320,12 @@ def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500,
     for k in ks:
         check_k(k, len(voc.images), resolution, model.patch_size)
     dense = dense_features(voc.images, model, resolution, batch_size, device, fg_model=fg_model, progress=progress,
-                           cache_dir=cache_dir)
+                           cache_dir=cache_dir, resample=run.resample)
     tokens = dense.features if run.pca_dim is None else standardise_and_project(dense.features, run.pca_dim, device)
     grid = tokens.shape[:3]
     size = (mask_size, mask_size)
     results: dict = {"n_images": len(voc.names), "num_classes": num_classes, "resolution": resolution,
-                     "mask_size": mask_size, "protocol": protocol,
+                     "mask_size": mask_size, "protocol": protocol, "image_resize": run.resample,
                      "kmeans": {"pca_dim": run.pca_dim, "metric": run.metric, "iters": run.iters, "n_init": run.n_init,
                                 "init": run.init, "seeds": run.seeds, "points_per_cluster": run.points_per_cluster},
                      "overclustering": {}}
@@ -367,7 +369,7 @@ def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500,
         markov_time = markov_time or reference_markov_time(model.patch_size)
         cbfe_k, cd_runs = cbfe_k or CBFE_K, cd_runs or CD_RUNS
         train_dense = dense_features(train.images, model, resolution, batch_size, device, fg_model=fg_model,
-                                     progress=progress, cache_dir=cache_dir)
+                                     progress=progress, cache_dir=cache_dir, resample=run.resample)
         train_targets = [resize_mask(load_mask(mask_path, image_size(img_path)), mask_size, via=resolution)
                          for img_path, mask_path in zip(train.images, train.masks)]
         # One standardisation and PCA for both splits, as the reference fitted them on train + val.

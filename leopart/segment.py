@@ -43,7 +43,7 @@ class DenseFeatures:
 
 def dense_features(images: Any, model: LeopartViT, resolution: int = DEFAULT_RESOLUTION, batch_size: int = 16,
                    device=None, fg_model: LeopartViT | None = None, progress: bool | None = None,
-                   cache_dir: str | os.PathLike | None = None) -> DenseFeatures:
+                   cache_dir: str | os.PathLike | None = None, resample: str = "bicubic") -> DenseFeatures:
     """Patch tokens of every image plus a foreground mask on the same grid.
 
     The mask comes from ``fg_model``'s last-layer attention (Leopart used a DINO ViT-S/16), or from the
@@ -61,20 +61,23 @@ def dense_features(images: Any, model: LeopartViT, resolution: int = DEFAULT_RES
 
     models = [model] if fg_model is None else [model, fg_model]
     shards = serialization.cached_shards(
-        cache_dir, images, lambda batch: _dense_batch(batch, model, resolution, batch_size, device, fg_model, progress),
-        models, "dense", [m.config.arch for m in models], resolution, CBFE_ATTENTION_MASS)
+        cache_dir, images,
+        lambda batch: _dense_batch(batch, model, resolution, batch_size, device, fg_model, progress, resample),
+        models, "dense", [m.config.arch for m in models], resolution, CBFE_ATTENTION_MASS,
+        *(() if resample == "bicubic" else (resample,)))  # bicubic caches keep their earlier names
     dense = serialization.concat_rows(shards, len(images))
     names = [data.describe(item, i) for i, item in enumerate(images)]
     return DenseFeatures(names, dense["features"], dense["foreground"].bool())
 
 
 def _dense_batch(images: list, model: LeopartViT, resolution: int, batch_size: int, device: torch.device,
-                 fg_model: LeopartViT | None, progress: bool | None) -> dict[str, torch.Tensor]:
+                 fg_model: LeopartViT | None, progress: bool | None, resample: str) -> dict[str, torch.Tensor]:
     masks = []
 
     def batches():
         for _, tokens, attn in iter_batches(images, model, resolution, batch_size, device,
-                                            attention=fg_model is None, progress=progress, desc="features"):
+                                            attention=fg_model is None, progress=progress, desc="features",
+                                            resample=resample):
             if attn is not None:
                 masks.append(foreground_mask(attn, keep=CBFE_ATTENTION_MASS).cpu())
             yield {"features": tokens}  # from the GPU straight into the result, with no staging copy
@@ -82,7 +85,7 @@ def _dense_batch(images: list, model: LeopartViT, resolution: int, batch_size: i
     features = serialization.concat_rows(batches(), len(images), device="cpu")["features"]
     if fg_model is not None:
         for _, _, attn in iter_batches(images, fg_model, resolution, batch_size, device, attention=True,
-                                       progress=progress, desc="foreground"):
+                                       progress=progress, desc="foreground", resample=resample):
             masks.append(foreground_mask(attn, keep=CBFE_ATTENTION_MASS).cpu())
     foreground = torch.cat(masks)
     if foreground.shape[1:] != features.shape[1:3]:  # fg model with another patch size: resample the mask

@@ -675,3 +675,24 @@ def test_eval_resizes_masks_through_the_input_side(tiny_model, voc_dir, monkeypa
     monkeypatch.setattr(ev, "resize_mask", lambda m, size, via=None: seen.append((size, via)) or real(m, size, via))
     ev.evaluate(voc_dir, tiny_model, ks=(3,), resolution=64, seeds=1, progress=False)
     assert seen == [(100, 64)] * 5
+
+
+def test_reference_protocol_resizes_images_bilinearly_as_the_reference(tiny_model, voc_dir, tmp_path, monkeypatch):
+    """The reference's eval input: torchvision Resize((448, 448)) (bilinear on PIL), ToTensor, Normalize; leopart's
+    own default (embed, the cosine protocol) stays bicubic. The feature cache tells the two apart."""
+    import torchvision.transforms as T
+
+    from leopart.data import IMAGENET_MEAN, IMAGENET_STD, to_tensor
+
+    img = Image.fromarray(random_image(75, 61, seed=3))
+    want = T.Compose([T.Resize((32, 48)), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(img)
+    torch.testing.assert_close(to_tensor(img, (32, 48), resample="bilinear"), want, rtol=0, atol=1e-6)
+    assert not torch.allclose(to_tensor(img, (32, 48)), want, atol=1e-3)  # bicubic, the default
+    ev = sys.modules["leopart.evaluate"]
+    seen = []
+    real = ev.dense_features
+    monkeypatch.setattr(ev, "dense_features", lambda *a, **kw: seen.append(kw.get("resample")) or real(*a, **kw))
+    for protocol in ("reference", "cosine"):
+        ev.evaluate(voc_dir, tiny_model, ks=(3,), resolution=64, seeds=1, protocol=protocol, progress=False,
+                    cache_dir=tmp_path / "cache")
+    assert seen == ["bilinear", "bicubic"] and len(list((tmp_path / "cache").iterdir())) == 2
