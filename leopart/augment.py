@@ -39,7 +39,7 @@ class CropConfig:
     jitter: bool = True               # colour jitter, grayscale and blur (flips always)
     hue: float = 0.2                  # largest hue shift of the colour jitter (0.5 = anywhere on the wheel)
     blur: bool = True                 # Gaussian blur (sigma 0.1-2 px: it erases textures finer than ~4 px)
-    photometric: str = "reference"    # jitter strengths and blur probabilities: a key of PHOTOMETRIC
+    photometric: str = "reference"    # jitter strengths, blur probabilities, resampling: a key of PHOTOMETRIC
 
     @property
     def n_crops(self) -> int:
@@ -108,13 +108,15 @@ def sample_crop_boxes(width: int, height: int, cfg: CropConfig, g: torch.Generat
 
 @dataclass(frozen=True)
 class Photometric:
-    """Colour jitter (applied with p = 0.8; each factor uniform in 1 +- its strength) and Gaussian blur."""
+    """A crop recipe: colour jitter (applied with p = 0.8; each factor uniform in 1 +- its strength), Gaussian
+    blur, and how the crop is resampled to its size."""
 
     brightness: float
     contrast: float
     saturation: float
     random_order: bool                # the four adjustments in a random order, as torchvision's ColorJitter
     blur_p: tuple[float, float, float]  # blur probability: first global crop, second global crop, other crops
+    resample: int                     # PIL filter of the crop's resize
 
     def blur_probability(self, i: int, n_global: int) -> float:
         return self.blur_p[i] if i < min(n_global, 2) else self.blur_p[2]
@@ -122,11 +124,11 @@ class Photometric:
 
 PHOTOMETRIC = {
     # The reference code's LeopartTransforms (jitter_strength 1, blur_strength 1): ColorJitter(0.8, 0.8, 0.8, 0.2)
-    # with p = 0.8, grayscale with p = 0.2, blur with p = 0.5 on every crop.
-    "reference": Photometric(0.8, 0.8, 0.8, random_order=True, blur_p=(0.5, 0.5, 0.5)),
+    # with p = 0.8, grayscale with p = 0.2, blur with p = 0.5 on every crop; RandomResizedCrop's bilinear resize.
+    "reference": Photometric(0.8, 0.8, 0.8, random_order=True, blur_p=(0.5, 0.5, 0.5), resample=Image.BILINEAR),
     # DINO's: ColorJitter(0.4, 0.4, 0.2, 0.1), blur always on the first global crop, 10% on the second, 50% on
-    # the local ones (leopart's recipe before 2026-11-28; the demo keeps it).
-    "dino": Photometric(0.4, 0.4, 0.2, random_order=False, blur_p=(1.0, 0.1, 0.5)),
+    # the local ones, bicubic crops (leopart's recipe before 2026-11-28; the demo keeps it).
+    "dino": Photometric(0.4, 0.4, 0.2, random_order=False, blur_p=(1.0, 0.1, 0.5), resample=Image.BICUBIC),
 }
 
 
@@ -163,13 +165,13 @@ def make_views(img: Image.Image, cfg: CropConfig, g: torch.Generator) -> Views:
     boxes = sample_crop_boxes(width, height, cfg, g)
     flips = [bool(torch.rand((), generator=g) < 0.5) for _ in boxes]
     crops = []
+    recipe = PHOTOMETRIC[cfg.photometric]
     for i, (box, flip) in enumerate(zip(boxes, flips)):
         size = cfg.size(i)
-        crop = img.resize((size, size), Image.BICUBIC, box=box)
+        crop = img.resize((size, size), recipe.resample, box=box)
         if flip:
             crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
         if cfg.jitter:
-            recipe = PHOTOMETRIC[cfg.photometric]
             blur_p = recipe.blur_probability(i, cfg.n_global) if cfg.blur else 0.0
             crop = photometric(crop, g, blur_p, cfg.hue, recipe)
         crops.append(to_tensor(crop, None))

@@ -174,6 +174,21 @@ def test_loss_decreases_on_a_fixed_batch(mask):
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.05, losses
 
 
+@pytest.mark.parametrize("recipe, resample", [("reference", Image.BILINEAR), ("dino", Image.BICUBIC)])
+def test_crops_are_resampled_as_their_recipe(recipe, resample):
+    """The reference's RandomResizedCrop resized bilinearly (torchvision's default); DINO's bicubically."""
+    from leopart.data import to_tensor
+
+    img = textured_image(1, 90, 70)
+    views = make_views(img, CropConfig(global_size=48, local_size=24, jitter=False, photometric=recipe),
+                       torch.Generator().manual_seed(0))
+    for i, (crop, box) in enumerate(zip(views.crops, views.image_boxes)):
+        size = 48 if i < 2 else 24
+        want = img.resize((size, size), resample, box=box)
+        options = [to_tensor(want, None), to_tensor(want.transpose(Image.FLIP_LEFT_RIGHT), None)]  # flipped or not
+        assert any(torch.equal(crop, o) for o in options), i
+
+
 @pytest.mark.parametrize("h, w", [(14, 14), (28, 28), (6, 9), (4, 4)])
 def test_foreground_mask_is_the_references_attention_processing(h, w):
     """The reference (process_attentions): heads averaged, torchvision GaussianBlur(7, sigma 0.6) (reflect
