@@ -311,8 +311,8 @@ def convert(checkpoint, out_dir, arch, trust_pickle):
 
 def _fg_option(f):
     return click.option("--fg-model", default=None,
-                        help="Model whose attention gives the foreground cue (default: MODEL itself; "
-                             "the paper used dino-vits16).")(f)
+                        help="Model whose attention gives the foreground cue (default: MODEL itself, as the "
+                             "reference code's evaluation did; or e.g. dino-vits16).")(f)
 
 
 def _check_images(paths: list) -> None:
@@ -570,8 +570,10 @@ def _segment_outputs(inputs: tuple[str, ...], output: Path) -> dict[Path, tuple[
               help="Also write the results as JSON.")
 @click.option("--seed", default=0, show_default=True, help="Seed of k-means, community detection and the probes.")
 @click.option("--protocol", default="reference", show_default=True, type=click.Choice(["reference", "cosine"]),
-              help="k-means as the reference code ran it (standardised tokens, PCA to 50 dimensions, Euclidean, "
-                   "best of 5 runs, mean of 5 seeds) or spherical k-means of the raw tokens (one run).")
+              help="As the reference code ran it (bilinear resize; standardised tokens, PCA to 50 dimensions, "
+                   "Euclidean k-means, best of 5 runs from random points, mean of 5 seeds; fully unsupervised with "
+                   "the train split and Infomap) or leopart's own (bicubic resize; spherical k-means of the raw "
+                   "tokens, one run; fully unsupervised with CBFE shares and Louvain).")
 @click.option("--n-init", default=None, type=click.IntRange(min=1),
               help="k-means runs per fit; the lowest-inertia one is scored (default: the protocol's, 5 or 1).")
 @click.option("--seeds", default=None, type=click.IntRange(min=1),
