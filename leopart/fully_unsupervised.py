@@ -231,7 +231,8 @@ def reference_protocol(train_tokens: torch.Tensor, train_fg: torch.Tensor, train
     scored = parts[n_train:].reshape(len(targets), -1)[:, index.flatten()].view(-1, mask_size, mask_size).numpy()
     mious, n_objects = [], []
     for run in range(runs):
-        modules = infomap_modules(edges, markov_time, num_classes - 1, seed + run + 1)  # Infomap seeds start at 1
+        # Infomap seeds start at 1; the preferred number of modules is the number of object classes.
+        modules = infomap_modules(edges, markov_time, max(num_classes - 1, 1), seed + run + 1)
         to_object = np.zeros(k + 1, dtype=np.int64)
         for node, module in modules.items():
             to_object[node] = module
