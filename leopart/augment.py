@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from .data import to_tensor
 
@@ -117,6 +117,7 @@ class Photometric:
     random_order: bool                # the four adjustments in a random order, as torchvision's ColorJitter
     blur_p: tuple[float, float, float]  # blur probability: first global crop, second global crop, other crops
     resample: int                     # PIL filter of the crop's resize
+    pil_blur: bool                    # PIL's GaussianBlur (box passes), else a sampled Gaussian kernel
 
     def blur_probability(self, i: int, n_global: int) -> float:
         return self.blur_p[i] if i < min(n_global, 2) else self.blur_p[2]
@@ -125,10 +126,13 @@ class Photometric:
 PHOTOMETRIC = {
     # The reference code's LeopartTransforms (jitter_strength 1, blur_strength 1): ColorJitter(0.8, 0.8, 0.8, 0.2)
     # with p = 0.8, grayscale with p = 0.2, blur with p = 0.5 on every crop; RandomResizedCrop's bilinear resize.
-    "reference": Photometric(0.8, 0.8, 0.8, random_order=True, blur_p=(0.5, 0.5, 0.5), resample=Image.BILINEAR),
+    # Blur with PIL's ImageFilter.GaussianBlur, as its GaussianBlur class did.
+    "reference": Photometric(0.8, 0.8, 0.8, random_order=True, blur_p=(0.5, 0.5, 0.5), resample=Image.BILINEAR,
+                             pil_blur=True),
     # DINO's: ColorJitter(0.4, 0.4, 0.2, 0.1), blur always on the first global crop, 10% on the second, 50% on
     # the local ones, bicubic crops (leopart's recipe before 2026-11-28; the demo keeps it).
-    "dino": Photometric(0.4, 0.4, 0.2, random_order=False, blur_p=(1.0, 0.1, 0.5), resample=Image.BICUBIC),
+    "dino": Photometric(0.4, 0.4, 0.2, random_order=False, blur_p=(1.0, 0.1, 0.5), resample=Image.BICUBIC,
+                        pil_blur=False),
 }
 
 
@@ -148,9 +152,14 @@ def photometric(img: Image.Image, g: torch.Generator, blur_p: float, hue: float 
     if float(torch.rand((), generator=g)) < 0.2:
         img = TF.rgb_to_grayscale(img, num_output_channels=3)
     if float(torch.rand((), generator=g)) < blur_p:
-        sigma = _uniform(g, 0.1, 2.0)
-        img = TF.gaussian_blur(img, kernel_size=2 * math.ceil(3 * sigma) + 1, sigma=sigma)
+        img = blur(img, _uniform(g, 0.1, 2.0), recipe)
     return img
+
+
+def blur(img: Image.Image, sigma: float, recipe: Photometric) -> Image.Image:
+    if recipe.pil_blur:
+        return img.filter(ImageFilter.GaussianBlur(radius=sigma))
+    return TF.gaussian_blur(img, kernel_size=2 * math.ceil(3 * sigma) + 1, sigma=sigma)
 
 
 @dataclass

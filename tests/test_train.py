@@ -174,6 +174,21 @@ def test_loss_decreases_on_a_fixed_batch(mask):
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.05, losses
 
 
+def test_reference_recipe_blurs_with_pil_as_the_reference():
+    """The reference's GaussianBlur augmentation: PIL's ImageFilter.GaussianBlur(radius=sigma), sigma in [0.1, 2]."""
+    from PIL import ImageFilter
+
+    from leopart.augment import PHOTOMETRIC, blur
+
+    img = textured_image(2, 40, 52)
+    for sigma in (0.1, 0.7, 2.0):
+        want = img.filter(ImageFilter.GaussianBlur(radius=sigma))
+        assert np.array_equal(np.asarray(blur(img, sigma, PHOTOMETRIC["reference"])), np.asarray(want))
+    # The DINO recipe (the demo's) keeps the Gaussian kernel it had: 2 ceil(3 sigma) + 1 taps.
+    assert not np.array_equal(np.asarray(blur(img, 2.0, PHOTOMETRIC["dino"])),
+                              np.asarray(img.filter(ImageFilter.GaussianBlur(radius=2.0))))
+
+
 @pytest.mark.parametrize("recipe, resample", [("reference", Image.BILINEAR), ("dino", Image.BICUBIC)])
 def test_crops_are_resampled_as_their_recipe(recipe, resample):
     """The reference's RandomResizedCrop resized bilinearly (torchvision's default); DINO's bicubically."""
