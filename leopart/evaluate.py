@@ -196,14 +196,12 @@ def fit_kmeans(features: torch.Tensor, k: int, protocol: Protocol, seed: int, de
     ``repeats`` [N]: each token stands for that many points (the pixels it covers in an upsampled map), so
     the fit and its sample are over points, as clustering the upsampled map would be."""
     x = features.reshape(-1, features.shape[-1])
-    generator = torch.Generator().manual_seed(seed)
-    points = None if repeats is None else torch.repeat_interleave(torch.arange(x.shape[0]), repeats.reshape(-1))
-    n_points = x.shape[0] if points is None else points.shape[0]
+    rows = torch.arange(x.shape[0])
+    points = rows if repeats is None else torch.repeat_interleave(rows, repeats.reshape(-1))  # row of each point
     cap = protocol.points_per_cluster and protocol.points_per_cluster * k
-    chosen = torch.randperm(n_points, generator=generator)[:cap] if cap and n_points > cap else None
-    if points is not None:
-        points = points if chosen is None else points[chosen]
-    sample = x if points is None and chosen is None else x[chosen if points is None else points]
+    if cap and len(points) > cap:
+        points = points[torch.randperm(len(points), generator=torch.Generator().manual_seed(seed))[:cap]]
+    sample = x if points is rows else x[points]  # no copy when every token is one point
     km = cluster(sample, k, iters=protocol.iters, n_init=protocol.n_init, seed=seed, metric=protocol.metric,
                  init=protocol.init, device=device, progress=progress)
     if sample is not x:
@@ -243,7 +241,8 @@ def check_fu_settings(protocol: str, fully_unsupervised: bool, **given) -> None:
         positive_int(given["cd_runs"], "cd_runs")
     for name in ("markov_time", "cd_resolution"):
         value = given.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not value > 0):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
+                                  or not value > 0):
             raise LeopartError(f"{name} must be a positive number, not {value!r}")
 
 
@@ -321,8 +320,12 @@ def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500,
         check_k(k, len(voc.images), resolution, model.patch_size)
     dense = dense_features(voc.images, model, resolution, batch_size, device, fg_model=fg_model, progress=progress,
                            cache_dir=cache_dir, resample=run.resample)
-    tokens = dense.features if run.pca_dim is None else standardise_and_project(dense.features, run.pca_dim, device)
-    grid = tokens.shape[:3]
+    # The scored split's own projection serves the k-means scores and the cosine fully unsupervised pipeline; the
+    # reference's fully unsupervised pipeline projects it with the train split instead.
+    tokens = dense.features
+    if run.pca_dim is not None and (ks or not reference_fu):
+        tokens = standardise_and_project(dense.features, run.pca_dim, device)
+    grid = dense.features.shape[:3]
     size = (mask_size, mask_size)
     results: dict = {"n_images": len(voc.names), "num_classes": num_classes, "resolution": resolution,
                      "mask_size": mask_size, "protocol": protocol, "image_resize": run.resample,

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from .cluster import KMeansResult
 from .errors import LeopartError
+from .merge import graph_edges
 from .metrics import hungarian_miou
 
 CBFE_K = 200                # clusters of the CBFE k-means (the reference's k_fg_extraction)
@@ -80,6 +81,11 @@ def upsample_index(grid: tuple[int, int], size: int) -> torch.Tensor:
     return F.interpolate(flat, size=(size, size), mode="nearest")[0, 0].long()
 
 
+def upsampled(maps: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Token-grid maps [B, h, w] -> [B, size, size] through an upsample_index."""
+    return maps.reshape(maps.shape[0], -1)[:, index.flatten()].view(-1, *index.shape)
+
+
 def cluster_precisions(labels: torch.Tensor, foreground: torch.Tensor, k: int, pixels: torch.Tensor) -> np.ndarray:
     """Per cluster: the share of its pixels inside the foreground mask, per image, averaged over the images
     that hold it (0 for clusters in no image). labels, foreground [B, h, w] on the token grid; ``pixels`` [h, w]:
@@ -114,7 +120,7 @@ def choose_cbfe_cut(precisions: np.ndarray, labels: torch.Tensor, targets: list[
         raise LeopartError(f"CBFE with {k} clusters tries no cut between {CBFE_CUTS[0]:.0%} and {CBFE_CUTS[1]:.0%} "
                            "of them: use more clusters")
     # Per image and cluster: pixels, and pixels on a ground-truth foreground label (anything but 0).
-    up = labels.reshape(labels.shape[0], -1)[:, index.flatten()].numpy()
+    up = upsampled(labels, index).flatten(1).numpy()
     area = np.stack([np.bincount(u, minlength=k) for u in up]).astype(np.float64)
     on_object = np.stack([np.bincount(u[t.reshape(-1) != 0], minlength=k) for u, t in zip(up, targets)])
     object_area = np.array([(t != 0).sum() for t in targets], dtype=np.float64)
@@ -153,9 +159,8 @@ def cooccurrence_weights(labels: torch.Tensor, levels: int, index: torch.Tensor,
     offsets = cooccurrence_offsets()
     total = np.zeros((levels, levels))
     appears = np.zeros(levels)
-    flat = labels.reshape(labels.shape[0], -1)
-    for start in range(0, flat.shape[0], chunk):
-        up = flat[start:start + chunk][:, index.flatten()].view(-1, size, size).numpy()
+    for start in range(0, labels.shape[0], chunk):
+        up = upsampled(labels[start:start + chunk], index).numpy()
         n = up.shape[0]
         image = np.arange(n)[:, None, None] * levels * levels
         counts = np.zeros(n * levels * levels, dtype=np.int64)
@@ -171,13 +176,6 @@ def cooccurrence_weights(labels: torch.Tensor, levels: int, index: torch.Tensor,
         appears += (rows[:, :, 0] > 0).sum(0)
     with np.errstate(invalid="ignore", divide="ignore"):
         return total / appears[:, None]
-
-
-def graph_edges(weights: np.ndarray, threshold: float) -> list[tuple[int, int, float]]:
-    """Edges (i, j, w), i < j, where both directions weigh at least ``threshold``; w is the smaller."""
-    both = np.fmin(weights, weights.T)
-    keep = np.triu((weights >= threshold) & (weights.T >= threshold), k=1)
-    return [(int(i), int(j), float(both[i, j])) for i, j in zip(*np.nonzero(keep))]
 
 
 def infomap_modules(edges: list[tuple[int, int, float]], markov_time: float, preferred_modules: int,
@@ -228,7 +226,7 @@ def reference_protocol(train_tokens: torch.Tensor, train_fg: torch.Tensor, train
         raise LeopartError(f"no two parts co-occur with weight >= {weight_threshold} both ways: lower the weight "
                            "threshold")
     # 4. Infomap runs, each scored on the scored split.
-    scored = parts[n_train:].reshape(len(targets), -1)[:, index.flatten()].view(-1, mask_size, mask_size).numpy()
+    scored = upsampled(parts[n_train:], index).numpy()
     mious, n_objects = [], []
     for run in range(runs):
         # Infomap seeds start at 1; the preferred number of modules is the number of object classes.

@@ -183,16 +183,23 @@ def cooccurrence(labels: Sequence[torch.Tensor], fg: np.ndarray) -> np.ndarray:
     return np.divide(acc, present[:, None], out=np.zeros_like(acc), where=present[:, None] > 0)
 
 
+def graph_edges(weights: np.ndarray, threshold: float) -> list[tuple[int, int, float]]:
+    """Edges (i, j, w), i < j, where both directions weigh at least ``threshold``; w is the smaller (the
+    reference's rule). NaN weights (parts never seen with a neighbour) make no edge."""
+    both = np.fmin(weights, weights.T)
+    keep = np.triu((weights >= threshold) & (weights.T >= threshold), k=1)
+    return [(int(i), int(j), float(both[i, j])) for i, j in zip(*np.nonzero(keep))]
+
+
 def communities(weights: np.ndarray, fg: np.ndarray, weight_threshold: float = 0.07, resolution: float = 1.0,
                 seed: int = 0) -> np.ndarray:
     """part -> object ids (1..M; 0 for background parts) from Louvain communities of the weight graph."""
     k = len(fg)
     graph = nx.Graph()
     graph.add_nodes_from(int(i) for i in np.flatnonzero(fg))
-    sym = np.minimum(weights, weights.T)  # an edge needs both directions' weight, as in the reference
-    for i, j in zip(*np.nonzero(np.triu(sym, 1) >= max(weight_threshold, 1e-12))):
+    for i, j, w in graph_edges(weights, max(weight_threshold, 1e-12)):  # a zero weight is no edge
         if fg[i] and fg[j]:
-            graph.add_edge(int(i), int(j), weight=float(sym[i, j]))
+            graph.add_edge(i, j, weight=w)
     if graph.number_of_edges():
         found = nx.community.louvain_communities(graph, weight="weight", resolution=resolution, seed=seed)
     else:  # no edges: every part is its own object (networkx 3.0's Louvain divides by the zero total weight)
