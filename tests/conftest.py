@@ -7,7 +7,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-_CACHE = Path(tempfile.mkdtemp(prefix="leopart-test-cache-"))
+# Processes the tests spawn (the DDP workers) import this module again: they share their parent's folder,
+# which only the process that made it removes.
+_OWNS_CACHE = "LEOPART_TEST_CACHE" not in os.environ
+_CACHE = Path(tempfile.mkdtemp(prefix="leopart-test-cache-") if _OWNS_CACHE else os.environ["LEOPART_TEST_CACHE"])
+os.environ["LEOPART_TEST_CACHE"] = str(_CACHE)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = str(_CACHE / "hf")
 os.environ["HF_HUB_CACHE"] = str(_CACHE / "hf" / "hub")
@@ -40,7 +44,8 @@ def pytest_configure(config):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(_CACHE, ignore_errors=True)  # the private caches are per run: leave nothing in /tmp
+    if _OWNS_CACHE:
+        shutil.rmtree(_CACHE, ignore_errors=True)  # the private caches are per run: leave nothing in /tmp
 
 
 TINY_ARCH = "test_vit"  # timm's 64-dim, 6-block test ViT: fast enough for CPU tests
