@@ -724,7 +724,8 @@ def _evaluate_during_training(model: LeopartViT, cfg: TrainConfig, step: int, ou
     was_training = model.training
     model.eval()
     try:
-        # As the reference evaluated during training: its k-means protocol, one seed.
+        # leopart eval's reference protocol with one seed, so the curve reads against leopart eval's scores (the
+        # reference's training loop clustered bilinearly upsampled tokens instead: not reproduced).
         res = evaluate(cfg.eval_data, model, ks=cfg.eval_k, resolution=cfg.eval_size, protocol="reference",
                        seeds=1, device=device, progress=False)
     finally:
