@@ -1,18 +1,20 @@
 """The paper's unsupervised evaluation on a PASCAL-VOC-layout folder: ``leopart eval``.
 
-Protocol (Ziegler & Asano, CVPR 2022, and its reference code): 448 x 448 inputs; k-means over the backbone
-patch tokens of the whole split, run as the reference code runs it (``PROTOCOLS["reference"]``: tokens
-standardised and reduced to 50 dimensions by PCA, Euclidean k-means fitted on 256 points per cluster, best of
-5 runs from random points, patch labels upsampled nearest; the mean over 5 seeds is reported) or as spherical k-means of the raw
+Protocol (Ziegler & Asano, CVPR 2022, and its reference code): 448 x 448 inputs; k-means over the backbone patch
+tokens of the whole split, run as the reference code runs it (``PROTOCOLS["reference"]``: tokens standardised and
+reduced to 50 dimensions by PCA, Euclidean k-means fitted on 256 points per cluster, best of 5 runs from random
+points, patch labels upsampled nearest; the mean over 5 seeds is reported) or as spherical k-means of the raw
 tokens with part scores upsampled (``"cosine"``); predictions and masks compared at 100 x 100 (masks resized
-nearest to the input side, then to 100, as the reference); label 255 ignored. Over-clustering (k > number of classes) maps clusters to classes many-to-one;
-k <= classes uses one-to-one Hungarian matching (largest sum of IoUs; see leopart.metrics). Fully
-unsupervised, reference protocol: the reference code's pipeline on the train and scored splits together
-(leopart.fully_unsupervised: CBFE cut chosen on the train masks, foreground parts, Infomap, mean of 10 runs).
-Cosine protocol: leopart.merge's pipeline on one k-means of the scored split with K parts, the background
-share of CBFE swept over 0.55..0.75 and the best on the scored split reported (``bg_shares``, ``--bg-share``,
-fixed to a share chosen on another split gives a score not tuned on the scored images); objects are matched
-one-to-one to classes in both, objects left over merged into background.
+nearest to the input side, then to 100, as the reference); label 255 ignored. Over-clustering (k > number of
+classes) maps clusters to classes many-to-one, k = classes one-to-one (Hungarian, largest sum of IoUs; see
+leopart.metrics); k < classes is matched many-to-one by the reference protocol (the reference code's rule:
+Hungarian only at k = classes) and one-to-one by the cosine one. Fully unsupervised, reference protocol: the
+reference code's pipeline on the train and scored splits together (leopart.fully_unsupervised: CBFE cut chosen on
+the train masks, foreground parts, Infomap, mean of 10 runs). Cosine protocol: leopart.merge's pipeline on one
+k-means of the scored split with K parts, the background share of CBFE swept over 0.55..0.75 and the best on the
+scored split reported (``bg_shares``, ``--bg-share``, fixed to a share chosen on another split gives a score not
+tuned on the scored images); objects are matched one-to-one to classes in both, objects left over merged into
+background.
 """
 from __future__ import annotations
 
@@ -59,18 +61,24 @@ class Protocol:
     points_per_cluster: int | None  # fit on a random sample of this many points per cluster (None: all)
     upsample: str             # "labels": patch labels, nearest; "scores": part scores, bilinear, then argmax
     resample: str             # how images are resized to the input side: "bilinear" or "bicubic"
+    one_to_one_below: bool    # k < classes: one-to-one matching (False: many-to-one, as for over-clustering)
+
+    def many_to_one(self, k: int, num_classes: int) -> bool:
+        """How a k-means fit's clusters are matched to classes: one-to-one (Hungarian) at k = classes."""
+        return k > num_classes or (k < num_classes and not self.one_to_one_below)
 
 
 PROTOCOLS = {
     # The reference code's (experiments/ of the Leopart repository): scikit-learn's StandardScaler, faiss's
     # PCA to 50 dimensions and faiss.Kmeans(niter=100, nredo=5), which trains on at most 256 points per
     # centroid and starts each run from random points, then labels every token; mean over 5 seeds. Images
-    # resized by torchvision's Resize, bilinear.
+    # resized by torchvision's Resize, bilinear. Hungarian matching only at k = classes, many-to-one at any other k.
     "reference": Protocol(pca_dim=50, metric="euclidean", iters=100, n_init=5, init="random", seeds=5,
-                          points_per_cluster=256, upsample="labels", resample="bilinear"),
+                          points_per_cluster=256, upsample="labels", resample="bilinear", one_to_one_below=False),
     # Spherical k-means of all the raw tokens, one fit from k-means++; part scores upsampled before the argmax.
+    # Hungarian matching at k <= classes.
     "cosine": Protocol(pca_dim=None, metric="cosine", iters=50, n_init=1, init="k-means++", seeds=1,
-                       points_per_cluster=None, upsample="scores", resample="bicubic"),
+                       points_per_cluster=None, upsample="scores", resample="bicubic", one_to_one_below=True),
 }
 
 
@@ -105,10 +113,12 @@ def read_voc(root: str | Path, split: str = "val") -> VOCSplit:
     else:
         names = sorted(p.stem for p in mask_dir.glob("*.png"))
     if not names:
-        raise LeopartError(f"no images to evaluate in {root}" + (f" ({split_file} is empty)" if split_file.is_file() else ""))
+        empty = f" ({split_file} is empty)" if split_file.is_file() else ""
+        raise LeopartError(f"no images to evaluate in {root}{empty}")
     images, masks = [], []
     for name in names:
-        image = next((img_dir / f"{name}{ext}" for ext in (".jpg", ".jpeg", ".png") if (img_dir / f"{name}{ext}").is_file()), None)
+        image = next((img_dir / f"{name}{ext}" for ext in (".jpg", ".jpeg", ".png")
+                      if (img_dir / f"{name}{ext}").is_file()), None)
         if image is None:
             raise LeopartError(f"no image JPEGImages/{name}.jpg for listed name '{name}'")
         if not (mask_dir / f"{name}.png").is_file():
@@ -331,7 +341,7 @@ def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500,
                      "mask_size": mask_size, "protocol": protocol, "image_resize": run.resample,
                      "kmeans": {"pca_dim": run.pca_dim, "metric": run.metric, "iters": run.iters, "n_init": run.n_init,
                                 "init": run.init, "seeds": run.seeds, "points_per_cluster": run.points_per_cluster},
-                     "overclustering": {}}
+                     "overclustering": {}, "overclustering_matching": {}}
 
     def score(predict, n_images_desc: str, many_to_one: bool) -> float:
         preds = (predict(i) for i in progress_bar(range(len(targets)), desc=n_images_desc, unit="img", leave=False,
@@ -359,8 +369,9 @@ def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500,
         runs = []
         for i in range(run.seeds):  # each fit's n_init runs take seeds of their own
             km = fit_kmeans(tokens, k, run, seed + i * run.n_init, device, progress)
-            runs.append(score(part_predictor(km), f"score k={k}", many_to_one=k > num_classes))
+            runs.append(score(part_predictor(km), f"score k={k}", many_to_one=run.many_to_one(k, num_classes)))
         results["overclustering"][str(k)] = float(np.mean(runs))
+        results["overclustering_matching"][str(k)] = "many-to-one" if run.many_to_one(k, num_classes) else "one-to-one"
         if run.seeds > 1:
             results.setdefault("overclustering_runs", {})[str(k)] = runs
 
@@ -415,7 +426,10 @@ def format_table(results: dict, model_name: str) -> str:
     paper = PUBLISHED.get(model_name, {})
     rows = [("protocol", "mIoU (%)", "paper")]
     for k, miou in results.get("overclustering", {}).items():
-        kind = "over-clustering, many-to-one" if int(k) > results["num_classes"] else "Hungarian, one-to-one"
+        many_to_one = results.get("overclustering_matching", {}).get(k, "many-to-one" if int(k) > results["num_classes"]
+                                                                     else "one-to-one") == "many-to-one"
+        kind = ("over-clustering, " if int(k) > results["num_classes"] else "") + \
+            ("many-to-one" if many_to_one else "Hungarian, one-to-one")
         runs = results.get("overclustering_runs", {}).get(k)
         spread = f" +- {np.std(runs):.1f}" if runs and len(runs) > 1 else ""  # over the seeds' fits
         rows.append((f"k-means k={k} ({kind})", f"{miou:.1f}{spread}", _fmt(paper.get("overclustering", {}).get(k))))

@@ -61,7 +61,8 @@ def test_upsample_argmax_interpolates_only_the_channels_that_can_win(h, w, c, si
 
     g = torch.Generator().manual_seed(h * 100 + c)
     smooth = torch.nn.functional.interpolate(torch.randn(1, 8, 2, 2, generator=g), size=(h, w), mode="bilinear")
-    features = torch.nn.functional.normalize(smooth[0].permute(1, 2, 0) + 0.3 * torch.randn(h, w, 8, generator=g), dim=-1)
+    noise = 0.3 * torch.randn(h, w, 8, generator=g)
+    features = torch.nn.functional.normalize(smooth[0].permute(1, 2, 0) + noise, dim=-1)
     scores = features @ torch.nn.functional.normalize(torch.randn(c, 8, generator=g), dim=-1).T
     if c > 1:
         scores[..., -1] = scores[..., 0]  # an exact tie everywhere
@@ -307,7 +308,8 @@ def test_cluster_merge_segment_chain(tiny_model_dir, voc_dir, tmp_path, monkeypa
 def test_eval_cli_json(tiny_model_dir, voc_dir, tmp_path):
     out = tmp_path / "res.json"
     r = CliRunner().invoke(main, ["eval", str(voc_dir), "--model", str(tiny_model_dir), "--k", "8", "--k", "3",
-                                  "--fully-unsupervised", "--protocol", "cosine", "--fu-k", "6", "--resolution", "64", "--json",
+                                  "--fully-unsupervised", "--protocol", "cosine", "--fu-k", "6", "--resolution", "64",
+                                  "--json",
                                   str(out)])
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
@@ -321,7 +323,8 @@ def test_eval_cli_json(tiny_model_dir, voc_dir, tmp_path):
     details = res["fully_unsupervised_details"]
     assert details["weight_threshold"] == 0.09 and details["cd_resolution"] == 1.0  # the paper's, for a /16 model
     r = CliRunner().invoke(main, ["eval", str(voc_dir), "--model", str(tiny_model_dir), "--k", "3",
-                                  "--fully-unsupervised", "--protocol", "cosine", "--fu-k", "6", "--resolution", "64", "--json",
+                                  "--fully-unsupervised", "--protocol", "cosine", "--fu-k", "6", "--resolution", "64",
+                                  "--json",
                                   str(out),
                                   "--weight-threshold", "0.2", "--cd-resolution", "2"])
     assert r.exit_code == 0, r.output
@@ -330,7 +333,8 @@ def test_eval_cli_json(tiny_model_dir, voc_dir, tmp_path):
     assert "best of 5 on this split" in r.output  # the default sweep picks on the scored images, and says so
     # A fixed background share (say, the one chosen on the train split): no sweep over the scored images.
     r = CliRunner().invoke(main, ["eval", str(voc_dir), "--model", str(tiny_model_dir), "--k", "3",
-                                  "--fully-unsupervised", "--protocol", "cosine", "--fu-k", "6", "--resolution", "64", "--json",
+                                  "--fully-unsupervised", "--protocol", "cosine", "--fu-k", "6", "--resolution", "64",
+                                  "--json",
                                   str(out),
                                   "--bg-share", "0.6"])
     assert r.exit_code == 0, r.output
@@ -696,3 +700,32 @@ def test_reference_protocol_resizes_images_bilinearly_as_the_reference(tiny_mode
         ev.evaluate(voc_dir, tiny_model, ks=(3,), resolution=64, seeds=1, protocol=protocol, progress=False,
                     cache_dir=tmp_path / "cache")
     assert seen == ["bilinear", "bicubic"] and len(list((tmp_path / "cache").iterdir())) == 2
+
+
+@pytest.mark.parametrize("protocol, below", [("reference", "many-to-one"), ("cosine", "one-to-one")])
+def test_eval_matching_below_the_number_of_classes_follows_the_protocol(tiny_model_dir, voc_dir, monkeypatch, tmp_path,
+                                                                       protocol, below):
+    """The reference code matched one-to-one only at k = classes (sup_overcluster.py: many-to-one at any other k);
+    leopart's cosine protocol matches one-to-one at every k <= classes. Both: many-to-one above."""
+    ev = sys.modules["leopart.evaluate"]
+    matched = []
+    real = ev.hungarian_miou
+
+    def recording(preds, targets, **kwargs):
+        matched.append(kwargs["many_to_one"])
+        return real(preds, targets, **kwargs)
+
+    monkeypatch.setattr(ev, "hungarian_miou", recording)
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(main, ["eval", str(voc_dir), "--model", str(tiny_model_dir), "--k", "2", "--k", "3",
+                                  "--k", "5", "--seeds", "1", "--protocol", protocol, "--resolution", "64",
+                                  "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["num_classes"] == 3
+    assert matched == [below == "many-to-one", False, True]
+    assert json.loads(out.read_text())["overclustering_matching"] == {"2": below, "3": "one-to-one",
+                                                                      "5": "many-to-one"}
+    kind = "many-to-one" if below == "many-to-one" else "Hungarian, one-to-one"
+    assert f"k-means k=2 ({kind})" in r.output
+    assert "k-means k=3 (Hungarian, one-to-one)" in r.output
+    assert "k-means k=5 (over-clustering, many-to-one)" in r.output
