@@ -2,7 +2,10 @@
 
 Spherical (cosine) k-means by default, as Leopart's evaluation uses: features and centroids live on the
 unit sphere, a point goes to the centroid of highest cosine, a centroid is the normalised mean of its
-points, and the inertia is sum(1 - cos). ``metric="euclidean"`` is Lloyd's k-means with squared distances.
+points, and the inertia is sum(1 - cos). ``raw_means=True`` is faiss's spherical k-means instead: a centroid is
+the normalised mean of its points as they are, so each point weighs by its norm (in the inertia too, sum |x| (1 -
+cos), which ranks runs as faiss's summed inner products do). ``metric="euclidean"`` is Lloyd's k-means with squared
+distances.
 
 Assignment uses ``leopart.kernels.nearest_prototype`` (Triton on GPU, chunked matmul+argmax on CPU), so
 the N x K distance matrix never exists; sums are accumulated chunk by chunk. N = 1.1M, D = 384, K = 500
@@ -96,9 +99,10 @@ def _place(x: torch.Tensor, device: torch.device, headroom: int = 1 << 30) -> to
 
 
 def _assign(x: torch.Tensor, centroids: torch.Tensor, metric: str, chunk_size: int,
-            sums: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            sums: torch.Tensor | None = None, raw_means: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Labels [N] and per-point distance [N] on the centroids' device, where the work runs (``x`` may be
-    elsewhere); optionally accumulate per-cluster sums into ``sums``."""
+    elsewhere); optionally accumulate per-cluster sums into ``sums`` (cosine: of unit vectors, or of the points
+    as they are with ``raw_means``, which also weighs each distance by the point's norm)."""
     device = centroids.device
     labels = torch.empty(x.shape[0], dtype=torch.int64, device=device)
     dist = torch.empty(x.shape[0], dtype=torch.float32, device=device)
@@ -109,9 +113,9 @@ def _assign(x: torch.Tensor, centroids: torch.Tensor, metric: str, chunk_size: i
         xc = x[start:stop].to(device, torch.float32)
         if metric == "cosine":
             idx, cos = nearest_prototype(xc, centroids, normalize=True)
-            dist[start:stop] = 1.0 - cos
+            dist[start:stop] = (1.0 - cos) * xc.norm(dim=1) if raw_means else 1.0 - cos
             if sums is not None:
-                sums.index_add_(0, idx, F.normalize(xc, dim=1))
+                sums.index_add_(0, idx, xc if raw_means else F.normalize(xc, dim=1))
         else:
             ones = torch.ones(xc.shape[0], 1, device=device)
             idx, score = nearest_prototype(torch.cat([xc, ones], 1), aug, normalize=False)
@@ -166,16 +170,19 @@ def _init_centroids(x, k, metric, init, generator, device) -> torch.Tensor:
 
 def cluster(features, k: int, iters: int = 50, n_init: int = 1, seed: int = 0, metric: str = "cosine",
             init: str | torch.Tensor = "k-means++", device=None, chunk_size: int | None = None,
-            progress: bool | None = None) -> KMeansResult:
+            progress: bool | None = None, raw_means: bool = False) -> KMeansResult:
     """k-means of ``features`` ([N, D], [B, h, w, D], an array, or an iterable of batches) into ``k`` clusters.
 
     Runs on ``device`` (default: where the features are). Deterministic for a seed on CPU (on GPU, up to the
     float rounding of atomic sums). Empty clusters are re-seeded with the points farthest from their
     centroids. Stops early once no label changes. ``chunk_size``: rows assigned at a time (default 2,048 on
     the CPU, 65,536 on a GPU: ``kernels.similarity.chunk_rows``); a memory and speed matter, the result on
-    the CPU is the same for any.
+    the CPU is the same for any. ``raw_means`` (cosine only): centroids average the points as they are, then
+    are normalised, as faiss's spherical k-means (default: the unit vectors are averaged).
     """
     check_metric(metric)
+    if raw_means and metric != "cosine":
+        raise LeopartError("raw_means is an option of spherical k-means: it needs metric='cosine'")
     x = as_matrix(features)
     n, d = x.shape
     k = positive_int(k, "k")
@@ -193,19 +200,20 @@ def cluster(features, k: int, iters: int = 50, n_init: int = 1, seed: int = 0, m
     for run in range(n_init):
         generator = torch.Generator().manual_seed(seed + run)
         result = _lloyd(x, k, iters, metric, _init_centroids(x, k, metric, init, generator, device), chunk_size,
-                        progress, desc=f"k-means k={k}" + (f" init {run + 1}/{n_init}" if n_init > 1 else ""))
+                        progress, desc=f"k-means k={k}" + (f" init {run + 1}/{n_init}" if n_init > 1 else ""),
+                        raw_means=raw_means)
         if best is None or result.inertia < best.inertia:
             best = result
     return best
 
 
-def _lloyd(x, k, iters, metric, centroids, chunk_size, progress, desc) -> KMeansResult:
+def _lloyd(x, k, iters, metric, centroids, chunk_size, progress, desc, raw_means=False) -> KMeansResult:
     labels = None
     n_iter = 0
     bar = progress_bar(total=iters, desc=desc, unit="it", progress=progress, leave=False)
     for n_iter in range(iters):
         sums = torch.zeros_like(centroids)
-        new_labels, dist = _assign(x, centroids, metric, chunk_size, sums=sums)
+        new_labels, dist = _assign(x, centroids, metric, chunk_size, sums=sums, raw_means=raw_means)
         counts = torch.bincount(new_labels, minlength=k)
         empty = (counts == 0).nonzero().flatten()
         if len(empty):
@@ -223,7 +231,7 @@ def _lloyd(x, k, iters, metric, centroids, chunk_size, progress, desc) -> KMeans
         if converged:
             break
     bar.close()
-    labels, dist = _assign(x, centroids, metric, chunk_size)
+    labels, dist = _assign(x, centroids, metric, chunk_size, raw_means=raw_means)
     inertia = float(dist.double().sum())
     if not math.isfinite(inertia):
         raise LeopartError("k-means diverged (non-finite inertia)")

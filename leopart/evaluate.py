@@ -62,6 +62,7 @@ class Protocol:
     upsample: str             # "labels": patch labels, nearest; "scores": part scores, bilinear, then argmax
     resample: str             # how images are resized to the input side: "bilinear" or "bicubic"
     one_to_one_below: bool    # k < classes: one-to-one matching (False: many-to-one, as for over-clustering)
+    raw_means: bool           # metric "cosine": centroids average the raw tokens (faiss's spherical k-means)
 
     def many_to_one(self, k: int, num_classes: int) -> bool:
         """How a k-means fit's clusters are matched to classes: one-to-one (Hungarian) at k = classes."""
@@ -73,12 +74,15 @@ PROTOCOLS = {
     # PCA to 50 dimensions and faiss.Kmeans(niter=100, nredo=5), which trains on at most 256 points per
     # centroid and starts each run from random points, then labels every token; mean over 5 seeds. Images
     # resized by torchvision's Resize, bilinear. Hungarian matching only at k = classes, many-to-one at any other k.
+    # Its spherical k-means (CBFE's) is faiss's: normalised means of the raw tokens.
     "reference": Protocol(pca_dim=50, metric="euclidean", iters=100, n_init=5, init="random", seeds=5,
-                          points_per_cluster=256, upsample="labels", resample="bilinear", one_to_one_below=False),
+                          points_per_cluster=256, upsample="labels", resample="bilinear", one_to_one_below=False,
+                          raw_means=True),
     # Spherical k-means of all the raw tokens, one fit from k-means++; part scores upsampled before the argmax.
     # Hungarian matching at k <= classes.
     "cosine": Protocol(pca_dim=None, metric="cosine", iters=50, n_init=1, init="k-means++", seeds=1,
-                       points_per_cluster=None, upsample="scores", resample="bicubic", one_to_one_below=True),
+                       points_per_cluster=None, upsample="scores", resample="bicubic", one_to_one_below=True,
+                       raw_means=False),
 }
 
 
@@ -213,7 +217,8 @@ def fit_kmeans(features: torch.Tensor, k: int, protocol: Protocol, seed: int, de
         points = points[torch.randperm(len(points), generator=torch.Generator().manual_seed(seed))[:cap]]
     sample = x if points is rows else x[points]  # no copy when every token is one point
     km = cluster(sample, k, iters=protocol.iters, n_init=protocol.n_init, seed=seed, metric=protocol.metric,
-                 init=protocol.init, device=device, progress=progress)
+                 init=protocol.init, device=device, progress=progress,
+                 raw_means=protocol.raw_means and protocol.metric == "cosine")
     if sample is not x:
         km = KMeansResult(km.centroids, km.predict(x.to(km.centroids.device)).cpu(), km.inertia, km.n_iter, km.metric)
     return km
@@ -400,7 +405,8 @@ def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500,
         results["fully_unsupervised"] = fu.pop("miou")
         results["fully_unsupervised_runs"] = fu.pop("runs")
         results["fully_unsupervised_details"] = {
-            "pipeline": "reference", "k": fu_k, "cbfe_k": cbfe_k, "weight_threshold": weight_threshold,
+            "pipeline": "reference", "k": fu_k, "cbfe_k": cbfe_k,
+            "cbfe_spherical_means": "raw" if run.raw_means else "unit", "weight_threshold": weight_threshold,
             "markov_time": markov_time, "cd_runs": cd_runs, "train_split": train_split,
             "n_train_images": len(train.names), **fu}
     elif fully_unsupervised:

@@ -3,13 +3,13 @@
 The steps of experiments/fully_unsup_seg/fully_unsup_seg.py in the Leopart repository, on the tokens of a
 train split and the scored split together (both standardised and projected to 50 dimensions as one set):
 
-1. CBFE, cluster-based foreground extraction: spherical k-means of all tokens into ``cbfe_k`` = 200 clusters.
-   Each cluster's precision against the attention foreground mask, per image and averaged over the images
-   that hold the cluster, is computed at the scoring size (100 x 100). Sorted by precision, the cuts that send
-   55% to 75% of the clusters to the background are tried on the train split against its masks (foreground:
-   every label but 0, 255 included; mean per-image IoU); the best cut's precision, rounded to a multiple of
-   0.05, is the threshold, and each split keeps as foreground the clusters whose precision on that split
-   reaches it.
+1. CBFE, cluster-based foreground extraction: spherical k-means (faiss's: normalised means of the raw tokens) of
+   all tokens into ``cbfe_k`` = 200 clusters. Each cluster's precision against the attention foreground mask, per
+   image and averaged over the images that hold the cluster, is computed at the scoring size (100 x 100). Sorted by
+   precision, the cuts that send 55% to 75% of the clusters to the background are tried on the train split against
+   its masks (foreground: every label but 0, 255 included; mean per-image IoU); the best cut's precision, rounded
+   to a multiple of 0.05, is the threshold, and each split keeps as foreground the clusters whose precision on that
+   split reaches it.
 2. The foreground tokens, upsampled nearest to 100 x 100, are clustered into ``k`` parts (Euclidean k-means,
    every pixel a point); background is part ``k``.
 3. CD, community detection: in every 100 x 100 part map of both splits, the parts at distances 1 and 2 in

@@ -233,6 +233,31 @@ def test_kmeans_inertia_matches_faiss():
     assert km.inertia <= 1.01 * faiss_inertia, (km.inertia, faiss_inertia)
 
 
+
+def test_raw_means_spherical_kmeans_is_faiss_spherical_kmeans():
+    """raw_means=True follows faiss.Kmeans(spherical=True), the reference's CBFE k-means: from the same start, the
+    same centroids and labels; averaging the unit vectors instead (leopart's default) ends elsewhere here, where the
+    points' norms vary a lot."""
+    faiss = pytest.importorskip("faiss")
+    g = torch.Generator().manual_seed(5)
+    directions = torch.randn(6, 16, generator=g)
+    x = directions[torch.randint(0, 6, (3000,), generator=g)] + 0.9 * torch.randn(3000, 16, generator=g)
+    x = x * torch.exp(torch.randn(3000, 1, generator=g))  # norms spread over an order of magnitude
+    start = torch.nn.functional.normalize(x[:8], dim=1)
+    fk = faiss.Kmeans(16, 8, niter=40, spherical=True, max_points_per_centroid=10**6)
+    fk.train(x.numpy(), init_centroids=start.numpy())
+    _, faiss_labels = fk.index.search(x.numpy(), 1)
+    km = leopart.cluster(x, 8, iters=40, metric="cosine", init=start, raw_means=True)
+    torch.testing.assert_close(km.centroids, torch.from_numpy(fk.centroids), atol=1e-4, rtol=0)
+    assert (km.labels.numpy() == faiss_labels[:, 0]).mean() > 0.999
+    # Its inertia is faiss's objective turned into a cost: sum over points of |x| - x . c.
+    cos = torch.nn.functional.normalize(x, dim=1) @ km.centroids.T
+    assert km.inertia == pytest.approx(float((x.norm(dim=1) * (1 - cos.max(1).values)).double().sum()), rel=1e-4)
+    unit = leopart.cluster(x, 8, iters=40, metric="cosine", init=start)
+    assert (unit.centroids - torch.from_numpy(fk.centroids)).abs().max() > 1e-2
+    with pytest.raises(LeopartError, match="raw_means is an option of spherical k-means"):
+        leopart.cluster(x, 8, metric="euclidean", raw_means=True)
+
 # ---------------------------------------------------------------- CBFE and CD
 def test_cbfe_picks_low_attention_clusters():
     labels = [torch.tensor([[0, 0, 1, 1], [0, 2, 2, 1], [3, 3, 3, 3]])]

@@ -185,8 +185,18 @@ def voc_train_val(tmp_path):
     return root
 
 
-def test_eval_cli_runs_the_reference_fully_unsupervised_protocol(tiny_model_dir, voc_train_val, tmp_path):
+def test_eval_cli_runs_the_reference_fully_unsupervised_protocol(tiny_model_dir, voc_train_val, tmp_path,
+                                                                 monkeypatch):
     pytest.importorskip("infomap")
+    ev = sys.modules["leopart.evaluate"]
+    fits = []
+    real_cluster = ev.cluster
+
+    def recording_cluster(x, k, **kwargs):
+        fits.append((k, kwargs["metric"], kwargs["raw_means"]))
+        return real_cluster(x, k, **kwargs)
+
+    monkeypatch.setattr(ev, "cluster", recording_cluster)
     out = tmp_path / "res.json"
     args = ["eval", str(voc_train_val), "--model", str(tiny_model_dir), "--k", "5", "--fully-unsupervised",
             "--fu-k", "6", "--cbfe-k", "10", "--cd-runs", "3", "--weight-threshold", "0.01", "--resolution", "64",
@@ -205,6 +215,9 @@ def test_eval_cli_runs_the_reference_fully_unsupervised_protocol(tiny_model_dir,
     assert round(d["cbfe_threshold"] / 0.05, 6) == round(d["cbfe_threshold"] / 0.05)
     assert "fully unsupervised (k=6, CBFE k=10 cut on train masks, Infomap markov time 2," in r.output
     assert "mean +- std of 3 Infomap runs" in r.output
+    # CBFE's spherical k-means is faiss's (normalised means of the raw tokens); the others are Euclidean.
+    assert d["cbfe_spherical_means"] == "raw"
+    assert sorted(set(fits)) == [(5, "euclidean", False), (6, "euclidean", False), (10, "cosine", True)]
     # The same run again gives the same scores (seeded k-means and Infomap).
     r = CliRunner().invoke(main, args)
     assert json.loads(out.read_text())["fully_unsupervised_runs"] == res["fully_unsupervised_runs"]
