@@ -20,7 +20,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter
 
-from .data import to_tensor
+from .data import RESAMPLING, to_tensor
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1
 
@@ -116,7 +116,7 @@ class Photometric:
     saturation: float
     random_order: bool                # the four adjustments in a random order, as torchvision's ColorJitter
     blur_p: tuple[float, float, float]  # blur probability: first global crop, second global crop, other crops
-    resample: int                     # PIL filter of the crop's resize
+    resample: str                     # the crop's resize: a key of data.RESAMPLING
     pil_blur: bool                    # PIL's GaussianBlur (box passes), else a sampled Gaussian kernel
 
     def blur_probability(self, i: int, n_global: int) -> float:
@@ -127,11 +127,11 @@ PHOTOMETRIC = {
     # The reference code's LeopartTransforms (jitter_strength 1, blur_strength 1): ColorJitter(0.8, 0.8, 0.8, 0.2)
     # with p = 0.8, grayscale with p = 0.2, blur with p = 0.5 on every crop; RandomResizedCrop's bilinear resize.
     # Blur with PIL's ImageFilter.GaussianBlur, as its GaussianBlur class did.
-    "reference": Photometric(0.8, 0.8, 0.8, random_order=True, blur_p=(0.5, 0.5, 0.5), resample=Image.BILINEAR,
+    "reference": Photometric(0.8, 0.8, 0.8, random_order=True, blur_p=(0.5, 0.5, 0.5), resample="bilinear",
                              pil_blur=True),
     # DINO's: ColorJitter(0.4, 0.4, 0.2, 0.1), blur always on the first global crop, 10% on the second, 50% on
     # the local ones, bicubic crops (leopart's recipe before 2026-11-28; the demo keeps it).
-    "dino": Photometric(0.4, 0.4, 0.2, random_order=False, blur_p=(1.0, 0.1, 0.5), resample=Image.BICUBIC,
+    "dino": Photometric(0.4, 0.4, 0.2, random_order=False, blur_p=(1.0, 0.1, 0.5), resample="bicubic",
                         pil_blur=False),
 }
 
@@ -177,7 +177,7 @@ def make_views(img: Image.Image, cfg: CropConfig, g: torch.Generator) -> Views:
     recipe = PHOTOMETRIC[cfg.photometric]
     for i, (box, flip) in enumerate(zip(boxes, flips)):
         size = cfg.size(i)
-        crop = img.resize((size, size), recipe.resample, box=box)
+        crop = img.resize((size, size), RESAMPLING[recipe.resample], box=box)
         if flip:
             crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
         if cfg.jitter:

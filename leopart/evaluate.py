@@ -156,6 +156,12 @@ def resize_mask(mask: np.ndarray, size: int, via: int | None = None) -> np.ndarr
     return F.interpolate(at_input, size=(size, size), mode="nearest")[0, 0].long().numpy()
 
 
+def load_targets(split: VOCSplit, mask_size: int, resolution: int) -> list[np.ndarray]:
+    """A split's masks at the scoring size, resized through the input side as the reference did."""
+    return [resize_mask(load_mask(mask_path, image_size(img_path)), mask_size, via=resolution)
+            for img_path, mask_path in zip(split.images, split.masks)]
+
+
 BG_SHARES_NEED_FU = ("background shares (--bg-share, bg_shares=) serve the fully unsupervised protocol only: add "
                      "--fully-unsupervised (fully_unsupervised=True) or leave them out")
 
@@ -321,9 +327,7 @@ def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500,
     train = read_fu_train_split(data_root, train_split, voc) if reference_fu else None
     model = from_pretrained(model, device=device)
     fg_model = from_pretrained(fg_model, device=device) if fg_model is not None else None
-    targets = []
-    for img_path, mask_path in zip(voc.images, voc.masks):
-        targets.append(resize_mask(load_mask(mask_path, image_size(img_path)), mask_size, via=resolution))
+    targets = load_targets(voc, mask_size, resolution)
     n_found = max(int(t[t != 255].max(initial=-1)) for t in targets) + 1
     if num_classes is None:
         num_classes = n_found
@@ -372,11 +376,12 @@ def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500,
 
     for k in ks:
         runs = []
+        many_to_one = run.many_to_one(k, num_classes)
         for i in range(run.seeds):  # each fit's n_init runs take seeds of their own
             km = fit_kmeans(tokens, k, run, seed + i * run.n_init, device, progress)
-            runs.append(score(part_predictor(km), f"score k={k}", many_to_one=run.many_to_one(k, num_classes)))
+            runs.append(score(part_predictor(km), f"score k={k}", many_to_one=many_to_one))
         results["overclustering"][str(k)] = float(np.mean(runs))
-        results["overclustering_matching"][str(k)] = "many-to-one" if run.many_to_one(k, num_classes) else "one-to-one"
+        results["overclustering_matching"][str(k)] = "many-to-one" if many_to_one else "one-to-one"
         if run.seeds > 1:
             results.setdefault("overclustering_runs", {})[str(k)] = runs
 
@@ -389,8 +394,7 @@ def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500,
         cbfe_k, cd_runs = cbfe_k or CBFE_K, cd_runs or CD_RUNS
         train_dense = dense_features(train.images, model, resolution, batch_size, device, fg_model=fg_model,
                                      progress=progress, cache_dir=cache_dir, resample=run.resample)
-        train_targets = [resize_mask(load_mask(mask_path, image_size(img_path)), mask_size, via=resolution)
-                         for img_path, mask_path in zip(train.images, train.masks)]
+        train_targets = load_targets(train, mask_size, resolution)
         # One standardisation and PCA for both splits, as the reference fitted them on train + val.
         train_tokens, scored_tokens = standardise_and_project([train_dense.features, dense.features], run.pca_dim,
                                                               device)
@@ -432,10 +436,8 @@ def format_table(results: dict, model_name: str) -> str:
     paper = PUBLISHED.get(model_name, {})
     rows = [("protocol", "mIoU (%)", "paper")]
     for k, miou in results.get("overclustering", {}).items():
-        many_to_one = results.get("overclustering_matching", {}).get(k, "many-to-one" if int(k) > results["num_classes"]
-                                                                     else "one-to-one") == "many-to-one"
-        kind = ("over-clustering, " if int(k) > results["num_classes"] else "") + \
-            ("many-to-one" if many_to_one else "Hungarian, one-to-one")
+        matching = "many-to-one" if results["overclustering_matching"][k] == "many-to-one" else "Hungarian, one-to-one"
+        kind = f"over-clustering, {matching}" if int(k) > results["num_classes"] else matching
         runs = results.get("overclustering_runs", {}).get(k)
         spread = f" +- {np.std(runs):.1f}" if runs and len(runs) > 1 else ""  # over the seeds' fits
         rows.append((f"k-means k={k} ({kind})", f"{miou:.1f}{spread}", _fmt(paper.get("overclustering", {}).get(k))))

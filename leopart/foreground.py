@@ -1,8 +1,8 @@
 """Foreground masks from a ViT's last-layer CLS attention, as Leopart's training and CBFE use them.
 
-Average the heads, blur with a Gaussian (sigma 0.6 patches, 7 x 7, reflect padding), keep the patches that hold the top 60% of the
-attention mass (CBFE's cue: 65%, ``segment.CBFE_ATTENTION_MASS``), and drop connected components of at most
-2 patches.
+Average the heads, blur with a Gaussian (sigma 0.6 patches, 7 x 7, reflect padding), keep the patches that hold
+the top 60% of the attention mass (CBFE's cue: 65%, ``segment.CBFE_ATTENTION_MASS``), and drop connected
+components of at most 2 patches.
 """
 from __future__ import annotations
 
