@@ -284,7 +284,7 @@ def embed(inputs, model, resolution, batch_size, device, output, cache_dir):
                                progress=True if len(paths) > batch_size else None, cache_dir=cache_dir)
     meta = {"model": model, "resolution": str(res or "native"), "names": json.dumps([str(p) for p in paths])}
     shape = write_features(output, features, len(paths), ragged=res is None, metadata=meta)
-    shape = shape or f"{len(paths)} ragged maps"
+    shape = shape or f"{plural(len(paths), 'map')}, each at its image's own size"
     click.echo(f"wrote {output} ({shape})")
 
 

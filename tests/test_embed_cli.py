@@ -461,6 +461,7 @@ def test_cli_embed_native_safetensors(tiny_model_dir, image_dir, tmp_path):
     r = CliRunner().invoke(main, ["embed", str(image_dir), "--model", str(tiny_model_dir),
                                   "--resolution", "native", "-o", str(out)])
     assert r.exit_code == 0, r.output
+    assert f"wrote {out} (4 maps, each at its image's own size)" in r.output
     with safe_open(str(out), "pt") as f:
         assert sorted(f.keys()) == [f"features.{i}" for i in range(4)]
         assert f.get_tensor("features.0").shape == (2, 3, 64)  # 40x56 -> 32x48 pixels
