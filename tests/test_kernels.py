@@ -286,6 +286,17 @@ def test_sinkhorn_launch_sweep_runs_and_restores(monkeypatch):
     assert rows[0]["max abs error"] < 1e-5 and (module._block_sizes, module.num_programs_cap) == shipped
 
 
+def test_benchmark_multiplicative_baseline_is_swav():
+    """benchmarks/kernels.py times the multiplicative Sinkhorn (SwAV's, as the reference code trains with) as
+    a second baseline: it must compute the same assignments, or its row compares unlike things."""
+    from benchmarks.kernels import sinkhorn_multiplicative
+
+    for n, k, eps, iters in [(12544, 300, 0.05, 3), (7, 21, 0.05, 1), (196, 500, 0.1, 5)]:
+        scores = cosine_scores(n, k)
+        torch.testing.assert_close(sinkhorn_multiplicative(scores, eps, iters), swav_float64(scores, eps, iters).float(),
+                                   atol=1e-5, rtol=1e-4)
+
+
 def test_kernel_constexpr_annotations_are_objects_not_strings():
     """Triton 3.0-3.1's interpreter finds tl.constexpr parameters by their evaluated annotation: a
     `from __future__ import annotations` in a kernel file turns them into strings and breaks it."""
