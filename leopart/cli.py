@@ -306,7 +306,7 @@ def convert(checkpoint, out_dir, arch, trust_pickle):
         raise LeopartError(f"{out_dir} exists and is not a leopart model folder: choose an empty or new folder")
     model = convert_checkpoint(checkpoint, arch=arch, trust_pickle=trust_pickle)
     save_converted(model, out_dir)
-    click.echo(f"wrote {out_dir} ({model.config.arch}, {model.config.num_prototypes} prototypes)")
+    click.echo(f"wrote {out_dir} ({model.config.arch}, {plural(model.config.num_prototypes, 'prototype')})")
 
 
 def _fg_option(f):
@@ -365,8 +365,9 @@ def cluster(inputs, model, k, output, resolution, iters, seed, batch_size, devic
               "names": [str(p) for p in paths]}
     tensors = {"centroids": km.centroids, "labels": km.labels.view(dense.features.shape[:3]),
                "foreground": dense.foreground.to(torch.uint8)}
-    save_folder(output, config, tensors, f"# leopart clusters\n\nk={k} parts of {len(paths)} images, model {model}.\n")
-    click.echo(f"wrote {output} (k={k}, {len(paths)} images, inertia {km.inertia:.4g})")
+    images = plural(len(paths), "image")
+    save_folder(output, config, tensors, f"# leopart clusters\n\nk={k} parts of {images}, model {model}.\n")
+    click.echo(f"wrote {output} (k={k}, {images}, inertia {km.inertia:.4g})")
 
 
 @main.command()
@@ -509,8 +510,8 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
             writers.shutdown(wait=True)
             done += sum(f.done() and not f.cancelled() and f.exception() is None for f in writing)
             if done < len(paths):
-                click.echo(f"Stopped after {done} of {len(paths)} images; rerun with --skip-existing to finish.",
-                           err=True)
+                click.echo(f"Stopped after {done} of {plural(len(paths), 'image')}; rerun with --skip-existing to "
+                           "finish.", err=True)
             raise
     click.echo(f"wrote {plural((1 + overlay) * len(paths), 'file')} to {output}")
 

@@ -32,7 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from .cluster import KMeansResult, cluster
 from .data import image_size, read_lines
 from .device import default_device
-from .errors import LeopartError, positive_int
+from .errors import LeopartError, plural, positive_int
 from .fully_unsupervised import CBFE_K, CD_RUNS, check_infomap, reference_markov_time, reference_protocol
 from .hub import from_pretrained
 from .merge import merge, reference_weight_threshold
@@ -444,15 +444,16 @@ def format_table(results: dict, model_name: str) -> str:
     if "fully_unsupervised" in results and results["fully_unsupervised_details"].get("pipeline") == "reference":
         d, runs = results["fully_unsupervised_details"], results["fully_unsupervised_runs"]
         spread = f" +- {np.std(runs):.1f}" if len(runs) > 1 else ""
-        objects = f"{min(d['n_objects'])}-{max(d['n_objects'])}" if len(set(d["n_objects"])) > 1 else d["n_objects"][0]
+        objects = (f"{min(d['n_objects'])}-{max(d['n_objects'])} objects" if len(set(d["n_objects"])) > 1
+                   else plural(d["n_objects"][0], "object"))
         label = (f"fully unsupervised (k={d['k']}, CBFE k={d['cbfe_k']} cut on {d['train_split']} masks, "
-                 f"Infomap markov time {d['markov_time']:g}, {objects} objects)")
+                 f"Infomap markov time {d['markov_time']:g}, {objects})")
         rows.append((label, f"{results['fully_unsupervised']:.1f}{spread}", _fmt(paper.get("fully_unsupervised"))))
     elif "fully_unsupervised" in results:
         d = results["fully_unsupervised_details"]
         sweep = d.get("bg_share_sweep", [d["bg_share"]])
         bg = f"bg {d['bg_share']:.2f}" + (f", best of {len(sweep)} on this split" if len(sweep) > 1 else "")
-        rows.append((f"fully unsupervised (k={d['k']}, CBFE+CD, {bg}, {d['n_objects']} objects)",
+        rows.append((f"fully unsupervised (k={d['k']}, CBFE+CD, {bg}, {plural(d['n_objects'], 'object')})",
                      f"{results['fully_unsupervised']:.1f}", _fmt(paper.get("fully_unsupervised"))))
     for key in ("linear", "fcn"):
         if key in results:
@@ -469,7 +470,7 @@ def format_table(results: dict, model_name: str) -> str:
         spreads.append(f"fully unsupervised: mean +- std of {len(results['fully_unsupervised_runs'])} Infomap runs")
     if spreads:
         protocol += f" ({'; '.join(spreads)})"
-    return "\n".join(lines) + f"\n{results['n_images']} images, {results['num_classes']} classes{protocol}"
+    return "\n".join(lines) + f"\n{plural(results['n_images'], 'image')}, {results['num_classes']} classes{protocol}"
 
 
 def _fmt(v) -> str:

@@ -729,3 +729,21 @@ def test_eval_matching_below_the_number_of_classes_follows_the_protocol(tiny_mod
     assert f"k-means k=2 ({kind})" in r.output
     assert "k-means k=3 (Hungarian, one-to-one)" in r.output
     assert "k-means k=5 (over-clustering, many-to-one)" in r.output
+
+
+def test_eval_table_counts_read_as_english():
+    """The table's counts: 1 object and 1 image read singular, and a range of object counts over Infomap runs."""
+    from leopart.evaluate import format_table
+
+    cosine = {"n_images": 1, "num_classes": 3, "fully_unsupervised": 50.0,
+              "fully_unsupervised_details": {"k": 4, "bg_share": 0.6, "n_objects": 1}}
+    table = format_table(cosine, "mine")
+    assert "(k=4, CBFE+CD, bg 0.60, 1 object)" in table and table.endswith("\n1 image, 3 classes")
+    reference = {"n_images": 2, "num_classes": 3, "fully_unsupervised": 50.0, "fully_unsupervised_runs": [50.0],
+                 "fully_unsupervised_details": {"pipeline": "reference", "k": 4, "cbfe_k": 10, "train_split": "train",
+                                                "markov_time": 2.0, "n_objects": [1]}}
+    assert "markov time 2, 1 object)" in format_table(reference, "mine")
+    reference["fully_unsupervised_details"]["n_objects"], reference["fully_unsupervised_runs"] = [1, 3], [40.0, 60.0]
+    table = format_table(reference, "mine")
+    assert "markov time 2, 1-3 objects)" in table and table.endswith("2 images, 3 classes (fully unsupervised: "
+                                                                     "mean +- std of 2 Infomap runs)")
