@@ -340,7 +340,8 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __init__(self, n: int, global_batch: int, rank: int = 0, world: int = 1, seed: int = 0, start_step: int = 0):
         if n < global_batch:
-            raise LeopartError(f"need at least {global_batch} images for a global batch of {global_batch}, found {n}")
+            raise LeopartError(f"need at least {global_batch} images for a global batch of {global_batch}, found {n}: "
+                               f"use a smaller batch size (--batch-size)")
         self.n, self.global_batch, self.rank, self.world = n, global_batch, rank, world
         self.seed, self.start_step = seed, start_step
         self.steps_per_epoch = n // global_batch

@@ -1,4 +1,5 @@
 """Multi-crop overlap boxes, the Leopart loss, training runs, resume after SIGKILL, and DDP equivalence."""
+import importlib
 import json
 import os
 import re
@@ -611,6 +612,15 @@ def test_bad_training_options():
     for settings, match in bad:
         with pytest.raises(LeopartError, match=match):
             TrainConfig(**settings).check()
+
+
+def test_too_few_images_for_the_batch_says_what_to_change(image_dir, tmp_path, monkeypatch):
+    """Fewer images than one global batch fails before the model is built (for DINO init: downloaded)."""
+    train_module = importlib.import_module("leopart.train")  # the module (leopart.train is the function)
+    monkeypatch.setattr(train_module, "build_model", lambda cfg: pytest.fail("model built before the check"))
+    with pytest.raises(LeopartError, match=r"need at least 32 images for a global batch of 32, found \d+: use a "
+                                           r"smaller batch size \(--batch-size\)"):
+        leopart.train(image_dir, tmp_path / "run", init="dino-vits16")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
