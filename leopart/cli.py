@@ -140,6 +140,8 @@ def _model_rows(model: str, trust_pickle: bool) -> list[tuple[str, object]]:
 
 def _features_rows(path: str, features: dict) -> list[tuple[str, object]]:
     """What `leopart embed -o` wrote: how many maps of which shape, and (.safetensors) from what."""
+    from .serialization import value_size
+
     shapes, meta = features["shapes"], features["metadata"]
     grids = [" x ".join(map(str, g)) for g in sorted({shape[:-1] for shape in shapes}, key=lambda g: (math.prod(g), g))]
     grid = grids[0] if len(grids) == 1 else f"{len(grids)} sizes, " + (
@@ -148,7 +150,7 @@ def _features_rows(path: str, features: dict) -> list[tuple[str, object]]:
     n_values = sum(math.prod(shape) for shape in shapes)
     rows = [("features", path), ("images", len(shapes)),
             ("patch grid", f"{grid} patches of {shapes[0][-1] if shapes else '?'} dimensions"),
-            ("size", f"{_binary_size(n_values * 4)} of float32")]
+            ("size", f"{_binary_size(n_values * value_size(features['dtype']))} of {features['dtype']}")]
     if meta:
         rows += [("model", meta.get("model", "-")), ("resolution", meta.get("resolution", "-"))]
     if names:
@@ -264,8 +266,10 @@ def _cache_option(f):
 @_device_option
 @click.option("--output", "-o", required=True, type=_OutputPath(dir_okay=False, path_type=Path),
               help="Where to write the features: FILE.safetensors or FILE.npy.")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"]),
+              help="Value type in the file: float16 or bfloat16 halve it (bfloat16: .safetensors only).")
 @_cache_option
-def embed(inputs, model, resolution, batch_size, device, output, cache_dir):
+def embed(inputs, model, resolution, batch_size, device, output, dtype, cache_dir):
     """Embed images (files, folders or .txt lists of paths) into patch features [B, h, w, D]."""
     from . import data
     from .embed import iter_embeddings
@@ -277,15 +281,17 @@ def embed(inputs, model, resolution, batch_size, device, output, cache_dir):
     res = _parse_resolution(resolution)
     if res is None and suffix == ".npy":
         raise LeopartError("--resolution native gives one array per image: write .safetensors instead of .npy")
+    if dtype == "bfloat16" and suffix == ".npy":
+        raise LeopartError("numpy has no bfloat16: write .safetensors, or --dtype float16 to .npy")
     paths = list(data.expand_inputs(list(inputs)))
     _check_images(paths)  # before the model loads (or downloads), and before hours of work on the good ones
     # One batch at a time from the model into the file: memory does not grow with the number of images.
     features = iter_embeddings(paths, model=model, resolution=res, batch_size=batch_size, device=device,
                                progress=True if len(paths) > batch_size else None, cache_dir=cache_dir)
     meta = {"model": model, "resolution": str(res or "native"), "names": json.dumps([str(p) for p in paths])}
-    shape = write_features(output, features, len(paths), ragged=res is None, metadata=meta)
-    shape = shape or f"{plural(len(paths), 'map')}, each at its image's own size"
-    click.echo(f"wrote {output} ({shape})")
+    shape = write_features(output, features, len(paths), ragged=res is None, metadata=meta, dtype=dtype)
+    maps = f"of {' x '.join(map(str, shape[1:]))}" if shape else "each at its image's own size"
+    click.echo(f"wrote {output} ({plural(len(paths), 'map')} {maps}, {dtype})")
 
 
 @main.command()

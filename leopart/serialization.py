@@ -78,19 +78,30 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
         save_file(tensors, str(tmp), metadata=metadata)
 
 
+# Feature file value types: name -> (torch dtype, safetensors dtype code, numpy descr; None: no numpy type).
+FEATURE_DTYPES = {"float32": (torch.float32, "F32", "<f4"), "float16": (torch.float16, "F16", "<f2"),
+                  "bfloat16": (torch.bfloat16, "BF16", None)}
+
+
 def write_features(path: str | os.PathLike, maps: Iterable[torch.Tensor], count: int, ragged: bool = False,
-                   metadata: dict[str, str] | None = None) -> tuple[int, ...] | None:
+                   metadata: dict[str, str] | None = None, dtype: str = "float32") -> tuple[int, ...] | None:
     """Write ``count`` feature maps to ``path`` (.npy or .safetensors) as ``maps`` yields them, holding one map
     in memory rather than the dataset; the file appears (atomically) once all of them are written.
 
-    .npy: one float32 array [count, *shape]; .safetensors: one tensor "features" [count, *shape] or, with
-    ``ragged`` (shapes may differ), one tensor "features.{i}" per map, plus ``metadata``. Returns the array's
-    shape (None when ragged).
+    .npy: one array [count, *shape]; .safetensors: one tensor "features" [count, *shape] or, with ``ragged``
+    (shapes may differ), one tensor "features.{i}" per map, plus ``metadata``. Values are stored as ``dtype``
+    (FEATURE_DTYPES; half precision halves the file; numpy has no bfloat16). Returns the array's shape (None
+    when ragged).
     """
     path = Path(path)
     npy = path.suffix.lower() == ".npy"
     if npy and ragged:
         raise LeopartError("maps of different shapes need .safetensors, not .npy")
+    if dtype not in FEATURE_DTYPES:
+        raise LeopartError(f"dtype must be one of {', '.join(FEATURE_DTYPES)}, not {dtype!r}")
+    torch_dtype, code, descr = FEATURE_DTYPES[dtype]
+    if npy and descr is None:
+        raise LeopartError(f"numpy has no {dtype}: write .safetensors, or float16 to .npy")
     if count < 1:
         raise LeopartError("no feature maps to write")
     metadata = metadata or {}
@@ -105,25 +116,26 @@ def write_features(path: str | os.PathLike, maps: Iterable[torch.Tensor], count:
             for t in maps:
                 if written == count:
                     raise LeopartError(f"more than {count} feature maps for {path}")
-                array = t.detach().to(torch.float32).cpu().contiguous().numpy()
+                t = t.detach().to(torch_dtype).cpu().contiguous()
                 if written == 0:
-                    shape = array.shape
+                    shape = tuple(t.shape)
                     if npy:
                         np.lib.format.write_array_header_1_0(
-                            f, {"descr": "<f4", "fortran_order": False, "shape": (count, *shape)})
-                elif not ragged and array.shape != shape:
-                    raise LeopartError(f"feature map {written} has shape {array.shape}, the first had {shape}")
-                f.write(array.data)
+                            f, {"descr": descr, "fortran_order": False, "shape": (count, *shape)})
+                elif not ragged and tuple(t.shape) != shape:
+                    raise LeopartError(f"feature map {written} has shape {tuple(t.shape)}, the first had {shape}")
+                data = t.view(-1).view(torch.uint8).numpy()  # the raw bytes (numpy has no bfloat16)
+                f.write(data.data)
                 if ragged:
-                    entries[f"features.{written}"] = {"dtype": "F32", "shape": list(array.shape),
-                                                      "data_offsets": [offset, offset + array.nbytes]}
-                offset += array.nbytes
+                    entries[f"features.{written}"] = {"dtype": code, "shape": list(t.shape),
+                                                      "data_offsets": [offset, offset + data.nbytes]}
+                offset += data.nbytes
                 written += 1
             if written != count:
                 raise LeopartError(f"got {written} of {count} feature maps for {path}")
             if not npy:
                 if not ragged:
-                    entries = {"features": {"dtype": "F32", "shape": [count, *shape], "data_offsets": [0, offset]}}
+                    entries = {"features": {"dtype": code, "shape": [count, *shape], "data_offsets": [0, offset]}}
                 header = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
                 assert len(header) <= header_room, "header room underestimated"
                 f.seek(0)
@@ -135,27 +147,42 @@ def write_features(path: str | os.PathLike, maps: Iterable[torch.Tensor], count:
 
 def read_features_header(path: str | os.PathLike) -> dict | None:
     """What a ``write_features`` file holds, from its header alone: {"shapes": [per-map shape, ...],
-    "metadata": {...}}, or None when ``path`` is no such file (a model's .safetensors, say)."""
+    "dtype": "float32" | "float16" | "bfloat16" | numpy's name, "metadata": {...}}, or None when ``path`` is no
+    such file (a model's .safetensors, say)."""
     path = Path(path)
     try:
         if path.suffix.lower() == ".npy":
             array = np.load(path, mmap_mode="r", allow_pickle=False)
             if array.ndim < 3:  # features are [N, ..., D] maps; a vector or table is something else
                 return None
-            return {"shapes": [tuple(array.shape[1:])] * array.shape[0], "metadata": {}}
+            return {"shapes": [tuple(array.shape[1:])] * array.shape[0], "dtype": str(array.dtype), "metadata": {}}
         if path.suffix.lower() != ".safetensors":
             return None
         with safe_open(str(path), "pt") as f:
             keys, metadata = list(f.keys()), f.metadata() or {}
             if keys == ["features"]:
                 shape = tuple(f.get_slice("features").get_shape())
-                return {"shapes": [shape[1:]] * shape[0], "metadata": metadata}
+                return {"shapes": [shape[1:]] * shape[0], "dtype": _dtype_name(f.get_slice("features").get_dtype()),
+                        "metadata": metadata}
             if keys and all(re.fullmatch(r"features\.\d+", k) for k in keys):  # ragged: one tensor per map
                 order = sorted(keys, key=lambda k: int(k.split(".")[1]))
-                return {"shapes": [tuple(f.get_slice(k).get_shape()) for k in order], "metadata": metadata}
+                return {"shapes": [tuple(f.get_slice(k).get_shape()) for k in order],
+                        "dtype": _dtype_name(f.get_slice(order[0]).get_dtype()), "metadata": metadata}
             return None
     except (SafetensorError, OSError, ValueError) as e:
         raise LeopartError(f"cannot read {path}: the file is corrupt or truncated ({e})") from None
+
+
+def value_size(dtype: str) -> int:
+    """Bytes per value of a feature file's dtype (a FEATURE_DTYPES name, or numpy's for other .npy files)."""
+    return FEATURE_DTYPES[dtype][0].itemsize if dtype in FEATURE_DTYPES else np.dtype(dtype).itemsize
+
+
+def _dtype_name(code: str) -> str:
+    """numpy-style name of a safetensors dtype code: "F16" -> "float16", "BF16" -> "bfloat16", "I64" -> "int64"."""
+    kinds = {"BF": "bfloat", "F": "float", "I": "int", "U": "uint"}
+    match = re.fullmatch(r"(BF|F|I|U)(\d+)", code)
+    return f"{kinds[match[1]]}{match[2]}" if match else code.lower()
 
 
 def _round_up(n: int, multiple: int) -> int:

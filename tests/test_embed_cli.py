@@ -381,6 +381,29 @@ def test_write_features_streams_and_reads_back(tmp_path, suffix, ragged):
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
 
 
+@pytest.mark.parametrize("suffix, dtype", [(".npy", "float16"), (".safetensors", "float16"),
+                                           (".safetensors", "bfloat16")])
+def test_write_features_half_precision(tmp_path, suffix, dtype):
+    """Half-precision files hold the maps rounded to that type (half the bytes), readable by numpy / safetensors,
+    and their header names the type."""
+    from leopart.serialization import read_features_header, write_features
+
+    maps = [torch.randn(2, 3, 5) * 100 for _ in range(3)]
+    out = tmp_path / f"f{suffix}"
+    for ragged in (False, True) if suffix == ".safetensors" else (False,):
+        write_features(out, iter(maps), 3, ragged=ragged, dtype=dtype)
+        if suffix == ".npy":
+            got = list(torch.from_numpy(np.load(out)))
+        else:
+            with safe_open(str(out), "pt") as f:
+                got = [f.get_tensor(f"features.{i}") for i in range(3)] if ragged else list(f.get_tensor("features"))
+        for g, m in zip(got, maps):
+            assert g.dtype == getattr(torch, dtype)
+            torch.testing.assert_close(g, m.to(getattr(torch, dtype)), rtol=0, atol=0)
+        assert read_features_header(out)["dtype"] == dtype
+        assert out.stat().st_size < 3 * 2 * 3 * 5 * 4 * 0.5 + 1024  # half of float32's bytes, plus the header
+
+
 @pytest.mark.parametrize("case", ["fewer", "more", "shape", "fails", "npy_ragged"])
 def test_write_features_bad_stream_leaves_no_file(tmp_path, case):
     from leopart.serialization import write_features
@@ -447,6 +470,14 @@ def test_cli_embed_writes_features(tiny_model, tiny_model_dir, image_dir, tmp_pa
     if suffix == ".safetensors":  # and what its metadata records
         described.update({"model": str(tiny_model_dir), "resolution": "32", "first image": str(image_dir / "img0.png")})
     assert rows == described
+    # Half precision: the same features rounded, half the size, and info says so.
+    r = CliRunner().invoke(main, ["embed", str(image_dir), "--model", str(tiny_model_dir), "--resolution", "32",
+                                  "--output", str(out), "--dtype", "float16"])
+    assert r.exit_code == 0 and f"wrote {out} (4 maps of 2 x 2 x 64, float16)" in r.output, r.output
+    got = torch.from_numpy(np.load(out)) if suffix == ".npy" else safe_open(str(out), "pt").get_tensor("features")
+    torch.testing.assert_close(got, expected.half(), rtol=0, atol=0)
+    r = CliRunner().invoke(main, ["info", str(out)])
+    assert "\nsize" in r.output and r.output.split("\nsize", 1)[1].split("\n")[0].strip() == "2.0 KiB of float16"
     np.save(tmp_path / "vector.npy", np.zeros(3))  # another .npy is not taken for features
     r = CliRunner().invoke(main, ["info", str(tmp_path / "vector.npy")])
     assert r.exit_code == 1 and "vector.npy is not a checkpoint" in r.output, r.output
@@ -461,7 +492,7 @@ def test_cli_embed_native_safetensors(tiny_model_dir, image_dir, tmp_path):
     r = CliRunner().invoke(main, ["embed", str(image_dir), "--model", str(tiny_model_dir),
                                   "--resolution", "native", "-o", str(out)])
     assert r.exit_code == 0, r.output
-    assert f"wrote {out} (4 maps, each at its image's own size)" in r.output
+    assert f"wrote {out} (4 maps each at its image's own size, float32)" in r.output
     with safe_open(str(out), "pt") as f:
         assert sorted(f.keys()) == [f"features.{i}" for i in range(4)]
         assert f.get_tensor("features.0").shape == (2, 3, 64)  # 40x56 -> 32x48 pixels
@@ -500,8 +531,8 @@ def test_cli_names_the_bad_input_before_loading_the_model(tmp_path, command):
         assert r.exit_code == 1 and r.output.startswith(f"Error: cannot read image {folder / 'z_notes.jpg'}")
 
 
-@pytest.mark.parametrize("case", ["missing", "text", "tiny", "empty", "model", "suffix", "npy_native", "unwritable",
-                                  "device_unknown", "device_absent"])
+@pytest.mark.parametrize("case", ["missing", "text", "tiny", "empty", "model", "suffix", "npy_native", "npy_bfloat16",
+                                  "unwritable", "device_unknown", "device_absent"])
 def test_cli_bad_input_one_line_no_file(tiny_model_dir, tmp_path, case, monkeypatch):
     good = tmp_path / "good.png"
     Image.fromarray(random_image(64, 64)).save(good)
@@ -532,6 +563,10 @@ def test_cli_bad_input_one_line_no_file(tiny_model_dir, tmp_path, case, monkeypa
     elif case == "device_absent":
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
         args += ["--device", "cuda"]
+    elif case == "npy_bfloat16":
+        out = tmp_path / "out.npy"
+        args[-1] = str(out)
+        args += ["--dtype", "bfloat16"]
     else:
         out = tmp_path / "out.npy"
         args[-3:] = ["native", "--output", str(out)]
@@ -543,6 +578,8 @@ def test_cli_bad_input_one_line_no_file(tiny_model_dir, tmp_path, case, monkeypa
         assert lines[0].startswith(f"Error: cannot write {out}: "), r.output
     if case.startswith("device"):
         assert "device 'gpu'" in lines[0] or "device 'cuda'" in lines[0], r.output
+    if case == "npy_bfloat16":
+        assert lines[0] == "Error: numpy has no bfloat16: write .safetensors, or --dtype float16 to .npy", r.output
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary file left behind"
 
