@@ -472,6 +472,9 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
             return
         paths = todo
     seg = Segmenter.from_pretrained(segmenter) if segmenter else None
+    if seg is not None and seg.n_objects > 255:  # before any model loads, not at the first image's PNG
+        raise LeopartError(f"{segmenter} merges its parts into {seg.n_objects} objects, more than the 255 a palette "
+                           f"PNG mask can hold: use leopart.segment from Python, or fit one with fewer objects")
     probe_head = None
     if head:
         from .probe import load_head, segment_with_head

@@ -122,6 +122,21 @@ def test_a_segmenter_fitted_elsewhere_says_to_pass_its_model(tiny_model, tiny_mo
         leopart.segment(tmp_path / "a.png", model=tiny_model, segmenter=tmp_path / "seg", fg_model=tiny_model)
 
 
+def test_segment_cli_refuses_more_objects_than_a_png_holds(tmp_path):
+    """A palette PNG holds ids 0..255: a segmenter with more objects is refused before any model loads."""
+    from leopart.merge import Segmenter
+
+    k = 300
+    Segmenter(torch.randn(k, 64), torch.arange(k), torch.ones(k, dtype=torch.bool),
+              params={"model": "no-such-model", "image_resolution": 64}).save_pretrained(tmp_path / "seg")
+    Image.fromarray(random_image(64, 64)).save(tmp_path / "a.png")
+    r = CliRunner().invoke(main, ["segment", str(tmp_path / "a.png"), "--segmenter", str(tmp_path / "seg"),
+                                  "-o", str(tmp_path / "out")])
+    assert r.exit_code == 1 and r.output.startswith(f"Error: {tmp_path / 'seg'} merges its parts into 299 objects, "
+                                                    "more than the 255 a palette PNG mask can hold"), r.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_segment_cli_writes_mask_and_overlay(tiny_model_dir, tmp_path):
     Image.fromarray(scene(70, 90, 1)[0]).save(tmp_path / "a.jpg")
     Image.fromarray(random_image(50, 40)).convert("L").save(tmp_path / "b.png")
