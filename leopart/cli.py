@@ -445,8 +445,8 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
     from .hub import from_pretrained
     from .merge import Segmenter
     from .progress import progress_bar
-    from .segment import (SEGMENTER_KNOWS_FOREGROUND, fitted_with, mask_image, recorded_model, save_overlay, save_png,
-                          segment as segment_image)
+    from .segment import (MAX_MASK_ID, SEGMENTER_KNOWS_FOREGROUND, fitted_with, mask_image, recorded_model,
+                          save_overlay, save_png, segment as segment_image)
 
     outputs = _segment_outputs(inputs, output)
     paths = list(outputs)
@@ -472,9 +472,9 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
             return
         paths = todo
     seg = Segmenter.from_pretrained(segmenter) if segmenter else None
-    if seg is not None and seg.n_objects > 255:  # before any model loads, not at the first image's PNG
-        raise LeopartError(f"{segmenter} merges its parts into {seg.n_objects} objects, more than the 255 a palette "
-                           f"PNG mask can hold: use leopart.segment from Python, or fit one with fewer objects")
+    if seg is not None and seg.n_objects > MAX_MASK_ID:  # before any model loads, not at the first image's PNG
+        raise LeopartError(f"{segmenter} merges its parts into {seg.n_objects} objects, more than the {MAX_MASK_ID} a "
+                           f"palette PNG mask can hold: use leopart.segment from Python, or fit one with fewer objects")
     probe_head = None
     if head:
         from .probe import load_head, segment_with_head

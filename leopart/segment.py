@@ -262,9 +262,12 @@ def voc_palette() -> list[int]:
     return palette
 
 
+MAX_MASK_ID = 255  # a palette PNG holds ids 0..255
+
+
 def mask_image(mask: np.ndarray) -> Image.Image:
-    if mask.max(initial=0) > 255 or mask.min(initial=0) < 0:
-        raise LeopartError("mask ids must lie in 0..255 to be written as a palette PNG")
+    if mask.max(initial=0) > MAX_MASK_ID or mask.min(initial=0) < 0:
+        raise LeopartError(f"mask ids must lie in 0..{MAX_MASK_ID} to be written as a palette PNG")
     m = np.ascontiguousarray(mask, dtype=np.uint8)
     img = Image.frombytes("P", (m.shape[1], m.shape[0]), m.tobytes())
     img.putpalette(voc_palette())

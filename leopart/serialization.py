@@ -161,9 +161,9 @@ def read_features_header(path: str | os.PathLike) -> dict | None:
         with safe_open(str(path), "pt") as f:
             keys, metadata = list(f.keys()), f.metadata() or {}
             if keys == ["features"]:
-                shape = tuple(f.get_slice("features").get_shape())
-                return {"shapes": [shape[1:]] * shape[0], "dtype": _dtype_name(f.get_slice("features").get_dtype()),
-                        "metadata": metadata}
+                whole = f.get_slice("features")
+                shape = tuple(whole.get_shape())
+                return {"shapes": [shape[1:]] * shape[0], "dtype": _dtype_name(whole.get_dtype()), "metadata": metadata}
             if keys and all(re.fullmatch(r"features\.\d+", k) for k in keys):  # ragged: one tensor per map
                 order = sorted(keys, key=lambda k: int(k.split(".")[1]))
                 return {"shapes": [tuple(f.get_slice(k).get_shape()) for k in order],
