@@ -689,17 +689,20 @@ def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, weight_threshold, ma
               help="Side of the 4 local crops, pixels.")
 @click.option("--num-prototypes", default=None, type=click.IntRange(min=1),
               help="Prototypes (Sinkhorn targets) K (default: the --init model's own; 300 for DINO and random init).")
-@click.option("--lr-backbone", default=1e-5, show_default=True, type=float,
-              help="Backbone learning rate, cosine to 0 (ViT-B/8: 5e-6).")
-@click.option("--lr-heads", default=1e-4, show_default=True, type=float,
-              help="Head and prototype learning rate, cosine to 0 (ViT-B/8: 5e-5).")
+@click.option("--lr-backbone", default=None, type=float,
+              help="Backbone learning rate, cosine to 0 (default: the reference's, 1e-5, or 5e-6 for patch-8 "
+                   "models such as ViT-B/8).")
+@click.option("--lr-heads", default=None, type=float,
+              help="Head and prototype learning rate, cosine to 0 (default: the reference's, 1e-4, or 5e-5 for "
+                   "patch-8 models).")
 @click.option("--queue-length", default=0, show_default=True, type=click.IntRange(min=0),
               help="Past teacher patch embeddings per global crop prepended before Sinkhorn (paper: 8192).")
 @click.option("--loss-mask", default="fg", show_default=True, type=click.Choice(["all", "fg", "bg"]),
               help="Patches the loss counts, by the teacher's attention mask.")
 @click.option("--grad-clip", default=None, type=click.FloatRange(min=0, min_open=True),
               help="Clip the gradient norm to this (default: no clipping, as the reference).")
-@click.option("--train-last-blocks", default=None, type=click.IntRange(min=0), help="Train only the last N blocks.")
+@click.option("--train-last-blocks", default=None, type=click.IntRange(min=0),
+              help="Train only the backbone's last N blocks (and its final norm; 0: the heads alone).")
 @click.option("--save-every", default=500, show_default=True, type=click.IntRange(min=1),
               help="Steps between checkpoints.")
 @click.option("--resume", is_flag=True, help="Continue the run in --output from its checkpoint.")

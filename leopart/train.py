@@ -65,7 +65,8 @@ RESUMABLE_OVERRIDES = {"steps", "epochs", "save_every", "workers", "device", "ev
 @dataclass
 class TrainConfig:
     """Every setting of a training run (the keyword arguments of ``leopart.train``); the defaults are the
-    paper's ViT-S/16 recipe, but for the queue, which is off unless asked."""
+    paper's recipe (learning rates by the model's patch size, as its configs), but for the queue, which is off
+    unless asked."""
 
     data: str = ""
     output: str = "runs/leopart"
@@ -88,8 +89,8 @@ class TrainConfig:
     blur: bool = True                    # Gaussian blur in the jitter
     photometric: str = "reference"       # jitter strengths and blur odds: "reference" or "dino" (augment.PHOTOMETRIC)
     num_prototypes: int | None = None    # default: the init model's own (300 for DINO and random init)
-    lr_backbone: float = 1e-5
-    lr_heads: float = 1e-4
+    lr_backbone: float | None = None     # default: the reference's for the model (learning_rates)
+    lr_heads: float | None = None
     final_lr: float = 0.0
     weight_decay: float = 0.04
     weight_decay_end: float = 0.5
@@ -141,7 +142,7 @@ class TrainConfig:
                 raise LeopartError(f"{name} must be positive, not {getattr(self, name)!r}")
         for name in ("n_local", "queue_length", "lr_backbone", "lr_heads", "final_lr", "weight_decay",
                      "weight_decay_end"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise LeopartError(f"{name} must be >= 0, not {getattr(self, name)!r}")
         ranges = {"momentum_teacher": (0, 1), "momentum_teacher_end": (0, 1), "hue": (0, 0.5)}
         for name, (low, high) in ranges.items():
@@ -189,8 +190,9 @@ def build_model(cfg: TrainConfig) -> LeopartViT:
         if not 0 <= n <= len(blocks):
             raise LeopartError(f"train_last_blocks must lie in 0..{len(blocks)}")
         for name, p in model.backbone.named_parameters():
-            trainable = name.startswith("norm.") or any(name.startswith(f"blocks.{i}.")
-                                                        for i in range(len(blocks) - n, len(blocks)))
+            # The final norm belongs to the last block's output: it trains with it (0 blocks: backbone frozen).
+            trainable = (n > 0 and name.startswith("norm.")) or any(name.startswith(f"blocks.{i}.")
+                                                                    for i in range(len(blocks) - n, len(blocks)))
             p.requires_grad_(trainable)
     model.normalize_prototypes()
     return model
@@ -208,6 +210,14 @@ def set_drop_path(model: LeopartViT, rate: float):
                 setattr(blk, attr, DropPath(p) if p > 0 else nn.Identity())
 
 
+def learning_rates(cfg: TrainConfig, patch_size: int) -> tuple[float, float]:
+    """(backbone, heads) learning rates: those asked for, else the reference's COCO configs' for the patch size,
+    1e-5 and 1e-4, or 5e-6 and 5e-5 for patch 8 (its ViT-B/8; its ViT-S/16 and ViT-B/16 share the first)."""
+    backbone, heads = (5e-6, 5e-5) if patch_size == 8 else (1e-5, 1e-4)
+    return (backbone if cfg.lr_backbone is None else cfg.lr_backbone,
+            heads if cfg.lr_heads is None else cfg.lr_heads)
+
+
 def param_groups(model: LeopartViT, cfg: TrainConfig) -> list[dict]:
     """Backbone and heads get their own lr; biases and norms (1-d parameters) get no weight decay."""
     groups = {(part, decay): [] for part in ("backbone", "heads") for decay in (True, False)}
@@ -216,7 +226,7 @@ def param_groups(model: LeopartViT, cfg: TrainConfig) -> list[dict]:
             continue
         part = "backbone" if name.startswith("backbone.") else "heads"
         groups[(part, p.ndim > 1 and not name.endswith(".bias"))].append(p)
-    lr = {"backbone": cfg.lr_backbone, "heads": cfg.lr_heads}
+    lr = dict(zip(("backbone", "heads"), learning_rates(cfg, model.patch_size)))
     return [{"params": ps, "base_lr": lr[part], "lr": lr[part], "decay": decay,
              "weight_decay": cfg.weight_decay if decay else 0.0}
             for (part, decay), ps in groups.items() if ps]
@@ -433,7 +443,7 @@ class Learner:
         self.cfg = cfg
         self.model = model.to(device).train()
         self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr_heads)
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg))
         # Each process keeps its share of the queue; distributed Sinkhorn sees all of them, as the reference did.
         self.queue_length = max(1, cfg.queue_length // world()[1]) if cfg.queue_length else 0
         self.queue = (torch.zeros(cfg.n_global, self.queue_length, model.config.proj_dim, device=device)
@@ -543,6 +553,7 @@ def train(data_source: str | os.PathLike | Sequence[str | os.PathLike] = "", out
     built = learner.model.config
     cfg.arch, cfg.num_prototypes, cfg.backbone_kwargs = built.arch, built.num_prototypes, dict(built.backbone_kwargs)
     cfg.proj_hidden_dim, cfg.proj_dim = built.proj_hidden_dim, built.proj_dim
+    cfg.lr_backbone, cfg.lr_heads = learning_rates(cfg, learner.model.patch_size)
     if cfg.eval_data:  # a bad folder or k fails now, not at the first evaluation, maybe hours in
         _check_eval_data(cfg, learner.model.patch_size)
     step, skipped = 0, set()

@@ -614,6 +614,44 @@ def test_bad_training_options():
             TrainConfig(**settings).check()
 
 
+def test_learning_rates_default_to_the_references_for_the_patch_size(train_dir, tmp_path):
+    """The reference's COCO configs: 1e-5 / 1e-4 (ViT-S/16, ViT-B/16), 5e-6 / 5e-5 for its ViT-B/8; what is
+    asked for wins; config.json records what trained, and a resumed run keeps it."""
+    patch8 = {**TINY, "backbone_kwargs": {"patch_size": 8}}
+    for name, settings, expected in [("p16", TINY, (1e-5, 1e-4)), ("p8", patch8, (5e-6, 5e-5)),
+                                     ("asked", {**patch8, "lr_heads": 3e-4}, (5e-6, 3e-4))]:
+        model = leopart.train(train_dir, tmp_path / name, steps=1, **settings)
+        assert model.patch_size == (8 if settings is not TINY else 16)
+        recorded = json.loads((tmp_path / name / "config.json").read_text())
+        assert (recorded["lr_backbone"], recorded["lr_heads"]) == expected
+        ckpt = torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
+        assert sorted({group["base_lr"] for group in ckpt["optimizer"]["param_groups"]}) == sorted(expected)
+    leopart.train(train_dir, tmp_path / "p8", resume=True, steps=2, **patch8)
+    recorded = json.loads((tmp_path / "p8" / "config.json").read_text())
+    assert (recorded["lr_backbone"], recorded["lr_heads"]) == (5e-6, 5e-5)
+
+
+@pytest.mark.parametrize("n", [0, 2])
+def test_train_last_blocks_leaves_the_rest_of_the_backbone_as_it_was(train_dir, tmp_path, n):
+    torch.manual_seed(0)
+    before = build_model(TrainConfig(**TINY)).state_dict()  # what train() builds from the same seed
+    after = leopart.train(train_dir, tmp_path / "run", steps=2, train_last_blocks=n, lr_backbone=1e-2,
+                          **TINY).state_dict()
+    depth = sum(name.startswith("backbone.blocks.") and name.endswith(".norm1.weight") for name in before)
+    trained_blocks = {f"backbone.blocks.{i}." for i in range(depth - n, depth)}
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    for name in before:
+        in_backbone = name.startswith("backbone.")
+        should_train = (not in_backbone or any(name.startswith(b) for b in trained_blocks)
+                        or (n > 0 and name.startswith("backbone.norm.")))
+        if not should_train:
+            assert name not in changed, name
+    assert any(name.startswith("projection_head.") for name in changed)
+    assert n == 0 or {b for b in trained_blocks if any(name.startswith(b) for name in changed)} == trained_blocks
+    with pytest.raises(LeopartError, match=f"train_last_blocks must lie in 0..{depth}"):
+        leopart.train(train_dir, tmp_path / "bad", steps=1, train_last_blocks=depth + 1, **TINY)
+
+
 def test_too_few_images_for_the_batch_says_what_to_change(image_dir, tmp_path, monkeypatch):
     """Fewer images than one global batch fails before the model is built (for DINO init: downloaded)."""
     train_module = importlib.import_module("leopart.train")  # the module (leopart.train is the function)
