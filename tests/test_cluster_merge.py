@@ -329,6 +329,23 @@ def test_merge_checks_its_inputs_and_takes_arrays():
             leopart.merge(args.pop("centroids"), args.pop("labels"), args.pop("foreground"), **args)
 
 
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_segmenter_assigns_parts_as_its_kmeans_did(tmp_path, metric):
+    """A segmenter's part scores rank the centroids as its k-means assigned (nearest by squared distance for
+    Euclidean parts, not by cosine), also after a save and load."""
+    x, _ = planted_mixture(n_per=60, k=6, d=16, seed=1)
+    x = x * torch.linspace(0.2, 3.0, len(x))[:, None]  # norms that differ, so the two metrics disagree
+    km = leopart.cluster(x, 6, metric=metric, seed=0)
+    grids = km.labels.view(-1, 6, 10)
+    seg = leopart.merge(km, grids, grids % 2 == 0)
+    assert seg.metric == metric
+    loaded = Segmenter.from_pretrained(seg.save_pretrained(tmp_path / "seg"))
+    assert loaded.metric == metric
+    for s in (seg, loaded):
+        assert torch.equal(s.part_scores(x).argmax(-1), km.labels)
+        assert torch.equal(s.part_scores(x.view(-1, 6, 10, 16)).argmax(-1), grids)  # any leading shape
+
+
 def test_merge_end_to_end_and_segmenter_round_trip(tmp_path):
     grids = [planted_scene(s) for s in range(10)]
     fg_masks = [g > 0 for g in grids]

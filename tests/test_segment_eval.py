@@ -609,6 +609,23 @@ def test_cbfe_cue_keeps_65_percent_of_the_attention_mass(tiny_model, voc_dir):
     assert torch.equal(dense_features(images, tiny_model, 64, fg_model=tiny_model, progress=False).foreground, expected)
 
 
+def test_foreground_of_a_model_with_another_patch_size_lands_on_the_feature_grid(tiny_model, voc_dir):
+    # The paper's ViT-B/8 parts took their foreground cue from a DINO ViT-S/16: a 2x coarser attention grid,
+    # resampled to the features' (at 2x, bilinear > 0.5 keeps each patch's nearest coarse cell).
+    from leopart.segment import dense_features
+
+    torch.manual_seed(1)
+    patch8 = leopart.LeopartViT(leopart.LeopartConfig(arch="test_vit", img_size=64, num_prototypes=10,
+                                                      proj_hidden_dim=32, proj_dim=16,
+                                                      backbone_kwargs={"patch_size": 8})).eval()
+    images = sorted((voc_dir / "JPEGImages").iterdir())
+    coarse = dense_features(images, tiny_model, 64, progress=False).foreground  # [B, 4, 4]: its own cue
+    dense = dense_features(images, patch8, 64, fg_model=tiny_model, progress=False)
+    assert dense.features.shape[1:3] == (8, 8) and coarse.shape[1:] == (4, 4)
+    assert 0 < coarse.float().mean() < 1
+    assert torch.equal(dense.foreground, coarse.repeat_interleave(2, 1).repeat_interleave(2, 2))
+
+
 def test_standardise_and_project_matches_scikit_learn():
     # The reference protocol's k-means input: StandardScaler, then PCA (faiss's PCAMatrix, no whitening). Each
     # component may come out with either sign, which k-means does not see.
