@@ -86,11 +86,39 @@ def expand_inputs(inputs: Any) -> Iterator[Any]:
             yield from inputs  # a batch: tensors [B, C, H, W], arrays [B, H, W, C] (stacked frames)
         else:
             yield inputs
-    elif isinstance(inputs, Iterable):
+    elif _is_collection(inputs):
         for item in inputs:
             yield from expand_inputs(item)
     else:
-        raise LeopartError(f"cannot read an image from a {type(inputs).__name__}")
+        raise not_an_image(inputs)
+
+
+def _is_collection(inputs: Any) -> bool:
+    """A list, generator, ... of inputs; not a dict or an (image, label) tuple, which datasets hand out."""
+    def is_label(item):
+        return item is None or isinstance(item, (int, float)) or (isinstance(item, torch.Tensor) and item.ndim == 0)
+
+    if isinstance(inputs, tuple):
+        return not any(is_label(item) for item in inputs)
+    return isinstance(inputs, Iterable) and not isinstance(inputs, dict)
+
+
+def not_an_image(item: Any) -> LeopartError:
+    """The error for an input that is no image, with a hint for the containers datasets hand out."""
+    name = type(item).__name__
+    what = f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+    if isinstance(item, dict):  # a Hugging Face datasets row, or a sample dict
+        keys = ", ".join(map(str, list(item)[:5]))
+        return LeopartError(f"cannot read an image from a dict (keys {keys}): pass the images alone, e.g. "
+                            f"[row['image'] for row in rows]")
+    if isinstance(item, tuple):
+        kinds = ", ".join(type(x).__name__ for x in item[:4])
+        return LeopartError(f"cannot read an image from a tuple ({kinds}), a dataset's (image, label) sample: pass "
+                            f"the images alone, e.g. (image for image, *_ in dataset)")
+    if hasattr(item, "__getitem__") and hasattr(item, "__len__"):  # a map-style dataset (torch.utils.data.Dataset)
+        return LeopartError(f"cannot read an image from {what}, which is indexed but not iterable: pass its "
+                            f"images, e.g. (image for image, *_ in dataset)")
+    return LeopartError(f"cannot read an image from {what}")
 
 
 def is_image_list(path: Path) -> bool:
@@ -169,7 +197,7 @@ def load_image(item: Any, name: str = "image") -> Image.Image:
         return _tensor_to_pil(item, name)
     if isinstance(item, np.ndarray):
         return _array_to_pil(item, name)
-    raise LeopartError(f"cannot read an image from a {type(item).__name__}")
+    raise not_an_image(item)
 
 
 def _decode(source: Path | io.BytesIO, name: str) -> Image.Image:

@@ -231,7 +231,7 @@ def test_bad_inputs_raise_one_line(tiny_model, tmp_path, case, monkeypatch):
     elif case == "bytes":  # encoded bytes are named by their place, as arrays are
         item, match = b"GIF89a not quite", "cannot read image image #1: cannot identify image file"
     elif case == "number":
-        item, match = 3, "cannot read an image from a int"
+        item, match = 3, "cannot read an image from an int$"
     elif case == "listed_folder":  # a .txt list naming a folder (was "[Errno 21] Is a directory")
         (tmp_path / "sub").mkdir()
         item = tmp_path / "list.txt"
@@ -242,6 +242,35 @@ def test_bad_inputs_raise_one_line(tiny_model, tmp_path, case, monkeypatch):
     with pytest.raises(LeopartError, match=match) as e:
         leopart.embed([good, item], model=model, resolution=resolution)
     assert "\n" not in str(e.value)
+
+
+def test_dataset_samples_are_named_as_such(tiny_model):
+    """What datasets hand out (a torch Dataset, (image, label) pairs, Hugging Face rows) is not an image: the
+    error says which of them it got and how to pass the images (a tuple of images is still a batch)."""
+    img = Image.fromarray(random_image(64, 64))
+
+    class Indexed(torch.utils.data.Dataset):  # map-style, like torchvision's: __getitem__ and __len__ only
+        def __getitem__(self, i):
+            if i >= len(self):
+                raise IndexError(i)  # what ends iteration by index, as in torchvision's datasets
+            return img, 0
+
+        def __len__(self):
+            return 2
+
+    cases = [(Indexed(), (r"from an Indexed, which is indexed but not iterable: pass its images, e.g. \(image for "
+                          r"image, \*_ in dataset\)$")),
+             ([(img, 3)], (r"from a tuple \(Image, int\), a dataset's \(image, label\) sample: pass the images "
+                           r"alone")),
+             ([(img, torch.tensor(3))], r"from a tuple \(Image, Tensor\), a dataset's"),
+             ([{"image": img, "label": 3}], (r"from a dict \(keys image, label\): pass the images alone, e.g. "
+                                             r"\[row\['image'\] for row in rows\]$")),
+             ([None], "from a NoneType$")]
+    for inputs, match in cases:
+        with pytest.raises(LeopartError, match="^cannot read an image " + match):
+            leopart.embed(inputs, model=tiny_model, resolution=64)
+    assert leopart.embed((img, img), model=tiny_model, resolution=64).shape[0] == 2
+    assert leopart.embed((image for image, _ in Indexed()), model=tiny_model, resolution=64).shape[0] == 2
 
 
 def test_embed_cache_resumes_and_matches(tiny_model, image_dir, tmp_path, monkeypatch):
