@@ -414,6 +414,35 @@ def test_reachable_hub_downloads(online, hub_download_calls):
     assert hub_download_calls == [("nobody/nothing", "config.json")]
 
 
+def test_hub_refusals_are_one_line_errors(monkeypatch):
+    """What the Hub answers for a gated, missing or private repo, a missing revision or file: one line each
+    (huggingface_hub's own messages run over several lines and name its request ids)."""
+    try:
+        from huggingface_hub import errors as hub_errors  # from 0.24 on
+    except ImportError:
+        from huggingface_hub import utils as hub_errors
+
+    hub_answers(monkeypatch)
+    refusals = [(hub_errors.GatedRepoError, "org/gated", (r"^'org/gated' is gated on the Hub: log in with `(hf auth|"
+                                                          r"huggingface-cli) login`$")),
+                (hub_errors.RepositoryNotFoundError, "org/none", (r"^no Hub repository 'org/none' \(or it is private: "
+                                                                  r"log in first\)$")),
+                (hub_errors.RevisionNotFoundError, "org/repo@v9", r"^Hub repository 'org/repo' has no revision 'v9'$"),
+                # A file the repo lacks: recent huggingface_hub raises RemoteEntryNotFoundError (a kind of
+                # EntryNotFoundError), older ones EntryNotFoundError itself.
+                (getattr(hub_errors, "RemoteEntryNotFoundError", hub_errors.EntryNotFoundError), "org/repo",
+                 r"^Hub repository 'org/repo' has no file config.json$")]
+    for error_type, name, match in refusals:
+        def refuse(repo_id, filename, error_type=error_type, **kwargs):
+            error = error_type.__new__(error_type)  # their constructors' arguments differ by version
+            Exception.__init__(error, f"{error_type.__name__}\nRequest ID: Root=1-abc\n\nmore lines")
+            raise error
+
+        monkeypatch.setattr("huggingface_hub.hf_hub_download", refuse)
+        with pytest.raises(LeopartError, match=match):
+            leopart.from_pretrained(name)
+
+
 def test_cached_hub_repo_loads_without_network(tiny_model, tmp_path, online):
     folder = tiny_model.save_pretrained(tmp_path / "m")
     populate_hf_cache("someone/cached-leopart", {n: (folder / n).read_bytes() for n in ("config.json", "model.safetensors")})
