@@ -417,10 +417,11 @@ def test_reachable_hub_downloads(online, hub_download_calls):
 def test_hub_refusals_are_one_line_errors(monkeypatch):
     """What the Hub answers for a gated, missing or private repo, a missing revision or file: one line each
     (huggingface_hub's own messages run over several lines and name its request ids)."""
-    try:
-        from huggingface_hub import errors as hub_errors  # from 0.24 on
+    from huggingface_hub import utils as hub_errors  # where leopart imports them from (0.23 on)
+    try:  # what recent huggingface_hub raises for a file the repo lacks (a kind of EntryNotFoundError)
+        from huggingface_hub.errors import RemoteEntryNotFoundError as missing_file
     except ImportError:
-        from huggingface_hub import utils as hub_errors
+        missing_file = hub_errors.EntryNotFoundError
 
     hub_answers(monkeypatch)
     refusals = [(hub_errors.GatedRepoError, "org/gated", (r"^'org/gated' is gated on the Hub: log in with `(hf auth|"
@@ -428,10 +429,7 @@ def test_hub_refusals_are_one_line_errors(monkeypatch):
                 (hub_errors.RepositoryNotFoundError, "org/none", (r"^no Hub repository 'org/none' \(or it is private: "
                                                                   r"log in first\)$")),
                 (hub_errors.RevisionNotFoundError, "org/repo@v9", r"^Hub repository 'org/repo' has no revision 'v9'$"),
-                # A file the repo lacks: recent huggingface_hub raises RemoteEntryNotFoundError (a kind of
-                # EntryNotFoundError), older ones EntryNotFoundError itself.
-                (getattr(hub_errors, "RemoteEntryNotFoundError", hub_errors.EntryNotFoundError), "org/repo",
-                 r"^Hub repository 'org/repo' has no file config.json$")]
+                (missing_file, "org/repo", r"^Hub repository 'org/repo' has no file config.json$")]
     for error_type, name, match in refusals:
         def refuse(repo_id, filename, error_type=error_type, **kwargs):
             error = error_type.__new__(error_type)  # their constructors' arguments differ by version
