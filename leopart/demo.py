@@ -231,7 +231,8 @@ def run_demo(**overrides) -> dict:
 
     say("[4/5] fitting a segmenter (cluster + merge) and segmenting example images")
     voc = read_voc(data_root, "val")
-    dense = dense_features(voc.images, model, cfg.image_size, progress=False, cache_dir=features)
+    dense = dense_features(voc.images, model, cfg.image_size, progress=False, cache_dir=features,
+                           full_precision=True)  # the features step 3 scored and cached (float32 on a GPU too)
     best_share = methods[METHODS[2]]["fully_unsupervised_details"]["bg_share"]
     fitted_on = {"model": recorded_name(run_dir / MODEL_NAME), "image_resolution": cfg.image_size}
     segmenter, _ = fit_segmenter(dense, cfg.fu_k, iters=30, n_init=cfg.n_init, seed=cfg.seed, bg_share=best_share,

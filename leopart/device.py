@@ -50,8 +50,13 @@ def check_host_memory(n_bytes: int, what: str, advice: str) -> None:
                            f"memory available here: {advice}")
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; full precision elsewhere (CPU bf16 is slower and less exact)."""
-    if device.type == "cuda":
+def autocast(device: torch.device, full_precision: bool = False):
+    """bf16 autocast on CUDA unless ``full_precision``; full precision elsewhere (CPU bf16 is slower and less
+    exact)."""
+    if uses_bf16(device, full_precision):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def uses_bf16(device: torch.device, full_precision: bool = False) -> bool:
+    return device.type == "cuda" and not full_precision

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from . import data, serialization
-from .device import autocast, check_host_memory, default_device
+from .device import autocast, check_host_memory, default_device, uses_bf16
 from .errors import LeopartError, positive_int
 from .hub import from_pretrained
 from .model import LeopartViT
@@ -60,10 +60,11 @@ def _count(images: Any) -> int | None:
 @torch.no_grad()
 def iter_batches(images: Any, model: LeopartViT, resolution: int | None, batch_size: int, device: torch.device,
                  attention: bool = False, progress: bool | None = None, desc: str = "embed",
-                 resample: str = "bicubic"):
+                 resample: str = "bicubic", full_precision: bool = False):
     """Yield (names, patch tokens [b, h, w, D], attention [b, heads, h, w] or None) per batch, on ``device``.
 
-    Ragged sizes (resolution=None) go one image at a time.
+    Ragged sizes (resolution=None) go one image at a time. On CUDA the model runs under bf16 autocast unless
+    ``full_precision`` (scoring: float32, as the reference code ran it).
     """
     if resolution is not None and (resolution < model.patch_size or resolution % model.patch_size):
         raise LeopartError(f"resolution {resolution} is not a positive multiple of the patch size {model.patch_size}")
@@ -77,7 +78,7 @@ def iter_batches(images: Any, model: LeopartViT, resolution: int | None, batch_s
     with progress_bar(total=total, unit="img", desc=desc, progress=_progress(progress, total, batch_size)) as bar:
         while batch := list(itertools.islice(stream, per_call)):
             x = torch.stack([t for _, t in batch]).to(device)
-            with autocast(device):
+            with autocast(device, full_precision):
                 out = model(x, heads=False, attention=attention)
             attn = out.attention.float() if attention else None
             yield [name for name, _ in batch], out.patch_tokens.float(), attn
@@ -158,7 +159,7 @@ def _embeddings(images: list | Iterator, model, resolution, batch_size, device, 
         return {str(i): t for i, t in enumerate(stream(batch))}
 
     shards = serialization.cached_shards(cache_dir, list(images), compute, [model], "embed", model.config.arch,
-                                         resolution)
+                                         resolution, *(("bf16",) if uses_bf16(device) else ()))
     return (shard[str(i)] for shard in shards for i in range(len(shard)))
 
 

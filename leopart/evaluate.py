@@ -337,8 +337,9 @@ def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500,
         raise LeopartError("the masks hold no class ids (every pixel is 255)")
     for k in ks:
         check_k(k, len(voc.images), resolution, model.patch_size)
+    # Float32 on a GPU too: the reference scored float32 tokens, and one pass over a split is cheap.
     dense = dense_features(voc.images, model, resolution, batch_size, device, fg_model=fg_model, progress=progress,
-                           cache_dir=cache_dir, resample=run.resample)
+                           cache_dir=cache_dir, resample=run.resample, full_precision=True)
     # The scored split's own projection serves the k-means scores and the cosine fully unsupervised pipeline; the
     # reference's fully unsupervised pipeline projects it with the train split instead.
     tokens = dense.features
@@ -393,7 +394,8 @@ def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500,
         markov_time = markov_time or reference_markov_time(model.patch_size)
         cbfe_k, cd_runs = cbfe_k or CBFE_K, cd_runs or CD_RUNS
         train_dense = dense_features(train.images, model, resolution, batch_size, device, fg_model=fg_model,
-                                     progress=progress, cache_dir=cache_dir, resample=run.resample)
+                                     progress=progress, cache_dir=cache_dir, resample=run.resample,
+                                     full_precision=True)
         train_targets = load_targets(train, mask_size, resolution)
         # One standardisation and PCA for both splits, as the reference fitted them on train + val.
         train_tokens, scored_tokens = standardise_and_project([train_dense.features, dense.features], run.pca_dim,

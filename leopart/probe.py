@@ -270,7 +270,7 @@ class TokenCache:
         lo, hi = s * self.SHARD, min(self.n, (s + 1) * self.SHARD)
         tokens = [t.half().cpu() for _, t, _ in iter_batches(self.voc.images[lo:hi], self.model, self.resolution,
                                                               16, self.device, progress=self.progress,
-                                                              desc=f"tokens {lo}-{hi}")]
+                                                              desc=f"tokens {lo}-{hi}", full_precision=True)]
         masks = [resize_mask(load_mask(m, image_size(i)), self.mask_size)
                  for i, m in zip(self.voc.images[lo:hi], self.voc.masks[lo:hi])]
         return {"tokens": torch.cat(tokens), "masks": torch.from_numpy(np.stack(masks)).to(torch.uint8)}
@@ -396,7 +396,7 @@ def evaluate_probe(head: ProbeHead, model: LeopartViT, data_root: str | os.PathL
     confusion = Confusion(n_classes, n_classes)  # rows: predicted class, columns: true class
     i = 0
     for _, tokens, _ in iter_batches(voc.images, model.to(device).eval(), head.config.resolution, batch_size, device,
-                                     progress=progress, desc=f"{head.config.head} probe eval"):
+                                     progress=progress, desc=f"{head.config.head} probe eval", full_precision=True):
         with autocast(device):
             pred = head(tokens).argmax(dim=1).cpu().numpy()
         for p in pred:
@@ -420,7 +420,8 @@ def segment_with_head(image, model: LeopartViT, head: ProbeHead, device=None) ->
     if head.config.in_dim != model.embed_dim:
         raise LeopartError(f"the head reads {head.config.in_dim}-dim tokens but the model gives {model.embed_dim}: "
                            "use the head's own backbone")
-    (_, tokens, _), = iter_batches([img], model.to(device).eval(), head.config.resolution, 1, device, progress=False)
+    (_, tokens, _), = iter_batches([img], model.to(device).eval(), head.config.resolution, 1, device, progress=False,
+                                   full_precision=True)  # the tokens its head was trained on
     with autocast(device):
         logits = head.to(device).eval().native_logits(tokens)
     # Upsampled to the photo's size only for the argmax, channel-pruned: an FCN run at a 3 MP photo's own size

@@ -19,7 +19,7 @@ from PIL import Image
 
 from . import data, serialization
 from .cluster import KMeansResult, cluster
-from .device import default_device
+from .device import default_device, uses_bf16
 from .embed import check_features_fit, iter_batches
 from .errors import LeopartError, positive_int
 from .foreground import foreground_mask
@@ -43,14 +43,16 @@ class DenseFeatures:
 
 def dense_features(images: Any, model: LeopartViT, resolution: int = DEFAULT_RESOLUTION, batch_size: int = 16,
                    device=None, fg_model: LeopartViT | None = None, progress: bool | None = None,
-                   cache_dir: str | os.PathLike | None = None, resample: str = "bicubic") -> DenseFeatures:
+                   cache_dir: str | os.PathLike | None = None, resample: str = "bicubic",
+                   full_precision: bool = False) -> DenseFeatures:
     """Patch tokens of every image plus a foreground mask on the same grid.
 
     The mask comes from ``fg_model``'s last-layer attention (Leopart used a DINO ViT-S/16), or from the
     model's own attention when ``fg_model`` is None: the patches that hold 65% of its (blurred) mass. With
     ``cache_dir`` (image files only), features are kept there in files of 256 images, named by the models'
     weights, the files and the resolution: an interrupted run resumes at the first missing file, and a rerun
-    (say with another k) skips the models.
+    (say with another k) skips the models. On CUDA the models run under bf16 autocast unless ``full_precision``
+    (what scoring asks for, as the reference code ran float32).
     """
     device = default_device(device)
     images = list(data.expand_inputs(images)) if not isinstance(images, torch.Tensor) else images
@@ -62,22 +64,25 @@ def dense_features(images: Any, model: LeopartViT, resolution: int = DEFAULT_RES
     models = [model] if fg_model is None else [model, fg_model]
     shards = serialization.cached_shards(
         cache_dir, images,
-        lambda batch: _dense_batch(batch, model, resolution, batch_size, device, fg_model, progress, resample),
+        lambda batch: _dense_batch(batch, model, resolution, batch_size, device, fg_model, progress, resample,
+                                   full_precision),
         models, "dense", [m.config.arch for m in models], resolution, CBFE_ATTENTION_MASS,
-        *(() if resample == "bicubic" else (resample,)))  # bicubic caches keep their earlier names
+        *(() if resample == "bicubic" else (resample,)),  # bicubic caches keep their earlier names
+        *(("bf16",) if uses_bf16(device, full_precision) else ()))  # float32 ones too, as on the CPU
     dense = serialization.concat_rows(shards, len(images))
     names = [data.describe(item, i) for i, item in enumerate(images)]
     return DenseFeatures(names, dense["features"], dense["foreground"].bool())
 
 
 def _dense_batch(images: list, model: LeopartViT, resolution: int, batch_size: int, device: torch.device,
-                 fg_model: LeopartViT | None, progress: bool | None, resample: str) -> dict[str, torch.Tensor]:
+                 fg_model: LeopartViT | None, progress: bool | None, resample: str,
+                 full_precision: bool) -> dict[str, torch.Tensor]:
     masks = []
 
     def batches():
         for _, tokens, attn in iter_batches(images, model, resolution, batch_size, device,
                                             attention=fg_model is None, progress=progress, desc="features",
-                                            resample=resample):
+                                            resample=resample, full_precision=full_precision):
             if attn is not None:
                 masks.append(foreground_mask(attn, keep=CBFE_ATTENTION_MASS).cpu())
             yield {"features": tokens}  # from the GPU straight into the result, with no staging copy
@@ -85,7 +90,8 @@ def _dense_batch(images: list, model: LeopartViT, resolution: int, batch_size: i
     features = serialization.concat_rows(batches(), len(images), device="cpu")["features"]
     if fg_model is not None:
         for _, _, attn in iter_batches(images, fg_model, resolution, batch_size, device, attention=True,
-                                       progress=progress, desc="foreground", resample=resample):
+                                       progress=progress, desc="foreground", resample=resample,
+                                       full_precision=full_precision):
             masks.append(foreground_mask(attn, keep=CBFE_ATTENTION_MASS).cpu())
     foreground = torch.cat(masks)
     if foreground.shape[1:] != features.shape[1:3]:  # fg model with another patch size: resample the mask

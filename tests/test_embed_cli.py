@@ -798,3 +798,28 @@ def test_threaded_decoding_keeps_order_and_errors(image_dir, tmp_path):
     bad.write_text("not an image")
     with pytest.raises(LeopartError, match="bad.jpg"):
         list(iter_preprocessed([*files, bad, *files], 32, 16, threads=3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_scoring_tokens_are_float32(tiny_model):
+    """On CUDA, the backbone runs under bf16 autocast unless full precision is asked for (scoring): those tokens
+    match the CPU's float32 ones (with TF32 off here, which cuDNN's patch-embedding convolution uses by default)."""
+    from leopart.embed import iter_batches
+
+    images = [random_image(64, 64, seed=s) for s in range(4)]
+
+    def tokens(device, full_precision):
+        model = tiny_model.to(device)
+        (_, t, _), = iter_batches(images, model, 64, 4, torch.device(device), full_precision=full_precision)
+        return t.cpu()
+
+    reference = tokens("cpu", True)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        fp32_error = (tokens("cuda", True) - reference).abs().max().item()
+        bf16_error = (tokens("cuda", False) - reference).abs().max().item()
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+        tiny_model.to("cpu")
+    assert fp32_error < 1e-4 < bf16_error, (fp32_error, bf16_error)

@@ -272,3 +272,48 @@ def test_eval_cli_probes_json_and_segment_head(block_voc, tiny_model_dir, tmp_pa
     r = runner.invoke(main, ["segment", str(block_voc / "JPEGImages" / "val000.png"), "--model",
                              str(tiny_model_dir), "--head", str(tmp_path / "nothing"), "--output", str(seg_out)])
     assert r.exit_code == 1 and "no probe head" in r.output
+
+
+def test_scoring_runs_the_backbone_in_float32_other_work_may_use_bf16(block_voc, tiny_model, tmp_path, monkeypatch):
+    """On CUDA, embed / cluster / segment run the backbone under bf16 autocast for speed, while scoring (leopart
+    eval, the probes, a probe head's masks) runs it in float32, as the reference code did; features computed
+    under bf16 are cached under names of their own. (On the CPU both are float32: this checks what is asked.)"""
+    import sys
+
+    from leopart.segment import dense_features
+
+    embed_module, asked = sys.modules["leopart.embed"], []
+    real_autocast = embed_module.autocast
+
+    def recording(device, full_precision=False):
+        asked.append(full_precision)
+        return real_autocast(device, full_precision)
+
+    monkeypatch.setattr(embed_module, "autocast", recording)
+
+    def precisions(run) -> set:
+        asked.clear()
+        run()
+        assert asked  # the backbone ran
+        return set(asked)
+
+    images = sorted((block_voc / "JPEGImages").iterdir())[:4]
+    scoring = {
+        "evaluate": lambda: leopart.evaluate(block_voc, tiny_model, ks=(4,), resolution=64, mask_size=16, seeds=1,
+                                             fully_unsupervised=True, protocol="cosine", fu_k=4, progress=False),
+        "probe": lambda: leopart.probe(tiny_model, block_voc, head="linear", epochs=1, resolution=64, mask_size=4,
+                                       batch_size=6, output=str(tmp_path / "lin"), progress=False),
+        "probe masks": lambda: segment_with_head(images[0], tiny_model, load_head(tmp_path / "lin" / "head")),
+    }
+    for name, run in scoring.items():
+        assert precisions(run) == {True}, name
+    fast = {"embed": lambda: leopart.embed(images, model=tiny_model, resolution=64),
+            "dense features": lambda: dense_features(images, tiny_model, 64, progress=False),
+            "segment": lambda: leopart.segment(images[0], model=tiny_model, resolution=64, k=3)}
+    for name, run in fast.items():
+        assert precisions(run) == {False}, name
+    # As on CUDA: bf16 features and float32 ones are cached apart.
+    monkeypatch.setattr(sys.modules["leopart.segment"], "uses_bf16", lambda device, full_precision=False: not full_precision)
+    for full_precision in (True, False, True):
+        dense_features(images, tiny_model, 64, progress=False, cache_dir=tmp_path / "cache", full_precision=full_precision)
+    assert len(list((tmp_path / "cache").iterdir())) == 2
