@@ -273,6 +273,7 @@ def embed(inputs, model, resolution, batch_size, device, output, dtype, cache_di
     """Embed images (files, folders or .txt lists of paths) into patch features [B, h, w, D]."""
     from . import data
     from .embed import iter_embeddings
+    from .hub import recorded_name
     from .serialization import write_features
 
     suffix = output.suffix.lower()
@@ -288,7 +289,9 @@ def embed(inputs, model, resolution, batch_size, device, output, dtype, cache_di
     # One batch at a time from the model into the file: memory does not grow with the number of images.
     features = iter_embeddings(paths, model=model, resolution=res, batch_size=batch_size, device=device,
                                progress=True if len(paths) > batch_size else None, cache_dir=cache_dir)
-    meta = {"model": model, "resolution": str(res or "native"), "names": json.dumps([str(p) for p in paths])}
+    # A local model is recorded by its absolute path (as segmenters and runs record theirs), so it resolves elsewhere.
+    meta = {"model": recorded_name(model), "resolution": str(res or "native"),
+            "names": json.dumps([str(p) for p in paths])}
     shape = write_features(output, features, len(paths), ragged=res is None, metadata=meta, dtype=dtype)
     maps = f"of {' x '.join(map(str, shape[1:]))}" if shape else "each at its image's own size"
     click.echo(f"wrote {output} ({plural(len(paths), 'map')} {maps}, {dtype})")

@@ -474,6 +474,16 @@ def test_written_files_get_the_umask_mode_not_private(tmp_path):
 
 
 # ------------------------------------------------------------------------ CLI
+def test_cli_embed_records_a_local_model_by_its_absolute_path(tiny_model_dir, image_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_model_dir.parent)
+    out = tmp_path / "feats.safetensors"
+    r = CliRunner().invoke(main, ["embed", str(image_dir), "--model", tiny_model_dir.name, "--resolution", "32",
+                                  "--output", str(out)])
+    assert r.exit_code == 0, r.output
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["model"] == str(tiny_model_dir.resolve())
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".npy"])
 def test_cli_embed_writes_features(tiny_model, tiny_model_dir, image_dir, tmp_path, suffix):
     out = tmp_path / f"feats{suffix}"
