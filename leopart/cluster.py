@@ -232,7 +232,8 @@ def _lloyd(x, k, iters, metric, centroids, chunk_size, progress, desc, raw_means
             break
     bar.close()
     labels, dist = _assign(x, centroids, metric, chunk_size, raw_means=raw_means)
-    inertia = float(dist.double().sum())
+    # A point on its centroid can come out a hair below 0 (a cosine rounded above 1): no inertia is negative.
+    inertia = float(dist.double().clamp_min(0).sum())
     if not math.isfinite(inertia):
         raise LeopartError("k-means diverged (non-finite inertia)")
     return KMeansResult(centroids.cpu(), labels.cpu(), inertia, n_iter + 1 if iters else 0, metric)

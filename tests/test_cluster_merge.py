@@ -129,6 +129,14 @@ def test_kmeans_recovers_planted_mixture(metric):
     assert torch.equal(km.predict(x), km.labels)
 
 
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_points_on_their_centroids_have_no_negative_inertia(metric):
+    for x in (torch.ones(100, 8), torch.tensor([[0.3, -1.7, 2.9], [1.1, 0.2, -0.4]]).repeat(50, 1)):
+        km = leopart.cluster(x, 2, metric=metric, seed=0)
+        # Only rounding is left; it was -1.2e-05 for the ones (sum of 1 - cos, with each cos rounded above 1).
+        assert 0.0 <= km.inertia < 1e-3, km.inertia
+
+
 def test_kmeans_input_forms_and_errors():
     x, _ = planted_mixture(n_per=50, k=3, d=8)
     grid = x[:144].reshape(4, 6, 6, 8)
