@@ -585,7 +585,8 @@ def train(data_source: str | os.PathLike | Sequence[str | os.PathLike] = "", out
     if is_main and cfg.progress:  # what was understood, before the first progress line (a minute in, in a log)
         epoch = f"{plural(sampler.steps_per_epoch, 'step')} of {cfg.batch_size} per epoch"
         plan = f"resuming at step {step} of {total}" if step else plural(total, "step")
-        print(f"train: {plan} ({plural(len(files), 'image')}, {epoch}) on {device}", file=sys.stderr)
+        print(f"train: {plan} ({plural(len(files), 'image')}, {epoch}) on {device}, lr {cfg.lr_backbone:g} backbone / "
+              f"{cfg.lr_heads:g} heads", file=sys.stderr)
     bar = progress_bar(total=total, initial=step, desc="train", unit="step",
                        progress=cfg.progress if is_main else False)
     batches = iter(loader)

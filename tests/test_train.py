@@ -362,11 +362,12 @@ def test_without_a_terminal_training_logs_progress_lines(train_dir, tmp_path, mo
     settings = {**TINY, "progress": True, "steps": 3}
     leopart.train(train_dir, tmp_path / "asked", **settings)  # the first line waits a minute: only the last
     lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 2 and lines[0] == "train: 3 steps (8 images, 2 steps of 4 per epoch) on cpu", lines
+    assert len(lines) == 2 and lines[0] == ("train: 3 steps (8 images, 2 steps of 4 per epoch) on cpu, lr 1e-05 "
+                                               "backbone / 0.0001 heads"), lines
     assert re.fullmatch(r"train 3/3 \(100\.0%\)  \d+(\.\d+)? step/s  0:00:\d\d elapsed  loss \d+\.\d{4}", lines[1])
     leopart.train(train_dir, tmp_path / "asked", resume=True, **{**settings, "steps": 4})
     assert capsys.readouterr().err.splitlines()[0] == \
-        "train: resuming at step 3 of 4 (8 images, 2 steps of 4 per epoch) on cpu"
+        "train: resuming at step 3 of 4 (8 images, 2 steps of 4 per epoch) on cpu, lr 1e-05 backbone / 0.0001 heads"
     leopart.train(train_dir, tmp_path / "short", **{**settings, "progress": None})
     assert capsys.readouterr().err == ""
     monkeypatch.setattr(progress_module, "LOG_INTERVAL_S", 0.0)
