@@ -66,7 +66,8 @@ def network_only(learner: Learner, crops: list[torch.Tensor], n_global: int, dev
 
 
 def time_loader(cfg: TrainConfig, workers: int, n_images: int) -> float:
-    """Images per second out of the DataLoader (JPEG decode + views), like train() builds it."""
+    """Images per second out of the DataLoader (JPEG decode + views), like train() builds it: the first batch of
+    every worker is start-up, then three batches per worker are timed (the files repeat over epochs)."""
     import tempfile
     from pathlib import Path
 
@@ -80,9 +81,10 @@ def time_loader(cfg: TrainConfig, workers: int, n_images: int) -> float:
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
                                              num_workers=workers, collate_fn=data.collate_views)
         batches = iter(loader)
-        next(batches)  # worker start-up is not throughput
+        for _ in range(max(1, workers)):  # worker start-up is not throughput
+            next(batches)
         t0 = time.perf_counter()
-        n_batches = max(1, n_images // cfg.batch_size)
+        n_batches = 3 * max(1, workers)
         for _ in range(n_batches):
             next(batches)
         return n_batches * cfg.batch_size / (time.perf_counter() - t0)
