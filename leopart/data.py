@@ -95,8 +95,9 @@ def expand_inputs(inputs: Any) -> Iterator[Any]:
 
 def _is_collection(inputs: Any) -> bool:
     """A list, generator, ... of inputs; not a dict or an (image, label) tuple, which datasets hand out."""
-    def is_label(item):
-        return item is None or isinstance(item, (int, float)) or (isinstance(item, torch.Tensor) and item.ndim == 0)
+    def is_label(item):  # a class id, or a DataLoader batch's [B] labels: never an image
+        return item is None or isinstance(item, (int, float)) or (isinstance(item, (torch.Tensor, np.ndarray))
+                                                                   and item.ndim <= 1)
 
     if isinstance(inputs, tuple):
         return not any(is_label(item) for item in inputs)
@@ -193,6 +194,9 @@ def load_image(item: Any, name: str = "image") -> Image.Image:
         return _decode(io.BytesIO(item), name)
     if isinstance(item, Image.Image):
         return to_rgb(item)
+    if isinstance(item, (torch.Tensor, np.ndarray)) and item.ndim <= 1:  # e.g. the labels of a DataLoader's batch
+        raise LeopartError(f"{name} is a {type(item).__name__} of shape {tuple(item.shape)}, not an image: labels? pass "
+                           f"the images alone, e.g. (images for images, *_ in loader)")
     if isinstance(item, torch.Tensor):
         return _tensor_to_pil(item, name)
     if isinstance(item, np.ndarray):

@@ -258,16 +258,21 @@ def test_dataset_samples_are_named_as_such(tiny_model):
         def __len__(self):
             return 2
 
-    cases = [(Indexed(), (r"from an Indexed, which is indexed but not iterable: pass its images, e.g. \(image for "
-                          r"image, \*_ in dataset\)$")),
-             ([(img, 3)], (r"from a tuple \(Image, int\), a dataset's \(image, label\) sample: pass the images "
-                           r"alone")),
-             ([(img, torch.tensor(3))], r"from a tuple \(Image, Tensor\), a dataset's"),
-             ([{"image": img, "label": 3}], (r"from a dict \(keys image, label\): pass the images alone, e.g. "
-                                             r"\[row\['image'\] for row in rows\]$")),
-             ([None], "from a NoneType$")]
+    cannot = "^cannot read an image "
+    cases = [(Indexed(), (cannot + r"from an Indexed, which is indexed but not iterable: pass its images, e.g. "
+                          r"\(image for image, \*_ in dataset\)$")),
+             ([(img, 3)], (cannot + r"from a tuple \(Image, int\), a dataset's \(image, label\) sample: pass the "
+                           r"images alone")),
+             ([(img, torch.tensor(3))], cannot + r"from a tuple \(Image, Tensor\), a dataset's"),
+             ([{"image": img, "label": 3}], (cannot + r"from a dict \(keys image, label\): pass the images alone, "
+                                             r"e.g. \[row\['image'\] for row in rows\]$")),
+             ([None], cannot + "from a NoneType$"),
+             # A DataLoader yields [images, labels] lists: the labels are named as such.
+             (torch.utils.data.DataLoader([(torch.rand(3, 64, 64), 0)] * 4, batch_size=2),
+              (r"^image #2 is a Tensor of shape \(2,\), not an image: labels\? pass the images alone, e.g. "
+               r"\(images for images, \*_ in loader\)$"))]
     for inputs, match in cases:
-        with pytest.raises(LeopartError, match="^cannot read an image " + match):
+        with pytest.raises(LeopartError, match=match):
             leopart.embed(inputs, model=tiny_model, resolution=64)
     assert leopart.embed((img, img), model=tiny_model, resolution=64).shape[0] == 2
     assert leopart.embed((image for image, _ in Indexed()), model=tiny_model, resolution=64).shape[0] == 2
