@@ -268,8 +268,10 @@ def _cache_option(f):
               help="Where to write the features: FILE.safetensors or FILE.npy.")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"]),
               help="Value type in the file: float16 or bfloat16 halve it (bfloat16: .safetensors only).")
+@click.option("--full-precision", is_flag=True,
+              help="On a GPU, run the model in float32 instead of under bf16 autocast (slower; timm's float32 values).")
 @_cache_option
-def embed(inputs, model, resolution, batch_size, device, output, dtype, cache_dir):
+def embed(inputs, model, resolution, batch_size, device, output, dtype, full_precision, cache_dir):
     """Embed images (files, folders or .txt lists of paths) into patch features [B, h, w, D]."""
     from . import data
     from .embed import iter_embeddings
@@ -288,7 +290,8 @@ def embed(inputs, model, resolution, batch_size, device, output, dtype, cache_di
     _check_images(paths)  # before the model loads (or downloads), and before hours of work on the good ones
     # One batch at a time from the model into the file: memory does not grow with the number of images.
     features = iter_embeddings(paths, model=model, resolution=res, batch_size=batch_size, device=device,
-                               progress=True if len(paths) > batch_size else None, cache_dir=cache_dir)
+                               progress=True if len(paths) > batch_size else None, cache_dir=cache_dir,
+                               full_precision=full_precision)
     # A local model is recorded by its absolute path (as segmenters and runs record theirs), so it resolves elsewhere.
     meta = {"model": recorded_name(model), "resolution": str(res or "native"),
             "names": json.dumps([str(p) for p in paths])}

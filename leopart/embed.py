@@ -86,8 +86,8 @@ def iter_batches(images: Any, model: LeopartViT, resolution: int | None, batch_s
 
 
 def embed(images: Any, model: str | LeopartViT = "vits16", resolution: int | None = 224, batch_size: int = 32,
-          device=None, progress: bool | None = None,
-          cache_dir: str | os.PathLike | None = None) -> torch.Tensor | list[torch.Tensor]:
+          device=None, progress: bool | None = None, cache_dir: str | os.PathLike | None = None,
+          full_precision: bool = False) -> torch.Tensor | list[torch.Tensor]:
     """Backbone patch tokens of ``images``.
 
     images: a path, a folder (recursive), a .txt file listing image paths (one per line, relative to its
@@ -100,6 +100,8 @@ def embed(images: Any, model: str | LeopartViT = "vits16", resolution: int | Non
     cache_dir: keep the features there in files of 256 images (image files only), named by the model's
         weights, the files and the resolution: an interrupted run resumes at the first missing file.
     progress: a bar in a terminal, lines on stderr in a log (see ``leopart.progress``); False: none.
+    full_precision: on CUDA, run the model in float32 rather than under bf16 autocast (slower; the values of
+        timm's float32 forward). The CPU always runs float32.
     Returns a float32 CPU tensor [B, h, w, D] with h = w = resolution // patch_size.
     """
     resolution = _pixels(resolution)
@@ -110,7 +112,7 @@ def embed(images: Any, model: str | LeopartViT = "vits16", resolution: int | Non
         check_features_fit(len(images), model, resolution, 4, "the features",
                            "take them one at a time with leopart.iter_embeddings, or stream them to a file with "
                            "`leopart embed -o FILE`")
-    maps = _embeddings(images, model, resolution, batch_size, device, progress, cache_dir)
+    maps = _embeddings(images, model, resolution, batch_size, device, progress, cache_dir, full_precision)
     if resolution is None:
         return list(maps)
     if isinstance(images, list):
@@ -125,11 +127,12 @@ def embed(images: Any, model: str | LeopartViT = "vits16", resolution: int | Non
 
 def iter_embeddings(images: Any, model: str | LeopartViT = "vits16", resolution: int | None = 224,
                     batch_size: int = 32, device=None, progress: bool | None = None,
-                    cache_dir: str | os.PathLike | None = None) -> Iterator[torch.Tensor]:
+                    cache_dir: str | os.PathLike | None = None, full_precision: bool = False) -> Iterator[torch.Tensor]:
     """``embed`` one image at a time: float32 CPU tensors [h, w, D] in input order, with at most one batch
     (or one cache file) in memory, for datasets whose features do not fit in it (``leopart embed`` streams
     them to its output file). The model loads now, the images as the iterator is consumed."""
-    return _embeddings(data.listed(images), model, _pixels(resolution), batch_size, device, progress, cache_dir)
+    return _embeddings(data.listed(images), model, _pixels(resolution), batch_size, device, progress, cache_dir,
+                       full_precision)
 
 
 def _pixels(resolution) -> int | None:
@@ -142,14 +145,15 @@ def _pixels(resolution) -> int | None:
     return int(resolution)
 
 
-def _embeddings(images: list | Iterator, model, resolution, batch_size, device, progress,
-                cache_dir) -> Iterator[torch.Tensor]:
+def _embeddings(images: list | Iterator, model, resolution, batch_size, device, progress, cache_dir,
+                full_precision) -> Iterator[torch.Tensor]:
     """iter_embeddings of inputs already expanded by ``data.listed``."""
     device = default_device(device)
     model = from_pretrained(model, device=device)
 
     def stream(batch) -> Iterator[torch.Tensor]:
-        return (t for _, tokens, _ in iter_batches(batch, model, resolution, batch_size, device, progress=progress)
+        return (t for _, tokens, _ in iter_batches(batch, model, resolution, batch_size, device, progress=progress,
+                                                   full_precision=full_precision)
                 for t in tokens.cpu().unbind(0))
 
     if cache_dir is None:
@@ -159,7 +163,7 @@ def _embeddings(images: list | Iterator, model, resolution, batch_size, device, 
         return {str(i): t for i, t in enumerate(stream(batch))}
 
     shards = serialization.cached_shards(cache_dir, list(images), compute, [model], "embed", model.config.arch,
-                                         resolution, *(("bf16",) if uses_bf16(device) else ()))
+                                         resolution, *(("bf16",) if uses_bf16(device, full_precision) else ()))
     return (shard[str(i)] for shard in shards for i in range(len(shard)))
 
 

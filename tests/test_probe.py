@@ -312,6 +312,15 @@ def test_scoring_runs_the_backbone_in_float32_other_work_may_use_bf16(block_voc,
             "segment": lambda: leopart.segment(images[0], model=tiny_model, resolution=64, k=3)}
     for name, run in fast.items():
         assert precisions(run) == {False}, name
+    # ... unless asked: embed's full_precision, `leopart embed --full-precision`
+    assert precisions(lambda: leopart.embed(images, model=tiny_model, resolution=64, full_precision=True)) == {True}
+    model_dir = tiny_model.save_pretrained(tmp_path / "model")
+    for flag, expected in (([], False), (["--full-precision"], True)):
+        def cli(flag=flag):
+            r = CliRunner().invoke(main, ["embed", *map(str, images), "--model", str(model_dir), "--resolution", "64",
+                                          "-o", str(tmp_path / "f.npy"), *flag])
+            assert r.exit_code == 0, r.output
+        assert precisions(cli) == {expected}, flag
     # As on CUDA: bf16 features and float32 ones are cached apart.
     monkeypatch.setattr(sys.modules["leopart.segment"], "uses_bf16", lambda device, full_precision=False: not full_precision)
     for full_precision in (True, False, True):
