@@ -153,6 +153,8 @@ def _features_rows(path: str, features: dict) -> list[tuple[str, object]]:
             ("size", f"{_binary_size(n_values * value_size(features['dtype']))} of {features['dtype']}")]
     if meta:
         rows += [("model", meta.get("model", "-")), ("resolution", meta.get("resolution", "-"))]
+        if "precision" in meta:  # files from before 2026-11-29 do not say
+            rows.append(("computed in", meta["precision"]))
     if names:
         rows.append(("first image", names[0]))
     return rows
@@ -274,6 +276,7 @@ def _cache_option(f):
 def embed(inputs, model, resolution, batch_size, device, output, dtype, full_precision, cache_dir):
     """Embed images (files, folders or .txt lists of paths) into patch features [B, h, w, D]."""
     from . import data
+    from .device import default_device, uses_bf16
     from .embed import iter_embeddings
     from .hub import recorded_name
     from .serialization import write_features
@@ -294,6 +297,7 @@ def embed(inputs, model, resolution, batch_size, device, output, dtype, full_pre
                                full_precision=full_precision)
     # A local model is recorded by its absolute path (as segmenters and runs record theirs), so it resolves elsewhere.
     meta = {"model": recorded_name(model), "resolution": str(res or "native"),
+            "precision": "bf16 autocast" if uses_bf16(default_device(device), full_precision) else "float32",
             "names": json.dumps([str(p) for p in paths])}
     shape = write_features(output, features, len(paths), ragged=res is None, metadata=meta, dtype=dtype)
     maps = f"of {' x '.join(map(str, shape[1:]))}" if shape else "each at its image's own size"

@@ -479,14 +479,25 @@ def test_written_files_get_the_umask_mode_not_private(tmp_path):
 
 
 # ------------------------------------------------------------------------ CLI
-def test_cli_embed_records_a_local_model_by_its_absolute_path(tiny_model_dir, image_dir, tmp_path, monkeypatch):
+def test_cli_embed_records_the_model_by_its_absolute_path_and_the_precision(tiny_model_dir, image_dir, tmp_path,
+                                                                            monkeypatch):
     monkeypatch.chdir(tiny_model_dir.parent)
     out = tmp_path / "feats.safetensors"
-    r = CliRunner().invoke(main, ["embed", str(image_dir), "--model", tiny_model_dir.name, "--resolution", "32",
-                                  "--output", str(out)])
+    args = ["embed", str(image_dir), "--model", tiny_model_dir.name, "--resolution", "32", "--output", str(out)]
+    r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     with safe_open(str(out), "pt") as f:
         assert f.metadata()["model"] == str(tiny_model_dir.resolve())
+        assert f.metadata()["precision"] == "float32"
+    # As on a GPU, where bf16 autocast runs unless --full-precision: the file says which.
+    import leopart.device
+
+    monkeypatch.setattr(leopart.device, "uses_bf16", lambda device, full_precision=False: not full_precision)
+    for flag, precision in (([], "bf16 autocast"), (["--full-precision"], "float32")):
+        assert CliRunner().invoke(main, [*args, *flag]).exit_code == 0
+        with safe_open(str(out), "pt") as f:
+            assert f.metadata()["precision"] == precision, flag
+        assert re.search(rf"^computed in +{precision}$", CliRunner().invoke(main, ["info", str(out)]).output, re.M)
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".npy"])
@@ -512,7 +523,8 @@ def test_cli_embed_writes_features(tiny_model, tiny_model_dir, image_dir, tmp_pa
     described = {"features": str(out), "images": "4", "patch grid": "2 x 2 patches of 64 dimensions",
                  "size": "4.0 KiB of float32"}
     if suffix == ".safetensors":  # and what its metadata records
-        described.update({"model": str(tiny_model_dir), "resolution": "32", "first image": str(image_dir / "img0.png")})
+        described.update({"model": str(tiny_model_dir), "resolution": "32", "computed in": "float32",
+                          "first image": str(image_dir / "img0.png")})
     assert rows == described
     # Half precision: the same features rounded, half the size, and info says so.
     r = CliRunner().invoke(main, ["embed", str(image_dir), "--model", str(tiny_model_dir), "--resolution", "32",
