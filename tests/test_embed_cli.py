@@ -497,7 +497,8 @@ def test_cli_embed_records_the_model_by_its_absolute_path_and_the_precision(tiny
         assert CliRunner().invoke(main, [*args, *flag]).exit_code == 0
         with safe_open(str(out), "pt") as f:
             assert f.metadata()["precision"] == precision, flag
-        assert re.search(rf"^computed in +{precision}$", CliRunner().invoke(main, ["info", str(out)]).output, re.M)
+        info = CliRunner().invoke(main, ["info", str(out)]).output
+        assert re.search(rf"^computed in +{precision}$", info, re.MULTILINE), info
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".npy"])

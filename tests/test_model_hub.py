@@ -417,7 +417,9 @@ def test_reachable_hub_downloads(online, hub_download_calls):
 def test_hub_refusals_are_one_line_errors(monkeypatch):
     """What the Hub answers for a gated, missing or private repo, a missing revision or file: one line each
     (huggingface_hub's own messages run over several lines and name its request ids)."""
-    from huggingface_hub import utils as hub_errors  # where leopart imports them from (0.23 on)
+    # Where leopart imports them from (0.23 on).
+    from huggingface_hub import utils as hub_errors
+
     try:  # what recent huggingface_hub raises for a file the repo lacks (a kind of EntryNotFoundError)
         from huggingface_hub.errors import RemoteEntryNotFoundError as missing_file
     except ImportError:
