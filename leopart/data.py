@@ -95,13 +95,18 @@ def expand_inputs(inputs: Any) -> Iterator[Any]:
 
 def _is_collection(inputs: Any) -> bool:
     """A list, generator, ... of inputs; not a dict or an (image, label) tuple, which datasets hand out."""
-    def is_label(item):  # a class id, or a DataLoader batch's [B] labels: never an image
-        return item is None or isinstance(item, (int, float)) or (isinstance(item, (torch.Tensor, np.ndarray))
-                                                                   and item.ndim <= 1)
-
     if isinstance(inputs, tuple):
-        return not any(is_label(item) for item in inputs)
+        return not any(_is_label(item) for item in inputs)
     return isinstance(inputs, Iterable) and not isinstance(inputs, dict)
+
+
+def _is_label(item: Any) -> bool:
+    """A class id, or a DataLoader batch's [B] labels: never an image."""
+    return item is None or isinstance(item, (int, float)) or _is_label_array(item)
+
+
+def _is_label_array(item: Any) -> bool:
+    return isinstance(item, (torch.Tensor, np.ndarray)) and item.ndim <= 1
 
 
 def not_an_image(item: Any) -> LeopartError:
@@ -194,7 +199,7 @@ def load_image(item: Any, name: str = "image") -> Image.Image:
         return _decode(io.BytesIO(item), name)
     if isinstance(item, Image.Image):
         return to_rgb(item)
-    if isinstance(item, (torch.Tensor, np.ndarray)) and item.ndim <= 1:  # e.g. the labels of a DataLoader's batch
+    if _is_label_array(item):  # e.g. the labels of a DataLoader's batch
         raise LeopartError(f"{name} is a {type(item).__name__} of shape {tuple(item.shape)}, not an image: labels? pass "
                            f"the images alone, e.g. (images for images, *_ in loader)")
     if isinstance(item, torch.Tensor):

@@ -60,3 +60,9 @@ def autocast(device: torch.device, full_precision: bool = False):
 
 def uses_bf16(device: torch.device, full_precision: bool = False) -> bool:
     return device.type == "cuda" and not full_precision
+
+
+def precision_key(device: torch.device, full_precision: bool = False) -> tuple[str, ...]:
+    """Cache-key settings for features computed on ``device``: ("bf16",) under autocast, none in float32 (so
+    float32 caches keep the names they had before precision was a setting)."""
+    return ("bf16",) if uses_bf16(device, full_precision) else ()

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from . import data, serialization
-from .device import autocast, check_host_memory, default_device, uses_bf16
+from .device import autocast, check_host_memory, default_device, precision_key
 from .errors import LeopartError, positive_int
 from .hub import from_pretrained
 from .model import LeopartViT
@@ -163,7 +163,7 @@ def _embeddings(images: list | Iterator, model, resolution, batch_size, device, 
         return {str(i): t for i, t in enumerate(stream(batch))}
 
     shards = serialization.cached_shards(cache_dir, list(images), compute, [model], "embed", model.config.arch,
-                                         resolution, *(("bf16",) if uses_bf16(device, full_precision) else ()))
+                                         resolution, *precision_key(device, full_precision))
     return (shard[str(i)] for shard in shards for i in range(len(shard)))
 
 

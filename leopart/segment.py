@@ -19,7 +19,7 @@ from PIL import Image
 
 from . import data, serialization
 from .cluster import KMeansResult, cluster
-from .device import default_device, uses_bf16
+from .device import default_device, precision_key
 from .embed import check_features_fit, iter_batches
 from .errors import LeopartError, positive_int
 from .foreground import foreground_mask
@@ -68,7 +68,7 @@ def dense_features(images: Any, model: LeopartViT, resolution: int = DEFAULT_RES
                                    full_precision),
         models, "dense", [m.config.arch for m in models], resolution, CBFE_ATTENTION_MASS,
         *(() if resample == "bicubic" else (resample,)),  # bicubic caches keep their earlier names
-        *(("bf16",) if uses_bf16(device, full_precision) else ()))  # float32 ones too, as on the CPU
+        *precision_key(device, full_precision))
     dense = serialization.concat_rows(shards, len(images))
     names = [data.describe(item, i) for i, item in enumerate(images)]
     return DenseFeatures(names, dense["features"], dense["foreground"].bool())

@@ -165,9 +165,9 @@ def read_features_header(path: str | os.PathLike) -> dict | None:
                 shape = tuple(whole.get_shape())
                 return {"shapes": [shape[1:]] * shape[0], "dtype": _dtype_name(whole.get_dtype()), "metadata": metadata}
             if keys and all(re.fullmatch(r"features\.\d+", k) for k in keys):  # ragged: one tensor per map
-                order = sorted(keys, key=lambda k: int(k.split(".")[1]))
-                return {"shapes": [tuple(f.get_slice(k).get_shape()) for k in order],
-                        "dtype": _dtype_name(f.get_slice(order[0]).get_dtype()), "metadata": metadata}
+                slices = [f.get_slice(k) for k in sorted(keys, key=lambda k: int(k.split(".")[1]))]
+                return {"shapes": [tuple(s.get_shape()) for s in slices], "dtype": _dtype_name(slices[0].get_dtype()),
+                        "metadata": metadata}
             return None
     except (SafetensorError, OSError, ValueError) as e:
         raise LeopartError(f"cannot read {path}: the file is corrupt or truncated ({e})") from None

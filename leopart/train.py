@@ -189,11 +189,10 @@ def build_model(cfg: TrainConfig) -> LeopartViT:
         blocks = model.backbone.blocks
         if not 0 <= n <= len(blocks):
             raise LeopartError(f"train_last_blocks must lie in 0..{len(blocks)}")
+        # The final norm belongs to the last block's output: it trains with it (0 blocks: backbone frozen).
+        trained = tuple(f"blocks.{i}." for i in range(len(blocks) - n, len(blocks))) + (("norm.",) if n else ())
         for name, p in model.backbone.named_parameters():
-            # The final norm belongs to the last block's output: it trains with it (0 blocks: backbone frozen).
-            trainable = (n > 0 and name.startswith("norm.")) or any(name.startswith(f"blocks.{i}.")
-                                                                    for i in range(len(blocks) - n, len(blocks)))
-            p.requires_grad_(trainable)
+            p.requires_grad_(name.startswith(trained))
     model.normalize_prototypes()
     return model
 

@@ -321,8 +321,13 @@ def test_scoring_runs_the_backbone_in_float32_other_work_may_use_bf16(block_voc,
                                           "-o", str(tmp_path / "f.npy"), *flag])
             assert r.exit_code == 0, r.output
         assert precisions(cli) == {expected}, flag
-    # As on CUDA: bf16 features and float32 ones are cached apart.
-    monkeypatch.setattr(sys.modules["leopart.segment"], "uses_bf16", lambda device, full_precision=False: not full_precision)
+    # As on CUDA: bf16 features and float32 ones are cached apart (float32 caches keep their earlier names).
+    from leopart.device import precision_key
+
+    assert precision_key(torch.device("cuda")) == ("bf16",)
+    assert precision_key(torch.device("cuda"), full_precision=True) == precision_key(torch.device("cpu")) == ()
+    monkeypatch.setattr(sys.modules["leopart.segment"], "precision_key",
+                        lambda device, full_precision=False: () if full_precision else ("bf16",))
     for full_precision in (True, False, True):
         dense_features(images, tiny_model, 64, progress=False, cache_dir=tmp_path / "cache", full_precision=full_precision)
     assert len(list((tmp_path / "cache").iterdir())) == 2
