@@ -415,20 +415,36 @@ def _trim_metrics(path: Path, last_step: int):
     write_text(path, "".join(f"{line}\n" for line in kept))
 
 
-def _setup_distributed(cfg: TrainConfig) -> torch.device:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
-        dist.init_process_group(backend)
-    rank, world_size = world()
-    if cfg.batch_size % world_size:
-        raise LeopartError(f"batch size {cfg.batch_size} does not split evenly over {world_size} processes")
-    if cfg.device is not None:
-        return default_device(cfg.device)
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
+def _process_device(requested: str | None, world_size: int, local_rank: int) -> torch.device:
+    """This process's device: ``requested`` (None: cuda when available), where a GPU without an index is the
+    one of this process's LOCAL_RANK, so that torchrun's processes each take their own."""
+    device = default_device(requested)
+    if device.type != "cuda":
+        return device
+    if world_size > 1 and device.index is not None:
+        raise LeopartError(f"--device {requested} under torchrun: each process trains on the GPU of its LOCAL_RANK, "
+                           f"pass --device cuda (or leave it out)")
+    index = local_rank if device.index is None else device.index
+    if index >= torch.cuda.device_count():
+        raise LeopartError(f"process LOCAL_RANK {index} has no GPU: torch sees {torch.cuda.device_count()} GPUs here, "
+                           f"start at most that many processes per machine (--nproc_per_node)")
+    return torch.device("cuda", index)
+
+
+def _setup_distributed(cfg: TrainConfig) -> tuple[torch.device, bool]:
+    """This process's device, and whether this call started the process group (which train() then ends)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = _process_device(cfg.device, world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before NCCL starts, so each process's communicator is on its own GPU
+    started = world_size > 1 and not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if cfg.batch_size % world()[1]:
+        if started:
+            dist.destroy_process_group()
+        raise LeopartError(f"batch size {cfg.batch_size} does not split evenly over {world()[1]} processes")
+    return device, started
 
 
 class Learner:
@@ -455,19 +471,31 @@ class Learner:
         self.device = device
 
     def state_dict(self) -> dict:
+        """Every process calls it: the queue is gathered from all of them, [processes, n_global, length, dim]."""
+        queue = None
+        if self.queue is not None:
+            shares = [self.queue]
+            if world()[1] > 1:
+                shares = [torch.empty_like(self.queue) for _ in range(world()[1])]
+                dist.all_gather(shares, self.queue)
+            queue = torch.stack(shares).cpu()
         return {"student": self.model.state_dict(), "teacher": self.teacher.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "queue_filled": self.queue_filled,
-                "queue": self.queue.cpu() if self.queue is not None else None}
+                "optimizer": self.optimizer.state_dict(), "queue_filled": self.queue_filled, "queue": queue}
 
     def load_state_dict(self, state: dict):
         self.model.load_state_dict(state["student"])
         self.teacher.load_state_dict(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.queue is not None and state.get("queue") is not None:
-            if state["queue"].shape != self.queue.shape:
-                raise LeopartError(f"the checkpoint's queue holds {state['queue'].shape[1]} embeddings per process, "
-                                   f"this run {self.queue.shape[1]}: resume with the number of processes it had")
-            self.queue.copy_(state["queue"])
+        saved = state.get("queue")
+        if self.queue is not None and saved is not None:
+            rank, world_size = world()
+            if saved.ndim == 3:  # checkpoints before 2026-11-29 kept the first process's share alone: all take it
+                saved = saved.expand(world_size, *saved.shape)
+            if saved.shape[0] != world_size or saved.shape[1:] != self.queue.shape:
+                raise LeopartError(f"the checkpoint's queue is split over {saved.shape[0]} process(es), "
+                                   f"{saved.shape[2]} embeddings each; this run {world_size} x {self.queue.shape[1]}: "
+                                   f"resume with the number of processes it had")
+            self.queue.copy_(saved[rank])
             self.queue_filled = int(state["queue_filled"])
 
     def step(self, crops: list[torch.Tensor], boxes: torch.Tensor, step: int, total: int) -> float:
@@ -537,7 +565,17 @@ def train(data_source: str | os.PathLike | Sequence[str | os.PathLike] = "", out
     if image_paths is not None:  # every process writes the same list, atomically: none reads a partial file
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / IMAGE_LIST_NAME, "".join(f"{p}\n" for p in image_paths))
-    device = _setup_distributed(cfg)
+    device, started_group = _setup_distributed(cfg)
+    try:
+        return _train(cfg, ckpt, device)
+    finally:
+        if started_group:
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, ckpt: dict | None, device: torch.device) -> LeopartViT:
+    """train()'s loop on this process's device, once the process group (under torchrun) is up."""
+    out, ckpt_path = Path(cfg.output), Path(cfg.output) / CHECKPOINT_NAME
     rank, world_size = world()
     is_main = rank == 0
     torch.manual_seed(cfg.seed)
@@ -576,10 +614,10 @@ def train(data_source: str | os.PathLike | Sequence[str | os.PathLike] = "", out
         write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
 
     def checkpoint():
+        state = learner.state_dict()  # on every process: it gathers their queues
         if is_main:
             save_checkpoint(ckpt_path, config=dataclasses.asdict(cfg), step=step, total=total, rng=_rng_state(),
-                            skipped=sorted(skipped), model_config=dataclasses.asdict(learner.model.config),
-                            **learner.state_dict())
+                            skipped=sorted(skipped), model_config=dataclasses.asdict(learner.model.config), **state)
 
     if is_main and cfg.progress:  # what was understood, before the first progress line (a minute in, in a log)
         epoch = f"{plural(sampler.steps_per_epoch, 'step')} of {cfg.batch_size} per epoch"

@@ -319,6 +319,48 @@ def test_two_processes_equal_one_on_the_same_global_batch():
             torch.testing.assert_close(grads[name], p.grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
+def test_each_process_takes_the_gpu_of_its_local_rank(monkeypatch):
+    """Under torchrun, --device cuda (or none) means each process's own GPU, not all of them on cuda:0."""
+    from leopart.train import _process_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for requested in (None, "cuda"):
+        assert _process_device(requested, world_size=2, local_rank=1) == torch.device("cuda", 1)
+        assert _process_device(requested, world_size=1, local_rank=0) == torch.device("cuda", 0)
+    assert _process_device("cuda:1", world_size=1, local_rank=0) == torch.device("cuda", 1)  # one process: any GPU
+    assert _process_device("cpu", world_size=2, local_rank=1) == torch.device("cpu")
+    with pytest.raises(LeopartError, match="pass --device cuda"):
+        _process_device("cuda:1", world_size=2, local_rank=0)
+    with pytest.raises(LeopartError, match="LOCAL_RANK 3 .* 2 GPUs"):
+        _process_device(None, world_size=4, local_rank=3)
+
+
+def _train_worker(rank, world, ports, folder, out, results):
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(ports[0]))
+    leopart.train(folder, f"{out}/own", steps=1, device="cpu", **TINY)
+    ended_own = not dist.is_initialized()
+    os.environ["MASTER_PORT"] = str(ports[1])  # a new group on the first one's port waits for its old store
+    dist.init_process_group("gloo")
+    leopart.train(folder, f"{out}/users", steps=1, device="cpu", **TINY)
+    kept_users = dist.is_initialized()
+    dist.destroy_process_group()
+    results[rank] = (ended_own, kept_users)
+
+
+def test_train_ends_the_process_group_it_started_only(train_dir, tmp_path):
+    manager = mp.get_context("spawn").Manager()
+    results = manager.dict()
+    first = _free_port()
+    ports = (first, next(port for port in iter(_free_port, None) if port != first))
+    mp.start_processes(_train_worker, args=(2, ports, str(train_dir), str(tmp_path), results), nprocs=2,
+                       join=True, start_method="spawn")
+    assert dict(results) == {0: (True, True), 1: (True, True)}
+
+
 # ----------------------------------------------------------------- training
 def test_train_api_run_and_outputs(train_dir, tmp_path):
     (train_dir / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
@@ -444,6 +486,23 @@ def test_sigkill_then_resume_matches_uninterrupted(train_dir, tmp_path):
     assert [r["step"] for r in cut_lines] == list(range(1, 9))
     for x, y in zip(full_lines, cut_lines):
         assert y["loss"] == pytest.approx(x["loss"], abs=1e-6)
+
+
+def test_a_checkpoint_with_the_queue_of_one_process_resumes(train_dir, tmp_path, monkeypatch):
+    """Checkpoints before 2026-11-29 kept the queue as [n_global, length, dim], the first process's share:
+    they resume as if written now ([processes, n_global, length, dim])."""
+    settings = {**TINY, "steps": 3, "save_every": 1, "queue_length": 48, "lr_backbone": 1e-3, "lr_heads": 3e-3}
+    full = leopart.train(train_dir, tmp_path / "full", **settings)
+    undo = interrupt_at_call(monkeypatch, sys.modules["leopart.train"].Learner, "step", 3)
+    with pytest.raises(KeyboardInterrupt):
+        leopart.train(train_dir, tmp_path / "old", **settings)
+    monkeypatch.undo()
+    ckpt = torch.load(tmp_path / "old" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["queue"].shape[:2] == (1, 2) and len(undo) == 3
+    torch.save({**ckpt, "queue": ckpt["queue"][0]}, tmp_path / "old" / "checkpoint.pt")
+    resumed = leopart.train(train_dir, tmp_path / "old", resume=True, **settings)
+    for name, value in full.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, atol=1e-6, rtol=0, msg=name)
 
 
 def test_train_cli_guards(train_dir, tmp_path):
@@ -694,20 +753,29 @@ def test_torchrun_two_cpu_processes(train_dir, tmp_path):
     """The documented multi-process entry point, with gloo on CPU: one metrics line per step, one model."""
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}  # torchrun leaves its rendezvous dir in TMPDIR
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "leopart",
-                           "train", str(train_dir), "--init", "random", "--arch", "test_vit", "--batch-size", "4",
-                           "--global-size", "64", "--local-size", "32", "--num-prototypes", "10", "--workers", "0",
-                           "--steps", "3", "--device", "cpu", "--output", str(out), "--queue-length", "32"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "leopart",
+               "train", str(train_dir), "--init", "random", "--arch", "test_vit", "--batch-size", "4",
+               "--global-size", "64", "--local-size", "32", "--num-prototypes", "10", "--workers", "0",
+               "--steps", "3", "--device", "cpu", "--output", str(out), "--queue-length", "128"]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3] and all(np.isfinite([r["loss"] for r in lines]))
     assert proc.stdout.count("wrote") == 1
     leopart.from_pretrained(out / "model")
-    # The queue's 32 embeddings are split over the processes (distributed Sinkhorn sees them all), as the
-    # reference split it; resuming with another number of processes says so.
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert ckpt["queue"].shape[:2] == (2, 16) and ckpt["queue_filled"] == 16
-    r = CliRunner().invoke(main, ["train", str(train_dir), "--output", str(out), "--resume", "--steps", "4",
+    # The queue's 128 embeddings are split over the processes (distributed Sinkhorn sees them all), as the
+    # reference split it: 64 each, 20 added per step (10 per image, 2 images per process). The checkpoint
+    # keeps every process's share [processes, global crops, 64, dim], and each resumes with its own.
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert saved["queue"].shape[:3] == (2, 2, 64) and saved["queue_filled"] == 60
+    assert not torch.equal(saved["queue"][0, :, :60], saved["queue"][1, :, :60])
+    proc = subprocess.run([*command[:command.index("--steps") + 1], "4", *command[command.index("--steps") + 2:],
+                           "--resume"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    resumed = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert resumed["step"] == 4 and resumed["queue_filled"] == 64
+    torch.testing.assert_close(resumed["queue"][:, :, 20:], saved["queue"][:, :, :44], rtol=0, atol=0)
+    # Resuming with another number of processes says so.
+    r = CliRunner().invoke(main, ["train", str(train_dir), "--output", str(out), "--resume", "--steps", "5",
                                   "--workers", "0", "--device", "cpu"])
     assert r.exit_code == 1 and "resume with the number of processes it had" in r.output, r.output
