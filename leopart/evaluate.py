@@ -94,19 +94,28 @@ class VOCSplit:
     masks: list[Path]
 
 
+# The folders of a VOC-layout dataset, as VOCdevkit names them and, second, as the reference code's own
+# "VOCSegmentation" folder does. Masks: the official ones first, then SBD's (the trainaug split's) for the rest.
+IMAGE_DIRS = ("JPEGImages", "images")
+SPLIT_DIRS = ("ImageSets/Segmentation", "sets")
+MASK_DIRS = ("SegmentationClass", "SegmentationClassAug")
+
+
 def read_voc(root: str | Path, split: str = "val") -> VOCSplit:
-    """Image and mask paths of a VOC-layout folder: JPEGImages/, SegmentationClass/ and
-    ImageSets/Segmentation/<split>.txt; a folder with no split lists at all means every image that has a mask.
-    ``split`` may also be the path of a file listing image names."""
+    """Image and mask paths of a VOC-layout folder: JPEGImages/, SegmentationClass/ (and SegmentationClassAug/,
+    where trainaug's SBD masks are) and ImageSets/Segmentation/<split>.txt, or the reference code's images/ and
+    sets/; a folder with no split lists at all means every image that has a mask. ``split`` may also be the path
+    of a file listing image names."""
     root = Path(root)
-    img_dir, mask_dir = root / "JPEGImages", root / "SegmentationClass"
-    for d in (img_dir, mask_dir):
-        if not d.is_dir():
-            # VOCdevkit/ for VOCdevkit/VOC2012/, or the folder the archive was unpacked into
-            inner = sorted(p.parent for p in [*root.glob("*/JPEGImages"), *root.glob("*/*/JPEGImages")])
-            hint = f" (did you mean {inner[0]}?)" if inner else ""
-            raise LeopartError(f"{root} is not a VOC-layout folder: {d.name}/ is missing{hint}")
-    lists = root / "ImageSets" / "Segmentation"
+    img_dir = next((root / d for d in IMAGE_DIRS if (root / d).is_dir()), None)
+    mask_dirs = [root / d for d in MASK_DIRS if (root / d).is_dir()]
+    if img_dir is None or not mask_dirs:
+        # VOCdevkit/ for VOCdevkit/VOC2012/, or the folder the archive was unpacked into
+        inner = sorted(p.parent for p in [*root.glob("*/JPEGImages"), *root.glob("*/*/JPEGImages")])
+        hint = f" (did you mean {inner[0]}?)" if inner else ""
+        missing = IMAGE_DIRS[0] if img_dir is None else MASK_DIRS[0]
+        raise LeopartError(f"{root} is not a VOC-layout folder: {missing}/ is missing{hint}")
+    lists = next((root / d for d in SPLIT_DIRS if (root / d).is_dir()), root / SPLIT_DIRS[0])
     split_file = Path(split) if Path(split).is_file() else lists / f"{split}.txt"
     if split_file.is_file():
         names = read_lines(split_file)
@@ -115,7 +124,7 @@ def read_voc(root: str | Path, split: str = "val") -> VOCSplit:
         raise LeopartError(f"no split '{split}' in {lists} (it lists: {', '.join(known)}): name one of them, or a "
                            "file of image names")
     else:
-        names = sorted(p.stem for p in mask_dir.glob("*.png"))
+        names = sorted({p.stem for d in mask_dirs for p in d.glob("*.png")})
     if not names:
         empty = f" ({split_file} is empty)" if split_file.is_file() else ""
         raise LeopartError(f"no images to evaluate in {root}{empty}")
@@ -124,11 +133,13 @@ def read_voc(root: str | Path, split: str = "val") -> VOCSplit:
         image = next((img_dir / f"{name}{ext}" for ext in (".jpg", ".jpeg", ".png")
                       if (img_dir / f"{name}{ext}").is_file()), None)
         if image is None:
-            raise LeopartError(f"no image JPEGImages/{name}.jpg for listed name '{name}'")
-        if not (mask_dir / f"{name}.png").is_file():
-            raise LeopartError(f"no mask SegmentationClass/{name}.png for image {image.name}")
+            raise LeopartError(f"no image {img_dir.name}/{name}.jpg for listed name '{name}'")
+        mask = next((d / f"{name}.png" for d in mask_dirs if (d / f"{name}.png").is_file()), None)
+        if mask is None:
+            tried = " nor ".join(f"{d.name}/{name}.png" for d in mask_dirs)
+            raise LeopartError(f"no mask {tried} for image {image.name}")
         images.append(image)
-        masks.append(mask_dir / f"{name}.png")
+        masks.append(mask)
     return VOCSplit(root, names, images, masks)
 
 

@@ -449,6 +449,36 @@ def test_eval_num_classes_and_bad_layouts(tiny_model_dir, voc_dir, tmp_path, mon
     assert read_voc(voc_dir, "val").names == masked and len(masked) > len(val)
 
 
+def test_voc_trainaug_masks_and_the_reference_codes_layout(tmp_path):
+    """SBD's trainaug masks live in SegmentationClassAug/ (official masks first), and the reference code's own
+    folder (images/, sets/, SegmentationClass/, SegmentationClassAug/) reads as VOCdevkit's does."""
+    def layout(root, image_dir, list_dir):
+        for folder in (image_dir, "SegmentationClass", "SegmentationClassAug", list_dir):
+            (root / folder).mkdir(parents=True)
+        for i in range(4):
+            img, mask = scene(32, 32, i)
+            Image.fromarray(img).save(root / image_dir / f"2008_{i:06d}.jpg")
+            Image.fromarray(mask).save(root / "SegmentationClassAug" / f"2008_{i:06d}.png")
+        Image.fromarray(scene(32, 32, 0)[1]).save(root / "SegmentationClass" / "2008_000000.png")
+        (root / list_dir / "trainaug.txt").write_text("".join(f"2008_{i:06d}\n" for i in range(4)))
+        (root / list_dir / "val.txt").write_text("2008_000000\n")
+        return root
+
+    for image_dir, list_dir in (("JPEGImages", "ImageSets/Segmentation"), ("images", "sets")):
+        root = layout(tmp_path / image_dir, image_dir, list_dir)
+        aug = read_voc(root, "trainaug")
+        assert aug.images == [root / image_dir / f"2008_{i:06d}.jpg" for i in range(4)]
+        assert aug.masks == [root / "SegmentationClass" / "2008_000000.png",
+                             *(root / "SegmentationClassAug" / f"2008_{i:06d}.png" for i in range(1, 4))]
+        assert read_voc(root, "val").masks == [root / "SegmentationClass" / "2008_000000.png"]
+        with pytest.raises(LeopartError, match=f"no split 'train' in {root / list_dir}"):
+            read_voc(root, "train")
+        (root / "SegmentationClassAug" / "2008_000003.png").unlink()
+        with pytest.raises(LeopartError, match="no mask SegmentationClass/2008_000003.png nor "
+                                               "SegmentationClassAug/2008_000003.png for image 2008_000003.jpg"):
+            read_voc(root, "trainaug")
+
+
 def test_evaluate_api_checks_its_settings_before_any_feature(tiny_model, voc_dir, monkeypatch):
     from leopart.evaluate import evaluate
 
