@@ -7,6 +7,7 @@ tensors: that is how the CPU test suite checks them.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -48,6 +49,18 @@ def resolve(backend: str, *tensors: torch.Tensor) -> str:
         if not on_cuda and not interpreting():
             raise LeopartError("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to interpret them on CPU)")
     return backend
+
+
+def on_input_device(launcher):
+    """Decorate a function that launches Triton kernels on its first argument's GPU: Triton launches on the
+    current device, not the tensors' (tensors on cuda:1 while cuda:0 is current are refused), so that GPU is
+    made current while it runs. CPU tensors (the interpreter) change nothing."""
+    @functools.wraps(launcher)
+    def run_on_input_device(x, *args, **kwargs):
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            return launcher(x, *args, **kwargs)
+
+    return run_on_input_device
 
 
 def num_programs_cap(device: torch.device) -> int:

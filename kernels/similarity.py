@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LeopartError
-from .backend import interpreting, resolve
+from .backend import interpreting, on_input_device, resolve
 
 NORM_EPS = 1e-12  # as F.normalize
 
@@ -207,6 +207,7 @@ def _operands(x: torch.Tensor, prototypes: torch.Tensor, normalize: bool):
     return x, p, inv[0], inv[1]
 
 
+@on_input_device
 def similarity_triton(x: torch.Tensor, prototypes: torch.Tensor, normalize: bool = True,
                       temperature: float | None = None) -> torch.Tensor:
     x, p, inv_x, inv_p = _operands(x, prototypes, normalize)
@@ -223,6 +224,7 @@ def similarity_triton(x: torch.Tensor, prototypes: torch.Tensor, normalize: bool
     return out
 
 
+@on_input_device
 def nearest_triton(x: torch.Tensor, prototypes: torch.Tensor, normalize: bool = True):
     x, p, inv_x, inv_p = _operands(x, prototypes, normalize)
     n, d = x.shape

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import LeopartError
-from .backend import interpreting, next_pow2, num_programs_cap, resolve
+from .backend import interpreting, next_pow2, num_programs_cap, on_input_device, resolve
 
 
 def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 3, backend: str = "auto",
@@ -237,6 +237,7 @@ def _block_sizes(k: int) -> tuple[int, int, bool, int]:
     return 16, 512, False, 4
 
 
+@on_input_device
 def sinkhorn_triton(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 3,
                     distributed: bool = False) -> torch.Tensor:
     n, k = scores.shape

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import socket
+import sys
 
 import pytest
 import torch
@@ -243,6 +244,37 @@ def test_dispatch(monkeypatch):
         patch_prototype_similarity(x, torch.randn(3, 8))
 
 
+def test_triton_launches_on_the_gpu_of_its_inputs(monkeypatch):
+    """Triton launches on the current GPU, whatever the tensors': on cuda:1 with cuda:0 current it refuses their
+    pointers. Each function that launches makes its first input's GPU current while it runs; CPU tensors (the
+    interpreter) change nothing."""
+    from types import SimpleNamespace
+
+    from leopart.kernels import backend, similarity
+
+    sinkhorn_module = sys.modules["leopart.kernels.sinkhorn"]  # the package's `sinkhorn` is the function
+    entered = []
+
+    class CurrentDevice:  # stands in for torch.cuda.device, which needs a GPU
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append("exit")
+
+    monkeypatch.setattr(torch.cuda, "device", CurrentDevice)
+    ran = backend.on_input_device(lambda x, *rest: ("ran", x.device, rest))
+    on_gpu1 = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
+    assert ran(on_gpu1, 5) == ("ran", torch.device("cuda", 1), (5,)) and entered == [torch.device("cuda", 1), "exit"]
+    entered.clear()
+    assert ran(torch.zeros(1), 5)[0] == "ran" and entered == []
+    for launcher in (sinkhorn_module.sinkhorn_triton, similarity.similarity_triton, similarity.nearest_triton):
+        assert getattr(launcher, "__wrapped__", None) is not None, launcher.__name__
+
+
 def test_sinkhorn_launch_sweep_runs_and_restores(monkeypatch):
     """The GPU session's launch-parameter sweep (benchmarks/kernels.py --sweep), run in the interpreter:
     every variant reaches the kernel, matches torch, and the module's own choices come back afterwards."""
@@ -360,6 +392,17 @@ def test_gpu_sinkhorn(n, k):
     torch.testing.assert_close(sinkhorn(scores, backend="triton"), sinkhorn_torch(scores), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(sinkhorn(scores.bfloat16(), backend="triton"), sinkhorn_torch(scores.bfloat16()),
                                atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2
+                    or os.environ.get("TRITON_INTERPRET") == "1", reason="needs two CUDA GPUs")
+def test_gpu_kernels_on_the_second_gpu():
+    x, p = torch.randn(1000, 64, device="cuda:1"), torch.randn(21, 64, device="cuda:1")
+    assert torch.cuda.current_device() == 0
+    torch.testing.assert_close(sinkhorn(x @ p.T, backend="triton"), sinkhorn_torch(x @ p.T), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(patch_prototype_similarity(x, p, backend="triton"), similarity_torch(x, p),
+                               atol=2e-3, rtol=0)
+    assert nearest_prototype(x, p, backend="triton")[0].device == torch.device("cuda", 1)
 
 
 @cuda
