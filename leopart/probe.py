@@ -1,13 +1,14 @@
 """Linear and FCN probes: the paper's supervised read-outs on frozen patch tokens (``leopart.probe``).
 
 Protocol of the reference implementation (every default here): the backbone is frozen in eval mode; inputs
-448 x 448; patch tokens bilinearly upsampled to 100 x 100; a 1x1 conv (linear) or an FCN head (two 3x3
-conv + ReLU with 512 channels, the input concatenated back and fused by a third 3x3 conv + ReLU, dropout
-0.1, a 1x1 conv to the classes); cross-entropy ignoring 255 against masks resized (nearest) to 100 x 100;
-SGD with momentum 0.9 and weight decay 1e-4, lr x 0.1 at epoch 20; 25 epochs (linear) or 30 (FCN); the lr and
-global batch of the reference's PASCAL configs (``reference_recipe``): ViT-B/8 lr 0.1, batch 12; other models
-(its ViT-S/16 configs) lr 0.01, batch 120 (linear) or 64 (FCN); evaluation at 100 x 100 with Hungarian-free
-(identity) matching, i.e. plain mIoU.
+resized bilinearly to 448 x 448; patch tokens bilinearly upsampled to 100 x 100; a 1x1 conv (linear) or an FCN
+head (two 3x3 conv + ReLU with 512 channels, the input concatenated back and fused by a third 3x3 conv + ReLU,
+dropout 0.1, a 1x1 conv to the classes); cross-entropy ignoring 255 against masks resized (nearest) to the input
+side, then to 100 x 100; SGD with momentum 0.9 and weight decay 1e-4, lr x 0.1 at epoch 20; 25 epochs (linear)
+or 30 (FCN); the lr and global batch of the reference's PASCAL configs (``reference_recipe``): ViT-B/8 lr 0.1,
+batch 12; other models (its ViT-S/16 configs) lr 0.01, batch 120 (linear) or 64 (FCN). Scoring as its
+``eval_linear.py``: every image of the split, float32, tokens bilinearly upsampled to the input side (448) and
+the head run there, against masks resized (nearest) to it; plain mIoU (no matching), label 255 ignored.
 One deviation: the reference trained on random 0.8-1.0 resized crops and flips; we train on the resized images
 without augmentation, so the backbone's tokens can be computed once and cached (``cache_dir``): every
 epoch after the first reads them from disk instead of running the ViT.
@@ -44,6 +45,7 @@ HEADS = ("linear", "fcn")
 # A probe's output folder: CHECKPOINT_NAME (per epoch), cache/ (tokens) and, at the end, HEAD_FOLDER/.
 CHECKPOINT_NAME, HEAD_FOLDER = "checkpoint.pt", "head"
 DEFAULT_EPOCHS = {"linear": 25, "fcn": 30}
+PROBE_RESAMPLE = "bilinear"  # the reference resized the probes' images bilinearly (torchvision's Resize default)
 
 
 def reference_recipe(head: str, patch_size: int) -> tuple[float, int]:
@@ -251,7 +253,8 @@ class TokenCache:
         self.device, self.progress = device, progress
         self.n = len(voc.images)
         self.folder = None if folder is None else Path(folder) / serialization.cache_key(
-            [model.backbone], [*voc.images, *voc.masks], model.config.arch, resolution, mask_size)
+            [model.backbone], [*voc.images, *voc.masks], model.config.arch, resolution, mask_size,
+            PROBE_RESAMPLE, "masks through the input side")
         self.memory: dict[int, dict[str, torch.Tensor]] = {}
         if self.folder is None:
             check_features_fit(self.n, model, resolution, 2, "the fp16 tokens",
@@ -270,8 +273,9 @@ class TokenCache:
         lo, hi = s * self.SHARD, min(self.n, (s + 1) * self.SHARD)
         tokens = [t.half().cpu() for _, t, _ in iter_batches(self.voc.images[lo:hi], self.model, self.resolution,
                                                               16, self.device, progress=self.progress,
-                                                              desc=f"tokens {lo}-{hi}", full_precision=True)]
-        masks = [resize_mask(load_mask(m, image_size(i)), self.mask_size)
+                                                              desc=f"tokens {lo}-{hi}", resample=PROBE_RESAMPLE,
+                                                              full_precision=True)]
+        masks = [resize_mask(load_mask(m, image_size(i)), self.mask_size, via=self.resolution)
                  for i, m in zip(self.voc.images[lo:hi], self.voc.masks[lo:hi])]
         return {"tokens": torch.cat(tokens), "masks": torch.from_numpy(np.stack(masks)).to(torch.uint8)}
 
@@ -387,21 +391,27 @@ def _count_classes(voc) -> int:
 
 @torch.no_grad()
 def evaluate_probe(head: ProbeHead, model: LeopartViT, data_root: str | os.PathLike, split: str = "val",
-                   device=None, batch_size: int = 16, progress: bool | None = None) -> tuple[float, np.ndarray]:
-    """Plain mIoU (%) of the head's predictions at its mask size on a VOC-layout split, and per-class IoU."""
+                   device=None, batch_size: int = 16, progress: bool | None = None,
+                   eval_size: int | None = None) -> tuple[float, np.ndarray]:
+    """Plain mIoU (%) of the head's predictions on a VOC-layout split, and per-class IoU, scored as the reference's
+    eval_linear.py scored its heads: every image, float32, tokens bilinearly upsampled to ``eval_size`` x
+    ``eval_size`` (default: the input side the head was trained at, 448) and the head run there, against masks
+    resized (nearest) to it, label 255 ignored."""
     device = default_device(device)
+    eval_size = positive_int(eval_size or head.config.resolution, "eval_size")
     voc = read_voc(data_root, split)
     head = head.to(device).eval()
     n_classes = head.config.num_classes
     confusion = Confusion(n_classes, n_classes)  # rows: predicted class, columns: true class
     i = 0
     for _, tokens, _ in iter_batches(voc.images, model.to(device).eval(), head.config.resolution, batch_size, device,
-                                     progress=progress, desc=f"{head.config.head} probe eval", full_precision=True):
-        with autocast(device):
-            pred = head(tokens).argmax(dim=1).cpu().numpy()
-        for p in pred:
-            target = resize_mask(load_mask(voc.masks[i], image_size(voc.images[i])), head.config.mask_size)
-            confusion.update(p, target)
+                                     progress=progress, desc=f"{head.config.head} probe eval",
+                                     resample=PROBE_RESAMPLE, full_precision=True):
+        for t in tokens:  # one image at a time: an FCN at 448 x 448 holds about 1.5 GB of activations
+            pred = head(t[None], size=eval_size).argmax(dim=1)[0].cpu().numpy()
+            target = resize_mask(load_mask(voc.masks[i], image_size(voc.images[i])), eval_size,
+                                 via=head.config.resolution)
+            confusion.update(pred, target)
             i += 1
     if confusion.counts.shape[1] > n_classes:
         raise LeopartError(f"the masks hold class ids up to {confusion.counts.shape[1] - 1}, but the head has "
@@ -421,7 +431,7 @@ def segment_with_head(image, model: LeopartViT, head: ProbeHead, device=None) ->
         raise LeopartError(f"the head reads {head.config.in_dim}-dim tokens but the model gives {model.embed_dim}: "
                            "use the head's own backbone")
     (_, tokens, _), = iter_batches([img], model.to(device).eval(), head.config.resolution, 1, device, progress=False,
-                                   full_precision=True)  # the tokens its head was trained on
+                                   resample=PROBE_RESAMPLE, full_precision=True)  # the tokens its head was trained on
     with autocast(device):
         logits = head.to(device).eval().native_logits(tokens)
     # Upsampled to the photo's size only for the argmax, channel-pruned: an FCN run at a 3 MP photo's own size

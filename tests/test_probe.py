@@ -11,6 +11,7 @@ from PIL import Image
 
 import leopart
 from leopart.cli import main
+from leopart.data import IMAGENET_MEAN, IMAGENET_STD
 from leopart.errors import LeopartError
 from leopart.probe import (FCNHead, ProbeConfig, ProbeHead, convert_head_checkpoint, evaluate_probe, load_head,
                            segment_with_head)
@@ -37,6 +38,16 @@ def write_block_voc(root, n_train=24, n_val=8, seed=0):
     return root
 
 
+def reference_tokens(image: Image.Image, model, size: int) -> torch.Tensor:
+    """Patch tokens [1, h, w, D] of an image the way the reference's probe transforms fed it: torchvision's Resize
+    on a PIL image (bilinear), ToTensor, ImageNet Normalize."""
+    x = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) / 255
+    x = (torch.from_numpy(x).permute(2, 0, 1) - torch.tensor(IMAGENET_MEAN)[:, None, None]) \
+        / torch.tensor(IMAGENET_STD)[:, None, None]
+    with torch.no_grad():
+        return model(x[None]).patch_tokens
+
+
 @pytest.fixture(scope="module")
 def block_voc(tmp_path_factory):
     return write_block_voc(tmp_path_factory.mktemp("blocks"))
@@ -46,7 +57,7 @@ def test_linear_probe_learns_separable_classes(block_voc, tiny_model, tmp_path):
     head = leopart.probe(tiny_model, block_voc, head="linear", epochs=12, lr=0.5, drop_at=10, resolution=64,
                          mask_size=4, batch_size=6, output=str(tmp_path / "lin"), progress=False)
     assert isinstance(head, ProbeHead) and head.config.num_classes == 4
-    miou, per_class = evaluate_probe(head, tiny_model, block_voc, "val")
+    miou, per_class = evaluate_probe(head, tiny_model, block_voc, "val", eval_size=4)  # one pixel per token
     assert miou >= 95.0, per_class
     # the token cache and the per-epoch checkpoint were written; the final head loads back
     assert list((tmp_path / "lin" / "cache").rglob("shard_*.safetensors"))
@@ -54,6 +65,68 @@ def test_linear_probe_learns_separable_classes(block_voc, tiny_model, tmp_path):
     again = load_head(tmp_path / "lin" / "head")
     x = torch.randn(2, 4, 4, tiny_model.embed_dim)
     torch.testing.assert_close(again(x), head(x))
+
+
+def write_odd_voc(root, sizes=((70, 90), (50, 64), (96, 40), (64, 64), (81, 77)), seed=1):
+    """Images of odd sizes (resizing to the input side matters) with 10-px class blocks and 255 borders."""
+    rng = np.random.default_rng(seed)
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, (h, w) in enumerate(sizes):
+        labels = rng.integers(0, len(COLOURS), size=(h // 10 + 1, w // 10 + 1)).astype(np.uint8)
+        mask = np.kron(labels, np.ones((10, 10), dtype=np.uint8))[:h, :w]
+        pixels = COLOURS[mask].astype(np.int16) + rng.integers(-30, 30, size=(h, w, 3))
+        mask[::10] = 255  # object boundaries, as VOC marks them
+        for split in ("train", "val"):
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / "JPEGImages" / f"{split}{i}.png")
+            mask_image(mask).save(root / "SegmentationClass" / f"{split}{i}.png")
+        names.append(f"{{}}{i}")
+    for split in ("train", "val"):
+        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("".join(n.format(split) + "\n" for n in names))
+    return root
+
+
+@pytest.mark.parametrize("kind", ["linear", "fcn"])
+def test_probe_scores_and_trains_as_the_reference_code(tmp_path, tiny_model, kind):
+    """Scoring as eval_linear.py: every image, bilinear resize to the input side, tokens bilinearly upsampled to it
+    and the head run there, argmax against masks resized nearest to it, 255 ignored, plain mIoU. Training masks
+    as its transforms and training_step: nearest to the input side, then nearest to the mask size."""
+    root = write_odd_voc(tmp_path / "voc")
+    torch.manual_seed(0)
+    head = ProbeHead(ProbeConfig(head=kind, in_dim=tiny_model.embed_dim, num_classes=4, channels=16, resolution=64,
+                                 mask_size=8)).eval()
+    tp, fp, fn = np.zeros(4), np.zeros(4), np.zeros(4)
+    for name in (root / "ImageSets" / "Segmentation" / "val.txt").read_text().split():
+        tokens = reference_tokens(Image.open(root / "JPEGImages" / f"{name}.png"), tiny_model, 64)
+        with torch.no_grad():
+            upsampled = F.interpolate(tokens.permute(0, 3, 1, 2), size=(64, 64), mode="bilinear")
+            pred = head.head(upsampled).argmax(1)[0].numpy()
+        gt = np.asarray(Image.open(root / "SegmentationClass" / f"{name}.png").resize((64, 64), Image.NEAREST))
+        valid = gt != 255
+        for c in range(4):
+            tp[c] += np.sum((pred == c) & (gt == c) & valid)
+            fp[c] += np.sum((pred == c) & (gt != c) & valid)
+            fn[c] += np.sum((pred != c) & (gt == c) & valid)
+    expected = 100 * np.mean(tp / np.maximum(tp + fp + fn, 1e-8))
+    miou, _ = evaluate_probe(head, tiny_model, root, "val")
+    assert miou == pytest.approx(expected, abs=0.05)
+
+    trained = leopart.probe(tiny_model, root, head=kind, epochs=1, resolution=64, mask_size=24, batch_size=5,
+                            output=str(tmp_path / "run"), progress=False)
+    assert trained.config.mask_size == 24
+    (shard,) = (tmp_path / "run" / "cache").rglob("shard_*.safetensors")
+    from safetensors.torch import load_file
+
+    cached, direct_differs = load_file(shard)["masks"].numpy(), False
+    for i, name in enumerate((root / "ImageSets" / "Segmentation" / "train.txt").read_text().split()):
+        at_input = Image.open(root / "SegmentationClass" / f"{name}.png").resize((64, 64), Image.NEAREST)
+        two_stage = F.interpolate(torch.from_numpy(np.array(at_input)).float()[None, None], size=(24, 24),
+                                  mode="nearest")[0, 0].numpy()
+        np.testing.assert_array_equal(cached[i], two_stage)
+        direct = np.asarray(Image.open(root / "SegmentationClass" / f"{name}.png").resize((24, 24), Image.NEAREST))
+        direct_differs |= not np.array_equal(direct, two_stage)
+    assert direct_differs  # the two resizings differ on these sizes: the check above tells them apart
 
 
 def test_probe_settings_are_checked_in_one_line(block_voc, tiny_model):
@@ -150,7 +223,7 @@ def test_segment_with_head_upsamples_only_for_the_argmax(tiny_model, kind):
                                  mask_size=8)).eval()
     image = np.random.default_rng(0).integers(0, 256, size=(70, 90, 3), dtype=np.uint8)
     got = segment_with_head(image, tiny_model, head, device="cpu")
-    tokens = leopart.embed(image, model=tiny_model, resolution=64)
+    tokens = reference_tokens(Image.fromarray(image), tiny_model, 64)  # the tokens its head was trained on
     with torch.no_grad():
         if kind == "linear":  # the protocol's order: tokens upsampled to the output, then the 1x1 conv
             expected = head(tokens, size=(70, 90)).argmax(1)[0]
