@@ -566,11 +566,13 @@ def train(data_source: str | os.PathLike | Sequence[str | os.PathLike] = "", out
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / IMAGE_LIST_NAME, "".join(f"{p}\n" for p in image_paths))
     device, started_group = _setup_distributed(cfg)
-    try:
-        return _train(cfg, ckpt, device)
-    finally:
-        if started_group:
-            dist.destroy_process_group()
+    model = _train(cfg, ckpt, device)
+    if started_group:  # every process got here: end the group this call started (after an error, the exit does)
+        # The barrier lets gloo's threads drop the last collectives' tensors first: destroying the group joins those
+        # threads while holding the GIL, and torch 2.4 deadlocked there when one still had a tensor to free.
+        dist.barrier()
+        dist.destroy_process_group()
+    return model
 
 
 def _train(cfg: TrainConfig, ckpt: dict | None, device: torch.device) -> LeopartViT:
