@@ -167,9 +167,15 @@ def resize_mask(mask: np.ndarray, size: int, via: int | None = None) -> np.ndarr
     return F.interpolate(at_input, size=(size, size), mode="nearest")[0, 0].long().numpy()
 
 
+def load_target(image_path: Path, mask_path: Path, mask_size: int, resolution: int) -> np.ndarray:
+    """One image's mask at ``mask_size``, resized through the input side ``resolution`` as the reference did (and
+    checked to match the image's size)."""
+    return resize_mask(load_mask(mask_path, image_size(image_path)), mask_size, via=resolution)
+
+
 def load_targets(split: VOCSplit, mask_size: int, resolution: int) -> list[np.ndarray]:
-    """A split's masks at the scoring size, resized through the input side as the reference did."""
-    return [resize_mask(load_mask(mask_path, image_size(img_path)), mask_size, via=resolution)
+    """A split's masks at the scoring size (``load_target`` of each)."""
+    return [load_target(img_path, mask_path, mask_size, resolution)
             for img_path, mask_path in zip(split.images, split.masks)]
 
 

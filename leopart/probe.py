@@ -31,11 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import serialization
-from .data import image_size
 from .device import autocast, default_device
 from .embed import check_features_fit, iter_batches
 from .errors import LeopartError, positive_int
-from .evaluate import load_mask, read_voc, resize_mask
+from .evaluate import load_mask, load_target, read_voc
 from .metrics import Confusion
 from .model import LeopartViT
 from .progress import progress_bar
@@ -275,7 +274,7 @@ class TokenCache:
                                                               16, self.device, progress=self.progress,
                                                               desc=f"tokens {lo}-{hi}", resample=PROBE_RESAMPLE,
                                                               full_precision=True)]
-        masks = [resize_mask(load_mask(m, image_size(i)), self.mask_size, via=self.resolution)
+        masks = [load_target(i, m, self.mask_size, self.resolution)
                  for i, m in zip(self.voc.images[lo:hi], self.voc.masks[lo:hi])]
         return {"tokens": torch.cat(tokens), "masks": torch.from_numpy(np.stack(masks)).to(torch.uint8)}
 
@@ -409,9 +408,7 @@ def evaluate_probe(head: ProbeHead, model: LeopartViT, data_root: str | os.PathL
                                      resample=PROBE_RESAMPLE, full_precision=True):
         for t in tokens:  # one image at a time: an FCN at 448 x 448 holds about 1.5 GB of activations
             pred = head(t[None], size=eval_size).argmax(dim=1)[0].cpu().numpy()
-            target = resize_mask(load_mask(voc.masks[i], image_size(voc.images[i])), eval_size,
-                                 via=head.config.resolution)
-            confusion.update(pred, target)
+            confusion.update(pred, load_target(voc.images[i], voc.masks[i], eval_size, head.config.resolution))
             i += 1
     if confusion.counts.shape[1] > n_classes:
         raise LeopartError(f"the masks hold class ids up to {confusion.counts.shape[1] - 1}, but the head has "

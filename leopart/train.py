@@ -433,17 +433,15 @@ def _process_device(requested: str | None, world_size: int, local_rank: int) -> 
 
 def _setup_distributed(cfg: TrainConfig) -> tuple[torch.device, bool]:
     """This process's device, and whether this call started the process group (which train() then ends)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    started = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    world_size = int(os.environ["WORLD_SIZE"]) if started else world()[1]
+    if cfg.batch_size % world_size:  # before any group starts: an error here leaves nothing to end
+        raise LeopartError(f"batch size {cfg.batch_size} does not split evenly over {world_size} processes")
     device = _process_device(cfg.device, world_size, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before NCCL starts, so each process's communicator is on its own GPU
-    started = world_size > 1 and not dist.is_initialized()
     if started:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if cfg.batch_size % world()[1]:
-        if started:
-            dist.destroy_process_group()
-        raise LeopartError(f"batch size {cfg.batch_size} does not split evenly over {world()[1]} processes")
     return device, started
 
 
