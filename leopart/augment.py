@@ -55,7 +55,9 @@ def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
 
 def sample_box(width: int, height: int, scale: tuple[float, float], g: torch.Generator,
                ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """A RandomResizedCrop-style integer box (x0, y0, x1, y1) inside a width x height image."""
+    """RandomResizedCrop's integer box (x0, y0, x1, y1) inside a width x height image: up to 10 draws of an area share
+    in ``scale`` and a log-uniform aspect ratio in ``ratio``, placed uniformly; when none fits, torchvision's
+    fallback: the largest centred box of the image whose aspect ratio is within ``ratio``."""
     area = width * height
     for _ in range(10):
         target = area * _uniform(g, *scale)
@@ -65,9 +67,13 @@ def sample_box(width: int, height: int, scale: tuple[float, float], g: torch.Gen
             x0 = int(torch.randint(0, width - w + 1, (), generator=g))
             y0 = int(torch.randint(0, height - h + 1, (), generator=g))
             return x0, y0, x0 + w, y0 + h
-    side = max(1, min(width, height, round(math.sqrt(area * scale[1]))))  # fallback: a centred square
-    x0, y0 = (width - side) // 2, (height - side) // 2
-    return x0, y0, x0 + side, y0 + side
+    w, h = width, height
+    if width / height < ratio[0]:
+        h = round(width / ratio[0])
+    elif width / height > ratio[1]:
+        w = round(height * ratio[1])
+    x0, y0 = (width - w) // 2, (height - h) // 2
+    return x0, y0, x0 + w, y0 + h
 
 
 def intersection(a: Box, b: Box) -> Box | None:

@@ -614,6 +614,10 @@ def _segment_outputs(inputs: tuple[str, ...], output: Path) -> dict[Path, tuple[
               help="Probe batch (default: the reference's, 12 for ViT-B/8, else 120 linear / 64 FCN).")
 @click.option("--probe-mask-size", default=100, show_default=True, type=click.IntRange(min=1),
               help="Tokens are upsampled to this size for the probe head, and masks resized to it.")
+@click.option("--probe-augment", is_flag=True,
+              help="Train the probes on the reference's random crops (0.8-1.0 of the area) and flips, drawn anew "
+                   "every epoch: the backbone runs on every batch (default: the resized images, tokens computed "
+                   "once and cached).")
 @click.option("--probe-dir", default=None, type=_OutputPath(file_okay=False, path_type=Path),
               help="Token cache, per-epoch checkpoints (resumable) and trained heads: <dir>/<linear|fcn>/head.")
 @_cache_option
@@ -621,7 +625,7 @@ def _segment_outputs(inputs: tuple[str, ...], output: Path) -> dict[Path, tuple[
 def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, weight_threshold, markov_time, cbfe_k, cd_runs,
              cd_resolution, bg_shares, num_classes, split, resolution, json_path, seed, protocol, n_init, seeds,
              batch_size, device, linear, fcn, train_split, probe_epochs, probe_lr, probe_batch_size, probe_mask_size,
-             probe_dir, cache_dir, fg_model):
+             probe_augment, probe_dir, cache_dir, fg_model):
     """Score MODEL on a PASCAL-VOC-layout folder DATA with the paper's protocols.
 
     k-means over-clustering (default k = 500 and 21) and, with --fully-unsupervised, CBFE + CD (reference
@@ -637,6 +641,13 @@ def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, weight_threshold, ma
     check_fu_settings(protocol, fully_unsupervised, fg_model=fg_model, bg_shares=bg_shares or None,
                       cd_resolution=cd_resolution, markov_time=markov_time, cbfe_k=cbfe_k, cd_runs=cd_runs)
     heads = [h for h, on in (("linear", linear), ("fcn", fcn)) if on]
+    ctx = click.get_current_context()
+    probe_options = [f"--{name.replace('_', '-')}" for name in ("probe_epochs", "probe_lr", "probe_batch_size",
+                                                                 "probe_mask_size", "probe_augment", "probe_dir")
+                     if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
+    if probe_options and not heads:
+        raise LeopartError(f"{', '.join(probe_options)} set the probes: add --linear and/or --fcn, or leave "
+                           f"{'them' if len(probe_options) > 1 else 'it'} out")
     # A wrong folder or split fails before the model loads (or downloads).
     scored_split = read_voc(data_dir, split)
     scored = set(scored_split.names)
@@ -667,11 +678,13 @@ def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, weight_threshold, ma
             out = probe_dir / head if probe_dir else None
             trained = probe(m, data_dir, head=head, split=train_split, epochs=probe_epochs, lr=probe_lr,
                             batch_size=probe_batch_size, num_classes=num_classes, resolution=resolution,
-                            mask_size=probe_mask_size, output=str(out) if out else None, seed=seed, device=device,
-                            progress=True)
+                            mask_size=probe_mask_size, augment=probe_augment, output=str(out) if out else None,
+                            seed=seed, device=device, progress=True)
             results[head], _ = evaluate_probe(trained, m, data_dir, split=split, device=device,
                                               batch_size=batch_size, progress=True)
             results.setdefault("num_classes", trained.config.num_classes)
+        results["probes"] = {"train_split": train_split, "augment": probe_augment, "mask_size": probe_mask_size,
+                             "scored_at": resolution}
     results["model"] = model
     click.echo(format_table(results, model))
     if heads and probe_dir:

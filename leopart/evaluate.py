@@ -163,7 +163,13 @@ def resize_mask(mask: np.ndarray, size: int, via: int | None = None) -> np.ndarr
     resized = Image.fromarray(mask.astype(np.uint8)).resize((via or size,) * 2, Image.NEAREST)
     if via is None:
         return np.asarray(resized, dtype=np.int64)
-    at_input = torch.from_numpy(np.array(resized)).float()[None, None]
+    return interpolate_mask(np.asarray(resized), size)
+
+
+def interpolate_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """F.interpolate's nearest resize of a class-id mask to size x size (int64): how the reference's training and
+    monitoring steps took masks from the input side to 100 x 100."""
+    at_input = torch.from_numpy(mask.astype(np.float32))[None, None]
     return F.interpolate(at_input, size=(size, size), mode="nearest")[0, 0].long().numpy()
 
 

@@ -9,9 +9,10 @@ or 30 (FCN); the lr and global batch of the reference's PASCAL configs (``refere
 batch 12; other models (its ViT-S/16 configs) lr 0.01, batch 120 (linear) or 64 (FCN). Scoring as its
 ``eval_linear.py``: every image of the split, float32, tokens bilinearly upsampled to the input side (448) and
 the head run there, against masks resized (nearest) to it; plain mIoU (no matching), label 255 ignored.
-One deviation: the reference trained on random 0.8-1.0 resized crops and flips; we train on the resized images
-without augmentation, so the backbone's tokens can be computed once and cached (``cache_dir``): every
-epoch after the first reads them from disk instead of running the ViT.
+Training data: by default the resized images without augmentation, so the backbone's tokens are computed once and
+cached (``cache_dir``) and every epoch after the first reads them instead of running the ViT; ``augment=True``
+(``--probe-augment``) trains as the reference did, on a random crop of 0.8-1.0 of each image's area (aspect 3/4-4/3)
+flipped half the time, drawn anew every epoch, so the ViT runs on every batch of every epoch.
 
 Heads save and load like models (config.json + model.safetensors) and the released Lightning checkpoints
 (leopart_vits16_pvoc_lin_head.ckpt, leopart_vits16_fcn_head.ckpt, leopart_vitb8_pvoc_fcn_head.ckpt) convert
@@ -28,13 +29,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
-from . import serialization
+from . import data, serialization
+from .augment import sample_box
 from .device import autocast, default_device
 from .embed import check_features_fit, iter_batches
 from .errors import LeopartError, positive_int
-from .evaluate import load_mask, load_target, read_voc
+from .evaluate import interpolate_mask, load_mask, load_target, read_voc
 from .metrics import Confusion
 from .model import LeopartViT
 from .progress import progress_bar
@@ -45,6 +48,7 @@ HEADS = ("linear", "fcn")
 CHECKPOINT_NAME, HEAD_FOLDER = "checkpoint.pt", "head"
 DEFAULT_EPOCHS = {"linear": 25, "fcn": 30}
 PROBE_RESAMPLE = "bilinear"  # the reference resized the probes' images bilinearly (torchvision's Resize default)
+AUGMENT_SCALE = (0.8, 1.0)   # its training crops' share of the image area (RandomResizedCrop), flipped with p = 0.5
 
 
 def reference_recipe(head: str, patch_size: int) -> tuple[float, int]:
@@ -224,6 +228,7 @@ class ProbeTrainConfig:
     cache_dir: str | None = None  # where token caches live (default: <output>/cache, or none without output)
     output: str | None = None     # per-epoch checkpoints and the final head; resumes when it holds one
     seed: int = 0
+    augment: bool = False       # the reference's random crops and flips (the ViT runs every epoch; no token cache)
     device: str | None = None
     progress: bool | None = None
 
@@ -278,19 +283,72 @@ class TokenCache:
                  for i, m in zip(self.voc.images[lo:hi], self.voc.masks[lo:hi])]
         return {"tokens": torch.cat(tokens), "masks": torch.from_numpy(np.stack(masks)).to(torch.uint8)}
 
-    def batches(self, batch_size: int, generator: torch.Generator | None, rank: int = 0, world: int = 1):
-        """(tokens [b, h, w, D], masks [b, S, S] int64) batches; shuffled shard by shard when a generator is given."""
-        n_shards = math.ceil(self.n / self.SHARD)
-        order = torch.randperm(n_shards, generator=generator).tolist() if generator is not None else range(n_shards)
-        for s in order:
+    def batches(self, batch_size: int, epoch_seed: int, rank: int = 0, world: int = 1):
+        """(tokens [b, h, w, D], masks [b, S, S] int64) batches of an epoch, shuffled shard by shard."""
+        generator = torch.Generator().manual_seed(epoch_seed)
+        for s in torch.randperm(math.ceil(self.n / self.SHARD), generator=generator).tolist():
             t = self.shard(s)
-            idx = torch.randperm(len(t["tokens"]), generator=generator) if generator is not None \
-                else torch.arange(len(t["tokens"]))
-            per_rank = max(1, batch_size // world)
-            for start in range(0, len(idx), batch_size):
-                chunk = idx[start:start + batch_size][rank * per_rank:(rank + 1) * per_rank]
-                if len(chunk):
-                    yield t["tokens"][chunk], t["masks"][chunk].long()
+            for chunk in rank_shares(torch.randperm(len(t["tokens"]), generator=generator), batch_size, rank, world):
+                yield t["tokens"][chunk], t["masks"][chunk].long()
+
+
+class AugmentedBatches:
+    """The reference's probe training data: each image's random crop and flip of the epoch (``draw_augmentation``,
+    seeded by the epoch and the image, so a resumed run sees the same ones) through the frozen backbone, in float32,
+    batch by batch. Images decode in threads ahead of the model on a GPU."""
+
+    def __init__(self, model: LeopartViT, voc, resolution: int, mask_size: int, device):
+        self.model, self.voc, self.resolution, self.mask_size, self.device = model, voc, resolution, mask_size, device
+        self.n = len(voc.images)
+
+    def sample(self, epoch_seed: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        img = data.load_image(self.voc.images[i], str(self.voc.images[i]))
+        mask = load_mask(self.voc.masks[i], img.size)
+        box, flip = draw_augmentation(img.width, img.height,
+                                      torch.Generator().manual_seed(epoch_seed * 1_000_003 + i))
+        return augmented_pair(img, mask, box, flip, self.resolution, self.mask_size)
+
+    def batches(self, batch_size: int, epoch_seed: int, rank: int = 0, world: int = 1):
+        """(tokens [b, h, w, D] on the device, masks [b, S, S] int64) batches of an epoch, in a shuffled order."""
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(epoch_seed))
+        mine = [chunk.tolist() for chunk in rank_shares(order, batch_size, rank, world)]
+        threads = 0 if self.device.type == "cpu" else min(8, os.cpu_count() or 1)
+        pairs = data.map_ahead(lambda i: self.sample(epoch_seed, i), (i for chunk in mine for i in chunk), threads,
+                               ahead=2 * len(mine[0]) if mine else None)
+        for chunk in mine:
+            images, masks = zip(*(next(pairs) for _ in chunk))
+            with torch.no_grad(), autocast(self.device, full_precision=True):
+                tokens = self.model(torch.stack(images).to(self.device), heads=False).patch_tokens.float()
+            yield tokens, torch.stack(masks)
+
+
+def rank_shares(order: torch.Tensor, batch_size: int, rank: int, world: int):
+    """This process's share of each batch of ``order`` (indices): consecutive batches of ``batch_size`` split evenly
+    over ``world`` processes; shares left empty by a short last batch are skipped."""
+    per_rank = max(1, batch_size // world)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size][rank * per_rank:(rank + 1) * per_rank]
+        if len(chunk):
+            yield chunk
+
+
+def draw_augmentation(width: int, height: int, g: torch.Generator) -> tuple[tuple[int, int, int, int], bool]:
+    """One training image's crop box (x0, y0, x1, y1) and flip, as the reference's probe transforms drew them:
+    RandomResizedCrop(scale=(0.8, 1), ratio=(3/4, 4/3)) and a horizontal flip with probability 0.5."""
+    box = sample_box(width, height, AUGMENT_SCALE, g)
+    return box, bool(torch.rand((), generator=g) < 0.5)
+
+
+def augmented_pair(image: Image.Image, mask: np.ndarray, box: tuple[int, int, int, int], flip: bool,
+                   resolution: int, mask_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normalised image [3, R, R], mask [S, S] int64) of one crop, in the reference's order: the crop resized to the
+    input side (image bilinear, mask nearest), then flipped, then the mask nearest to ``mask_size``."""
+    x0, y0, x1, y1 = box
+    crop = image.crop(box).resize((resolution, resolution), Image.BILINEAR)
+    mask_crop = Image.fromarray(mask[y0:y1, x0:x1].astype(np.uint8)).resize((resolution, resolution), Image.NEAREST)
+    if flip:
+        crop, mask_crop = crop.transpose(Image.FLIP_LEFT_RIGHT), mask_crop.transpose(Image.FLIP_LEFT_RIGHT)
+    return data.to_tensor(crop, None), torch.from_numpy(interpolate_mask(np.asarray(mask_crop), mask_size))
 
 
 def probe(model: LeopartViT | str, train_data: str | os.PathLike, head: str = "linear", **overrides) -> ProbeHead:
@@ -314,9 +372,12 @@ def probe(model: LeopartViT | str, train_data: str | os.PathLike, head: str = "l
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
     output = Path(cfg.output) if cfg.output else None
-    cache_dir = cfg.cache_dir or (str(output / "cache") if output else None)
-    cache = TokenCache(Path(cache_dir) if cache_dir else None, model, voc, cfg.resolution, cfg.mask_size, device,
-                       cfg.progress)
+    if cfg.augment:
+        source = AugmentedBatches(model, voc, cfg.resolution, cfg.mask_size, device)
+    else:
+        cache_dir = cfg.cache_dir or (str(output / "cache") if output else None)
+        source = TokenCache(Path(cache_dir) if cache_dir else None, model, voc, cfg.resolution, cfg.mask_size, device,
+                            cfg.progress)
     num_classes = cfg.num_classes or _count_classes(voc)
     torch.manual_seed(cfg.seed)
     ckpt_path = output / CHECKPOINT_NAME if output else None
@@ -325,6 +386,10 @@ def probe(model: LeopartViT | str, train_data: str | os.PathLike, head: str = "l
     # Unset lr and batch: what a resumed run recorded (runs from before the per-model recipe recorded 0.1 and
     # 12), else the reference's recipe for this model.
     recorded = state["config"] if state else {}
+    if state is not None and bool(recorded.get("augment", False)) != cfg.augment:
+        was = "with" if recorded.get("augment") else "without"
+        raise LeopartError(f"{output} holds a probe trained {was} random crops and flips: resume it {was} "
+                           f"--probe-augment (augment={not cfg.augment}), or train this one in another folder")
     lr, batch = reference_recipe(cfg.head, model.patch_size)
     cfg = replace(cfg, lr=cfg.lr if cfg.lr is not None else recorded.get("lr", lr),
                   batch_size=cfg.batch_size or recorded.get("batch_size", batch))
@@ -342,12 +407,12 @@ def probe(model: LeopartViT | str, train_data: str | os.PathLike, head: str = "l
         start_epoch = int(state["epoch"])
         torch.set_rng_state(state["rng"])  # dropout continues as if never stopped
     criterion = nn.CrossEntropyLoss(ignore_index=255)
-    n_batches = math.ceil(cache.n / cfg.batch_size)
+    n_batches = math.ceil(source.n / cfg.batch_size)
     for epoch in range(start_epoch, epochs):
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * (0.1 if epoch >= cfg.drop_at else 1.0)
-        generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # data order per epoch
-        bar = progress_bar(cache.batches(cfg.batch_size, generator, rank, world), total=n_batches,
+        epoch_seed = cfg.seed * 1000 + epoch  # data order (and crops) per epoch
+        bar = progress_bar(source.batches(cfg.batch_size, epoch_seed, rank, world), total=n_batches,
                            desc=f"{cfg.head} probe epoch {epoch + 1}/{epochs}", unit="batch",
                            progress=cfg.progress if rank == 0 else False)
         for tokens, masks in bar:

@@ -404,3 +404,80 @@ def test_scoring_runs_the_backbone_in_float32_other_work_may_use_bf16(block_voc,
     for full_precision in (True, False, True):
         dense_features(images, tiny_model, 64, progress=False, cache_dir=tmp_path / "cache", full_precision=full_precision)
     assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_augmented_crops_are_the_reference_probe_transforms(tmp_path):
+    """augment=True trains on linear_finetuning_transforms' pairs: RandomResizedCrop(448, scale=(0.8, 1)) of image
+    (bilinear) and mask (nearest), a horizontal flip of both with p = 0.5, ToTensor + Normalize; training_step then
+    takes the mask nearest to 100 x 100. Restated here with torchvision's functional transforms."""
+    import torchvision.transforms.functional as TF
+
+    from leopart.evaluate import load_mask
+    from leopart.probe import AUGMENT_SCALE, augmented_pair, draw_augmentation
+
+    root = write_odd_voc(tmp_path / "voc", sizes=((70, 90), (96, 40)))
+    for name in ("train0", "train1"):
+        image = Image.open(root / "JPEGImages" / f"{name}.png").convert("RGB")
+        mask_png = Image.open(root / "SegmentationClass" / f"{name}.png")
+        for box, flip in (((3, 5, 60, 52), False), ((0, 7, 40, 89), True), ((11, 0, 37, 69), True)):
+            box = (min(box[0], image.width - 1), box[1], min(box[2], image.width), min(box[3], image.height))
+            x, mask = augmented_pair(image, load_mask(root / "SegmentationClass" / f"{name}.png"), box, flip, 64, 24)
+            left, top, w, h = box[0], box[1], box[2] - box[0], box[3] - box[1]
+            ref_img = TF.resized_crop(image, top, left, h, w, [64, 64], TF.InterpolationMode.BILINEAR)
+            ref_mask = TF.resized_crop(mask_png, top, left, h, w, [64, 64], TF.InterpolationMode.NEAREST)
+            if flip:
+                ref_img, ref_mask = TF.hflip(ref_img), TF.hflip(ref_mask)
+            ref_x = TF.normalize(TF.to_tensor(ref_img), IMAGENET_MEAN, IMAGENET_STD)
+            ref_mask = F.interpolate(TF.to_tensor(ref_mask)[None] * 255, size=(24, 24), mode="nearest")[0, 0]
+            torch.testing.assert_close(x, ref_x)
+            assert mask.dtype == torch.int64 and torch.equal(mask, ref_mask.round().long()), (name, box, flip)
+    # The draws: 0.8-1.0 of the area (rounding aside), aspect 3/4-4/3 or torchvision's fallback, flips half the time.
+    g = torch.Generator().manual_seed(0)
+    draws = [draw_augmentation(500, 333, g) for _ in range(2000)]
+    shares = np.array([(b[2] - b[0]) * (b[3] - b[1]) / (500 * 333) for b, _ in draws])
+    assert AUGMENT_SCALE == (0.8, 1.0) and shares.min() > 0.79 and shares.max() <= 1.0
+    assert 0.45 < np.mean([flip for _, flip in draws]) < 0.55
+    again = torch.Generator().manual_seed(0)
+    assert [draw_augmentation(500, 333, again) for _ in range(5)] == draws[:5]
+
+
+def test_augmented_probe_redraws_crops_each_epoch_and_resumes_exactly(block_voc, tiny_model, tmp_path):
+    from leopart.evaluate import read_voc
+    from leopart.probe import AugmentedBatches
+
+    args = dict(head="linear", lr=0.5, resolution=64, mask_size=4, batch_size=6, progress=False)
+    full = leopart.probe(tiny_model, block_voc, epochs=3, augment=True, output=str(tmp_path / "full"), **args)
+    assert not (tmp_path / "full" / "cache").exists()  # no token cache: the backbone ran on every batch
+    assert torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["config"]["augment"] is True
+    leopart.probe(tiny_model, block_voc, epochs=1, augment=True, output=str(tmp_path / "r"), **args)
+    resumed = leopart.probe(tiny_model, block_voc, epochs=3, augment=True, output=str(tmp_path / "r"), **args)
+    for k, v in full.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v, atol=1e-6, rtol=0)
+    plain = leopart.probe(tiny_model, block_voc, epochs=3, **args)
+    assert not torch.allclose(plain.head.weight, full.head.weight, atol=1e-4)
+    # each epoch its own crop of an image; the same epoch the same crop
+    source = AugmentedBatches(tiny_model, read_voc(block_voc, "train"), 64, 4, torch.device("cpu"))
+    epoch0, epoch1 = source.sample(0, 3), source.sample(1, 3)
+    assert torch.equal(epoch0[0], source.sample(0, 3)[0]) and not torch.equal(epoch0[0], epoch1[0])
+    batches = list(source.batches(6, 0))
+    assert [len(t) for t, _ in batches] == [6, 6, 6, 6] and batches[0][0].shape == (6, 4, 4, tiny_model.embed_dim)
+    # a run trained one way does not resume the other way
+    with pytest.raises(LeopartError, match=r"holds a probe trained with random crops and flips: resume it with "
+                                           r"--probe-augment \(augment=True\), or train this one in another folder"):
+        leopart.probe(tiny_model, block_voc, epochs=4, output=str(tmp_path / "r"), **args)
+
+
+def test_eval_cli_probe_augment_and_probe_options_without_a_probe(block_voc, tiny_model_dir, tmp_path):
+    runner = CliRunner()
+    for extra in (["--probe-augment"], ["--probe-epochs", "2", "--probe-dir", str(tmp_path / "p")]):
+        r = runner.invoke(main, ["eval", str(block_voc), "--model", str(tiny_model_dir), "--k", "4", *extra])
+        assert r.exit_code == 1 and r.output.startswith(f"Error: {', '.join(e for e in extra if e.startswith('--'))} "
+                                                        "set the probes: add --linear and/or --fcn"), r.output
+    out = tmp_path / "r.json"
+    r = runner.invoke(main, ["eval", str(block_voc), "--model", str(tiny_model_dir), "--linear", "--probe-augment",
+                             "--probe-epochs", "1", "--resolution", "64", "--probe-mask-size", "8", "--probe-dir",
+                             str(tmp_path / "p"), "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["probes"] == {"train_split": "train", "augment": True, "mask_size": 8, "scored_at": 64}
+    assert np.isfinite(res["linear"]) and not (tmp_path / "p" / "linear" / "cache").exists()

@@ -113,6 +113,33 @@ def test_reference_photometric_recipe():
         TrainConfig(photometric="simclr").check()
 
 
+def test_crop_boxes_are_drawn_as_torchvisions_random_resized_crop():
+    """sample_box is RandomResizedCrop.get_params (which the reference's crops used) on a seeded generator: the same
+    fallback when no draw fits, and the same distribution of boxes (VOC's 500 x 333 images at the probes' 0.8-1.0
+    scale fall back two draws in three: a centred square there would shrink the mean crop from 0.89 of the area)."""
+    from torchvision.transforms import RandomResizedCrop
+
+    from leopart.augment import sample_box
+
+    def theirs(width, height, scale):
+        top, left, h, w = RandomResizedCrop.get_params(Image.new("L", (width, height)), list(scale), [3 / 4, 4 / 3])
+        return left, top, left + w, top + h
+
+    g = torch.Generator().manual_seed(0)
+    for width, height, scale in ((1000, 10, (0.8, 1.0)), (10, 1000, (0.8, 1.0)), (100, 90, (1.5, 2.0))):
+        assert sample_box(width, height, scale, g) == theirs(width, height, scale)  # every draw fails: fallback
+    torch.manual_seed(0)
+    for width, height, scale in ((500, 333, (0.8, 1.0)), (500, 375, (0.25, 1.0)), (90, 120, (0.05, 0.25))):
+        ours = np.array([sample_box(width, height, scale, g) for _ in range(3000)], dtype=float)
+        ref = np.array([theirs(width, height, scale) for _ in range(3000)], dtype=float)
+        for boxes in (ours, ref):
+            boxes[:, 2:] -= boxes[:, :2]  # x, y, w, h
+        share = [b[:, 2] * b[:, 3] / (width * height) for b in (ours, ref)]
+        assert abs(share[0].mean() - share[1].mean()) < 0.01, (width, height, scale)
+        assert abs(np.mean(share[0] > 0.99) - np.mean(share[1] > 0.99)) < 0.03
+        np.testing.assert_allclose(ours.mean(0), ref.mean(0), rtol=0.05, atol=1)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_overlap_boxes_map_back_to_the_same_image_region(seed):
     cfg = CropConfig(global_size=64, local_size=32)
