@@ -1,6 +1,7 @@
 """Linear and FCN probes: the paper's supervised read-outs on frozen patch tokens (``leopart.probe``).
 
-Protocol of the reference implementation (every default here): the backbone is frozen in eval mode; inputs
+Protocol of the reference implementation (every default here), in float32 throughout (its Lightning Trainer ran
+at precision 32): the backbone is frozen in eval mode; inputs
 resized bilinearly to 448 x 448; patch tokens bilinearly upsampled to 100 x 100; a 1x1 conv (linear) or an FCN
 head (two 3x3 conv + ReLU with 512 channels, the input concatenated back and fused by a third 3x3 conv + ReLU,
 dropout 0.1, a 1x1 conv to the classes); cross-entropy ignoring 255 against masks resized (nearest) to the input
@@ -420,9 +421,8 @@ def probe(model: LeopartViT | str, train_data: str | os.PathLike, head: str = "l
             if cfg.num_classes is not None:
                 _check_classes(masks, num_classes, f"num_classes={num_classes}")
             tokens, masks = tokens.to(device), masks.to(device)
-            with autocast(device):
-                logits = trained(tokens)
-            loss = criterion(logits.float(), masks)
+            logits = trained(tokens)  # float32 on a GPU too: the reference's Trainer ran at its default precision, 32
+            loss = criterion(logits, masks)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -363,6 +363,10 @@ def test_scoring_runs_the_backbone_in_float32_other_work_may_use_bf16(block_voc,
         return real_autocast(device, full_precision)
 
     monkeypatch.setattr(embed_module, "autocast", recording)
+    # The probe heads train in float32 too (the reference's Lightning Trainer ran at precision 32).
+    probe_module, head_asked = sys.modules["leopart.probe"], []
+    monkeypatch.setattr(probe_module, "autocast", lambda device, full_precision=False: (
+        head_asked.append(full_precision), real_autocast(device, full_precision))[1])
 
     def precisions(run) -> set:
         asked.clear()
@@ -374,12 +378,26 @@ def test_scoring_runs_the_backbone_in_float32_other_work_may_use_bf16(block_voc,
     scoring = {
         "evaluate": lambda: leopart.evaluate(block_voc, tiny_model, ks=(4,), resolution=64, mask_size=16, seeds=1,
                                              fully_unsupervised=True, protocol="cosine", fu_k=4, progress=False),
-        "probe": lambda: leopart.probe(tiny_model, block_voc, head="linear", epochs=1, resolution=64, mask_size=4,
-                                       batch_size=6, output=str(tmp_path / "lin"), progress=False),
-        "probe masks": lambda: segment_with_head(images[0], tiny_model, load_head(tmp_path / "lin" / "head")),
+        "probe": lambda: leopart.probe(tiny_model, block_voc, head="fcn", epochs=1, resolution=64, mask_size=4,
+                                       batch_size=6, output=str(tmp_path / "fcn"), progress=False),
+        "augmented probe": lambda: leopart.probe(tiny_model, block_voc, head="linear", epochs=1, resolution=64,
+                                                 mask_size=4, batch_size=6, augment=True, progress=False),
+        "probe from its token cache": lambda: leopart.probe(tiny_model, block_voc, head="fcn", epochs=2, resolution=64,
+                                                            mask_size=4, batch_size=6, output=str(tmp_path / "fcn"),
+                                                            progress=False),
+        "probe masks": lambda: segment_with_head(images[0], tiny_model, load_head(tmp_path / "fcn" / "head")),
     }
     for name, run in scoring.items():
-        assert precisions(run) == {True}, name
+        head_asked.clear()
+        if name == "augmented probe":  # its backbone runs in leopart.probe, on the epoch's crops
+            run()
+            assert set(head_asked) == {True}, name
+        elif name == "probe from its token cache":  # the backbone does not run, only the head
+            run()
+        else:
+            assert precisions(run) == {True}, name
+        if name not in ("augmented probe", "probe masks"):  # a head's masks (not a score) may come under bf16
+            assert not head_asked, name  # the head trains without autocast
     fast = {"embed": lambda: leopart.embed(images, model=tiny_model, resolution=64),
             "dense features": lambda: dense_features(images, tiny_model, 64, progress=False),
             "segment": lambda: leopart.segment(images[0], model=tiny_model, resolution=64, k=3)}
