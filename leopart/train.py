@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -431,6 +432,9 @@ def _process_device(requested: str | None, world_size: int, local_rank: int) -> 
     return torch.device("cuda", index)
 
 
+EVAL_WAIT = timedelta(hours=2)  # how long the other processes wait for an evaluation under torchrun
+
+
 def _setup_distributed(cfg: TrainConfig) -> tuple[torch.device, bool]:
     """This process's device, and whether this call started the process group (which train() then ends)."""
     started = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
@@ -441,7 +445,10 @@ def _setup_distributed(cfg: TrainConfig) -> tuple[torch.device, bool]:
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before NCCL starts, so each process's communicator is on its own GPU
     if started:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # With --eval-data the first process evaluates while the others wait in their next collective, which NCCL
+        # gives up on after 10 minutes by default; scoring VOC val with a ViT-B/8 can take longer.
+        timeout = {"timeout": EVAL_WAIT} if cfg.eval_data else {}
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **timeout)
     return device, started
 
 

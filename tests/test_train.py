@@ -363,6 +363,25 @@ def test_each_process_takes_the_gpu_of_its_local_rank(monkeypatch):
         _process_device(None, world_size=4, local_rank=3)
 
 
+def test_processes_wait_for_an_evaluation_longer_than_nccls_default(monkeypatch):
+    """With --eval-data the other processes wait in a collective while the first evaluates: the group train() starts
+    allows 2 hours (NCCL's default, 10 minutes, ended runs whose evaluation took longer)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from leopart.train import _setup_distributed
+
+    started = []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: started.append((backend, kwargs)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert _setup_distributed(TrainConfig(batch_size=4, device="cpu", eval_data="voc")) == (torch.device("cpu"), True)
+    assert _setup_distributed(TrainConfig(batch_size=4, device="cpu")) == (torch.device("cpu"), True)
+    assert started == [("gloo", {"timeout": timedelta(hours=2)}), ("gloo", {})]
+
+
 def _train_worker(rank, world, ports, folder, out, results):
     import torch.distributed as dist
 
