@@ -3,8 +3,8 @@
 Per image: ``n_global`` crops (scale 0.25-1 of the image area, resized to ``global_size``) and ``n_local``
 crops (scale 0.05-0.25, resized to ``local_size``), each with colour jitter, grayscale, blur (``PHOTOMETRIC``:
 the reference code's recipe, or DINO's) and a flip.
-Crops are resampled until the global crops overlap each other by >= 2% of the image area and every local
-crop overlaps every global crop by >= 1%. For each (global crop g, crop v) pair we return the overlap
+Crops are drawn one after another, each redrawn until it overlaps the global crops before it by more than 2% of
+the image area (global crops) or 1% (local crops), as the reference code drew them. For each (global crop g, crop v) pair we return the overlap
 rectangle in g's own pixel coordinates and in v's (flips included), which is where the loss RoI-aligns
 g's targets and v's predictions.
 
@@ -40,6 +40,7 @@ class CropConfig:
     hue: float = 0.2                  # largest hue shift of the colour jitter (0.5 = anywhere on the wheel)
     blur: bool = True                 # Gaussian blur (sigma 0.1-2 px: it erases textures finer than ~4 px)
     photometric: str = "reference"    # jitter strengths, blur probabilities, resampling: a key of PHOTOMETRIC
+    redraw: str = "each"              # a key of CROP_REDRAW: how crops are redrawn until they overlap
 
     @property
     def n_crops(self) -> int:
@@ -96,9 +97,37 @@ def to_crop_coords(box: Box, crop: Box, size: int, flipped: bool) -> Box:
 
 
 def sample_crop_boxes(width: int, height: int, cfg: CropConfig, g: torch.Generator) -> list[tuple[int, int, int, int]]:
-    """Crop boxes satisfying the overlap rules (the last draw is kept if none does within max_tries)."""
+    """Crop boxes whose overlaps satisfy cfg's shares (``cfg.redraw``: the reference's way or leopart's earlier one)."""
+    return CROP_REDRAW[cfg.redraw](width, height, cfg, g)
+
+
+def redraw_each(width: int, height: int, cfg: CropConfig, g: torch.Generator) -> list[tuple[int, int, int, int]]:
+    """The reference's LeopartTransforms: crops drawn one after another, the first freely, each later one redrawn
+    alone until it overlaps every global crop before it by more than its share of the image area (2% between global
+    crops, 1% for the others). A crop that finds no such place in ``max_tries`` draws (tiny or extreme-aspect
+    images; the reference would loop forever) becomes the whole image, which overlaps every crop."""
     image_area = width * height
-    boxes = []
+    boxes: list[tuple[int, int, int, int]] = []
+    for i in range(cfg.n_crops):
+        is_global = i < cfg.n_global
+        scale = cfg.global_scale if is_global else cfg.local_scale
+        least = int(image_area * (cfg.min_overlap_global if is_global else cfg.min_overlap_local))
+        earlier_globals = boxes[:cfg.n_global]
+        for _ in range(cfg.max_tries):
+            box = sample_box(width, height, scale, g)
+            if all(area(intersection(box, other)) > least for other in earlier_globals):
+                break
+        else:
+            box = (0, 0, width, height)
+        boxes.append(box)
+    return boxes
+
+
+def redraw_all(width: int, height: int, cfg: CropConfig, g: torch.Generator) -> list[tuple[int, int, int, int]]:
+    """leopart's way before 2026-11-29 (the demo keeps it): every crop redrawn together until all overlaps hold.
+    Half the draws fail on a 500 x 333 image, so it favours larger, more overlapping global crops. If none holds
+    within ``max_tries``, every crop becomes the whole image."""
+    image_area = width * height
     for _ in range(cfg.max_tries):
         boxes = [sample_box(width, height, cfg.global_scale, g) for _ in range(cfg.n_global)]
         boxes += [sample_box(width, height, cfg.local_scale, g) for _ in range(cfg.n_local)]
@@ -108,8 +137,10 @@ def sample_crop_boxes(width: int, height: int, cfg: CropConfig, g: torch.Generat
                         for gi in range(cfg.n_global) for v in range(cfg.n_global, cfg.n_crops))
         if globals_ok and locals_ok:
             return boxes
-    # Rare (tiny or extreme aspect images): every crop becomes the whole image, which always overlaps.
     return [(0, 0, width, height)] * cfg.n_crops
+
+
+CROP_REDRAW = {"each": redraw_each, "all": redraw_all}
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from . import data
-from .augment import PHOTOMETRIC, CropConfig
+from .augment import CROP_REDRAW, PHOTOMETRIC, CropConfig
 from .device import autocast, default_device
 from .errors import LeopartError, plural
 from .foreground import foreground_mask
@@ -57,7 +57,7 @@ MODEL_NAME = "model"
 IMAGE_LIST_NAME = "images.txt"
 QUEUE_PER_IMAGE = 10  # teacher embeddings a step adds to the queue per image (and global crop), as the reference
 # What runs recorded before these settings existed trained with (their checkpoints lack them).
-LEGACY_DEFAULTS = {"photometric": "dino", "hue": 0.1, "grad_clip": 3.0, "eval_resolution": None}
+LEGACY_DEFAULTS = {"photometric": "dino", "hue": 0.1, "grad_clip": 3.0, "eval_resolution": None, "crop_redraw": "all"}
 # Settings a resumed run may change; everything else must match the checkpoint.
 RESUMABLE_OVERRIDES = {"steps", "epochs", "save_every", "workers", "device", "eval_data", "eval_every", "eval_k",
                        "eval_resolution", "output", "data", "progress"}
@@ -89,6 +89,7 @@ class TrainConfig:
     hue: float = 0.2                     # largest hue shift of the jitter
     blur: bool = True                    # Gaussian blur in the jitter
     photometric: str = "reference"       # jitter strengths and blur odds: "reference" or "dino" (augment.PHOTOMETRIC)
+    crop_redraw: str = "each"            # crops redrawn one at a time until they overlap (the reference's) or "all"
     num_prototypes: int | None = None    # default: the init model's own (300 for DINO and random init)
     lr_backbone: float | None = None     # default: the reference's for the model (learning_rates)
     lr_heads: float | None = None
@@ -129,7 +130,8 @@ class TrainConfig:
     def crops(self) -> CropConfig:
         return CropConfig(global_size=self.global_size, local_size=self.local_size, n_global=self.n_global,
                           n_local=self.n_local, global_scale=self.global_scale, local_scale=self.local_scale,
-                          jitter=self.jitter, hue=self.hue, blur=self.blur, photometric=self.photometric)
+                          jitter=self.jitter, hue=self.hue, blur=self.blur, photometric=self.photometric,
+                          redraw=self.crop_redraw)
 
     def check(self):
         """One line naming the first setting out of its range, before any work (not a torch error mid-run)."""
@@ -137,6 +139,8 @@ class TrainConfig:
             raise LeopartError(f"loss_mask must be one of {', '.join(LOSS_MASKS)}, not '{self.loss_mask}'")
         if self.photometric not in PHOTOMETRIC:
             raise LeopartError(f"photometric must be one of {', '.join(PHOTOMETRIC)}, not '{self.photometric}'")
+        if self.crop_redraw not in CROP_REDRAW:
+            raise LeopartError(f"crop_redraw must be one of {', '.join(CROP_REDRAW)}, not '{self.crop_redraw}'")
         for name in ("batch_size", "global_size", "local_size", "n_global", "num_prototypes", "save_every", "steps",
                      "epochs", "sinkhorn_iters", "roi_size", "eval_every", "eval_resolution"):
             if getattr(self, name) is not None and getattr(self, name) < 1:

@@ -140,6 +140,38 @@ def test_crop_boxes_are_drawn_as_torchvisions_random_resized_crop():
         np.testing.assert_allclose(ours.mean(0), ref.mean(0), rtol=0.05, atol=1)
 
 
+def test_crops_are_redrawn_one_at_a_time_as_the_reference_drew_them():
+    """LeopartTransforms drew the first global crop freely and redrew each later crop alone until it overlapped the
+    global crops before it (by more than 2% of the image for a global crop, 1% for a local one). Redrawing all six
+    until every overlap holds (half the draws fail on a 500 x 333 image) would favour larger first crops."""
+    from leopart.augment import sample_box, sample_crop_boxes
+
+    cfg, width, height = CropConfig(), 500, 333
+
+    def share(box):
+        return (box[2] - box[0]) * (box[3] - box[1]) / (width * height)
+
+    g = torch.Generator().manual_seed(0)
+    views = [sample_crop_boxes(width, height, cfg, g) for _ in range(3000)]
+    alone = [share(sample_box(width, height, cfg.global_scale, g)) for _ in range(3000)]
+    assert abs(np.mean([share(b[0]) for b in views]) - np.mean(alone)) < 0.012  # the first crop: unconstrained
+    for boxes in views:
+        for i in range(1, cfg.n_crops):
+            least = (cfg.min_overlap_global if i < cfg.n_global else cfg.min_overlap_local) * width * height
+            for other in boxes[:min(i, cfg.n_global)]:
+                inter = intersection(boxes[i], other)
+                assert inter is not None and (inter[2] - inter[0]) * (inter[3] - inter[1]) > int(least)
+    # each crop is redrawn alone: the first crop of a view is the generator's first draw
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert sample_crop_boxes(width, height, cfg, g1)[0] == sample_box(width, height, cfg.global_scale, g2)
+    # leopart's earlier way (runs from before it resume with it; the demo keeps it) redraws all six together
+    together = [sample_crop_boxes(width, height, CropConfig(redraw="all"), g) for _ in range(3000)]
+    assert np.mean([share(b[0]) for b in together]) - np.mean(alone) > 0.02
+    assert TrainConfig(crop_redraw="all").crops().redraw == "all" and CropConfig().redraw == "each"
+    with pytest.raises(LeopartError, match="crop_redraw must be one of each, all, not 'some'"):
+        TrainConfig(crop_redraw="some").check()
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_overlap_boxes_map_back_to_the_same_image_region(seed):
     cfg = CropConfig(global_size=64, local_size=32)
@@ -636,13 +668,13 @@ def test_a_run_from_before_the_reference_augmentations_resumes_with_its_own(trai
     leopart.train(train_dir, tmp_path / "old", steps=1, **TINY)
     ckpt_path = tmp_path / "old" / "checkpoint.pt"
     ckpt = torch.load(ckpt_path, weights_only=True)
-    for name in ("photometric", "hue", "eval_resolution"):  # what checkpoints from before these settings lack
+    for name in ("photometric", "hue", "eval_resolution", "crop_redraw"):  # what checkpoints from before these lack
         del ckpt["config"][name]
     ckpt["config"]["eval_k"] = 100  # then one k
     torch.save(ckpt, ckpt_path)
     leopart.train(train_dir, tmp_path / "old", resume=True, steps=2, **TINY)
     config = json.loads((tmp_path / "old" / "config.json").read_text())
-    assert config["photometric"] == "dino" and config["hue"] == 0.1
+    assert config["photometric"] == "dino" and config["hue"] == 0.1 and config["crop_redraw"] == "all"
     assert config["eval_resolution"] is None and config["eval_k"] == [100]  # scored at the global crop size
 
 
