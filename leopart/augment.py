@@ -4,9 +4,9 @@ Per image: ``n_global`` crops (scale 0.25-1 of the image area, resized to ``glob
 crops (scale 0.05-0.25, resized to ``local_size``), each with colour jitter, grayscale, blur (``PHOTOMETRIC``:
 the reference code's recipe, or DINO's) and a flip.
 Crops are drawn one after another, each redrawn until it overlaps the global crops before it by more than 2% of
-the image area (global crops) or 1% (local crops), as the reference code drew them. For each (global crop g, crop v) pair we return the overlap
-rectangle in g's own pixel coordinates and in v's (flips included), which is where the loss RoI-aligns
-g's targets and v's predictions.
+the image area (global crops) or 1% (local crops), as the reference code drew them. For each (global crop g,
+crop v) pair we return the overlap rectangle in g's own pixel coordinates and in v's (flips included), which is
+where the loss RoI-aligns g's targets and v's predictions.
 
 All randomness comes from an explicit ``torch.Generator``, seeded per (seed, epoch, image index) by the
 dataset, so a resumed run sees exactly the views an uninterrupted run would have seen.
