@@ -62,6 +62,26 @@ def uses_bf16(device: torch.device, full_precision: bool = False) -> bool:
     return device.type == "cuda" and not full_precision
 
 
+def rng_state(device: torch.device) -> dict:
+    """The random generators a resumed job continues from: the CPU's and, on a GPU, that GPU's. Only this process's
+    GPU: under torchrun every process draws the same numbers in the same order (one seed, the same shapes), so each
+    resumes from the first process's, which the checkpoint keeps."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_device"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type != "cuda":
+        return
+    if "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"], device)
+    elif "cuda" in state:  # checkpoints from before 2026-11-29: every GPU's state, as the first process saw them
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def precision_key(device: torch.device, full_precision: bool = False) -> tuple[str, ...]:
     """Cache-key settings for features computed on ``device``: ("bf16",) under autocast, none in float32 (so
     float32 caches keep the names they had before precision was a setting)."""

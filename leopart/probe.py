@@ -35,7 +35,7 @@ from torch import nn
 
 from . import data, serialization
 from .augment import sample_box
-from .device import autocast, default_device
+from .device import autocast, default_device, rng_state, set_rng_state
 from .embed import check_features_fit, iter_batches
 from .errors import LeopartError, positive_int
 from .evaluate import interpolate_mask, load_mask, load_target, read_voc
@@ -406,7 +406,10 @@ def probe(model: LeopartViT | str, train_data: str | os.PathLike, head: str = "l
         probe_head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"])
-        torch.set_rng_state(state["rng"])  # dropout continues as if never stopped
+        if isinstance(state["rng"], torch.Tensor):  # checkpoints from before 2026-11-29 kept the CPU's only
+            torch.set_rng_state(state["rng"])
+        else:
+            set_rng_state(state["rng"], device)  # dropout continues as if never stopped
     criterion = nn.CrossEntropyLoss(ignore_index=255)
     n_batches = math.ceil(source.n / cfg.batch_size)
     for epoch in range(start_epoch, epochs):
@@ -430,7 +433,7 @@ def probe(model: LeopartViT | str, train_data: str | os.PathLike, head: str = "l
         if ckpt_path is not None and rank == 0:
             with serialization.atomic_path(ckpt_path) as tmp:
                 torch.save({"head": probe_head.state_dict(), "optimizer": optimizer.state_dict(),
-                            "epoch": epoch + 1, "config": asdict(cfg), "rng": torch.get_rng_state()}, tmp)
+                            "epoch": epoch + 1, "config": asdict(cfg), "rng": rng_state(device)}, tmp)
     probe_head.eval().cpu()
     if output is not None and rank == 0:
         probe_head.save_pretrained(output / HEAD_FOLDER)

@@ -40,7 +40,7 @@ from torchvision.ops import roi_align
 
 from . import data
 from .augment import CROP_REDRAW, PHOTOMETRIC, CropConfig
-from .device import autocast, default_device
+from .device import autocast, default_device, rng_state, set_rng_state
 from .errors import LeopartError, plural
 from .foreground import foreground_mask
 from .hub import from_pretrained
@@ -351,19 +351,6 @@ def leopart_loss(student: nn.Module, teacher: LeopartViT, crops: list[torch.Tens
 
 
 # ------------------------------------------------------------------- training
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict):
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def save_checkpoint(path: Path, **state):
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -608,7 +595,7 @@ def _train(cfg: TrainConfig, ckpt: dict | None, device: torch.device) -> Leopart
     if ckpt is not None:
         learner.load_state_dict(ckpt)
         step, skipped = int(ckpt["step"]), set(ckpt.get("skipped", []))
-        _set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"], device)
         if step >= total:
             raise LeopartError(f"the checkpoint is already at step {step} of {total}: raise --steps to go on")
 
@@ -627,7 +614,7 @@ def _train(cfg: TrainConfig, ckpt: dict | None, device: torch.device) -> Leopart
     def checkpoint():
         state = learner.state_dict()  # on every process: it gathers their queues
         if is_main:
-            save_checkpoint(ckpt_path, config=dataclasses.asdict(cfg), step=step, total=total, rng=_rng_state(),
+            save_checkpoint(ckpt_path, config=dataclasses.asdict(cfg), step=step, total=total, rng=rng_state(device),
                             skipped=sorted(skipped), model_config=dataclasses.asdict(learner.model.config), **state)
 
     if is_main and cfg.progress:  # what was understood, before the first progress line (a minute in, in a log)

@@ -168,6 +168,21 @@ def test_probe_resumes_from_its_checkpoint(block_voc, tiny_model, tmp_path):
         torch.testing.assert_close(resumed.state_dict()[k], v, atol=1e-6, rtol=0)
 
 
+def test_fcn_probe_resumes_with_its_dropout_where_it_stopped(block_voc, tiny_model, tmp_path):
+    args = dict(head="fcn", lr=0.05, resolution=64, mask_size=4, batch_size=6, progress=False)
+    full = leopart.probe(tiny_model, block_voc, epochs=3, output=str(tmp_path / "full"), **args)
+    leopart.probe(tiny_model, block_voc, epochs=1, output=str(tmp_path / "r"), **args)
+    resumed = leopart.probe(tiny_model, block_voc, epochs=3, output=str(tmp_path / "r"), **args)
+    for k, v in full.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v, atol=1e-6, rtol=0)
+    # a checkpoint from before 2026-11-29 kept the CPU generator's state alone
+    ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    assert set(ckpt["rng"]) == {"torch"}
+    ckpt["rng"], ckpt["epoch"] = ckpt["rng"]["torch"], 2
+    torch.save(ckpt, tmp_path / "r" / "checkpoint.pt")
+    leopart.probe(tiny_model, block_voc, epochs=3, output=str(tmp_path / "r"), **args)
+
+
 def test_probe_lr_and_batch_default_to_the_reference_recipe_for_the_model(block_voc, tiny_model, tmp_path):
     # The reference's PASCAL configs: ViT-S/16 probes lr 0.01 with 2 x 60 (linear) or 2 x 32 (FCN) images,
     # ViT-B/8 ones lr 0.1 with 2 x 6; a resumed run keeps what it recorded (0.1 and 12 before 2026-11-28).

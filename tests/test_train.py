@@ -395,6 +395,25 @@ def test_each_process_takes_the_gpu_of_its_local_rank(monkeypatch):
         _process_device(None, world_size=4, local_rank=3)
 
 
+def test_checkpoints_keep_the_random_state_of_this_processs_gpu(monkeypatch):
+    """A checkpoint keeps the CPU generator and this process's GPU generator, which every process under torchrun
+    resumes from (they draw the same numbers in the same order). It kept get_rng_state_all(), the first process's
+    view of every GPU, so the others restarted theirs from the seed; such checkpoints still resume as before."""
+    from leopart.device import rng_state, set_rng_state
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: calls.append(("get", device)) or torch.tensor([7]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append(("set", int(state), device)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: calls.append(("set all", len(states))))
+    gpu = torch.device("cuda", 1)
+    state = rng_state(gpu)
+    assert torch.equal(state["torch"], torch.get_rng_state()) and calls == [("get", gpu)]
+    set_rng_state(state, torch.device("cuda", 0))  # another process: its own GPU takes the saved state
+    set_rng_state({"torch": state["torch"], "cuda": [torch.tensor([1]), torch.tensor([2])]}, gpu)  # an old checkpoint
+    assert calls[1:] == [("set", 7, torch.device("cuda", 0)), ("set all", 2)]
+    assert rng_state(torch.device("cpu")).keys() == {"torch"} and len(calls) == 3
+
+
 def test_processes_wait_for_an_evaluation_longer_than_nccls_default(monkeypatch):
     """With --eval-data the other processes wait in a collective while the first evaluates: the group train() starts
     allows 2 hours (NCCL's default, 10 minutes, ended runs whose evaluation took longer)."""
