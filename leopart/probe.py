@@ -324,13 +324,13 @@ class AugmentedBatches:
 
 
 def rank_shares(order: torch.Tensor, batch_size: int, rank: int, world: int):
-    """This process's share of each batch of ``order`` (indices): consecutive batches of ``batch_size`` split evenly
-    over ``world`` processes; shares left empty by a short last batch are skipped."""
-    per_rank = max(1, batch_size // world)
+    """This process's share of each batch of ``order`` (indices): consecutive batches of ``batch_size``, each split
+    as evenly as it goes over the ``world`` processes, so that every process takes the same steps (DDP waits for
+    all of them at each one); a last batch with fewer images than processes is left out."""
     for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size][rank * per_rank:(rank + 1) * per_rank]
-        if len(chunk):
-            yield chunk
+        chunk = order[start:start + batch_size]
+        if len(chunk) >= world:
+            yield chunk.tensor_split(world)[rank]
 
 
 def draw_augmentation(width: int, height: int, g: torch.Generator) -> tuple[tuple[int, int, int, int], bool]:
@@ -394,6 +394,8 @@ def probe(model: LeopartViT | str, train_data: str | os.PathLike, head: str = "l
     lr, batch = reference_recipe(cfg.head, model.patch_size)
     cfg = replace(cfg, lr=cfg.lr if cfg.lr is not None else recorded.get("lr", lr),
                   batch_size=cfg.batch_size or recorded.get("batch_size", batch))
+    if cfg.batch_size < world:
+        raise LeopartError(f"probe batch size {cfg.batch_size} is smaller than the {world} processes sharing it")
     probe_head = ProbeHead(ProbeConfig(head=cfg.head, in_dim=model.embed_dim, num_classes=num_classes,
                                        mask_size=cfg.mask_size, resolution=cfg.resolution, model=model.name_or_path))
     probe_head.to(device).train()

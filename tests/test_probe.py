@@ -514,3 +514,64 @@ def test_eval_cli_probe_augment_and_probe_options_without_a_probe(block_voc, tin
     res = json.loads(out.read_text())
     assert res["probes"] == {"train_split": "train", "augment": True, "mask_size": 8, "scored_at": 64}
     assert np.isfinite(res["linear"]) and not (tmp_path / "p" / "linear" / "cache").exists()
+
+
+def _probe_worker(rank, world, port, model_dir, voc, results):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    for augment in (False, True):
+        head = leopart.probe(model_dir, voc, head="linear", epochs=2, lr=0.5, resolution=64, mask_size=4,
+                             batch_size=10, augment=augment, device="cpu", progress=False)
+        results[(rank, augment)] = {k: v.clone() for k, v in head.state_dict().items()}
+    dist.destroy_process_group()
+
+
+def test_two_processes_train_the_probe_one_process_trains(block_voc, tiny_model_dir, monkeypatch):
+    """Under a process group each process takes an even share of every batch, so DDP's mean of their gradients is
+    the batch's; block_voc's 24 images in batches of 10 end with a batch of 4, which gave one process 4 images and
+    the other none: the first then waited in DDP's all-reduce for ever."""
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    from leopart.probe import rank_shares
+
+    order = torch.arange(24)
+    shares = [list(rank_shares(order, 10, rank, 2)) for rank in (0, 1)]
+    assert [len(s) for s in shares] == [3, 3] and [len(c) for c in shares[1]] == [5, 5, 2]
+    assert sorted(torch.cat([*shares[0], *shares[1]]).tolist()) == list(range(24))
+    assert [len(c) for c in rank_shares(torch.arange(21), 10, 0, 2)] == [5, 5]  # a last batch of 1 for 2: left out
+    with monkeypatch.context() as m:  # a batch smaller than the processes would leave some without any image
+        import torch.distributed as dist
+
+        m.setattr(dist, "is_initialized", lambda: True)
+        m.setattr(dist, "get_rank", lambda: 0)
+        m.setattr(dist, "get_world_size", lambda: 4)
+        with pytest.raises(LeopartError, match="probe batch size 3 is smaller than the 4 processes sharing it"):
+            leopart.probe(tiny_model_dir, block_voc, head="linear", epochs=1, resolution=64, mask_size=4,
+                          batch_size=3, progress=False)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.get_context("spawn").Manager().dict()
+    context = mp.start_processes(_probe_worker, args=(2, port, str(tiny_model_dir), str(block_voc), results), nprocs=2,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + 240
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail("the two probe processes did not finish within 4 minutes (a process waiting in DDP)")
+    for augment in (False, True):
+        alone = leopart.probe(tiny_model_dir, block_voc, head="linear", epochs=2, lr=0.5, resolution=64, mask_size=4,
+                              batch_size=10, augment=augment, device="cpu", progress=False).state_dict()
+        for k, v in alone.items():
+            torch.testing.assert_close(results[(0, augment)][k], v, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(results[(1, augment)][k], v, atol=1e-5, rtol=1e-4)
