@@ -57,7 +57,8 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="leopart")
-def main():
+@click.pass_context
+def main(ctx):
     """Dense, part-aware patch features with Leopart Vision Transformers.
 
     MODEL arguments take an alias (vits16, vitb8, dino-vits16, dino-vitb8), an org/repo[@revision] on
@@ -65,6 +66,11 @@ def main():
     original .ckpt/.pth file.
     """
     warnings.showwarning = _one_line_warning
+    processes = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if processes > 1 and ctx.invoked_subcommand != "train":
+        # Each process would do the whole job on its own and write the same outputs.
+        raise LeopartError(f"leopart {ctx.invoked_subcommand} runs in one process, not {processes} (WORLD_SIZE): of "
+                           "the commands only `leopart train` shares its work under torchrun; run this one without it")
 
 
 def _parse_resolution(value: str) -> int | None:

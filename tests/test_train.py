@@ -414,6 +414,17 @@ def test_checkpoints_keep_the_random_state_of_this_processs_gpu(monkeypatch):
     assert rng_state(torch.device("cpu")).keys() == {"torch"} and len(calls) == 3
 
 
+def test_only_train_runs_under_torchrun(tmp_path):
+    """Under torchrun every other command would do its whole job once per process, writing the same outputs."""
+    for args in (["eval", str(tmp_path)], ["embed", str(tmp_path), "-o", str(tmp_path / "f.npy")], ["info", "vits16"]):
+        r = CliRunner().invoke(main, args, env={"WORLD_SIZE": "2"})
+        assert r.exit_code == 1 and r.output == (f"Error: leopart {args[0]} runs in one process, not 2 (WORLD_SIZE): of "
+                                                 "the commands only `leopart train` shares its work under torchrun; "
+                                                 "run this one without it\n"), r.output
+    r = CliRunner().invoke(main, ["info", str(tmp_path / "nothing")], env={"WORLD_SIZE": "1"})
+    assert "runs in one process" not in r.output
+
+
 def test_processes_wait_for_an_evaluation_longer_than_nccls_default(monkeypatch):
     """With --eval-data the other processes wait in a collective while the first evaluates: the group train() starts
     allows 2 hours (NCCL's default, 10 minutes, ended runs whose evaluation took longer)."""
