@@ -528,6 +528,7 @@ def _probe_worker(rank, world, port, model_dir, voc, results):
         head = leopart.probe(model_dir, voc, head="linear", epochs=2, lr=0.5, resolution=64, mask_size=4,
                              batch_size=10, augment=augment, device="cpu", progress=False)
         results[(rank, augment)] = {k: v.clone() for k, v in head.state_dict().items()}
+    dist.barrier()  # torch 2.4's gloo could deadlock destroying a group right after the last all-reduce (train.py)
     dist.destroy_process_group()
 
 
