@@ -66,7 +66,7 @@ def main(ctx):
     original .ckpt/.pth file.
     """
     warnings.showwarning = _one_line_warning
-    processes = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    processes = int(os.environ.get("WORLD_SIZE") or 1)  # as device.launched_processes, which would import torch here
     if processes > 1 and ctx.invoked_subcommand != "train":
         # Each process would do the whole job on its own and write the same outputs.
         raise LeopartError(f"leopart {ctx.invoked_subcommand} runs in one process, not {processes} (WORLD_SIZE): of "

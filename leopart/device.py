@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -62,6 +63,11 @@ def uses_bf16(device: torch.device, full_precision: bool = False) -> bool:
     return device.type == "cuda" and not full_precision
 
 
+def launched_processes() -> int:
+    """How many processes a launcher such as torchrun started for this job (its WORLD_SIZE; 1 without one)."""
+    return int(os.environ.get("WORLD_SIZE") or 1)
+
+
 def rng_state(device: torch.device) -> dict:
     """The random generators a resumed job continues from: the CPU's and, on a GPU, that GPU's. Only this process's
     GPU: under torchrun every process draws the same numbers in the same order (one seed, the same shapes), so each
@@ -72,13 +78,18 @@ def rng_state(device: torch.device) -> dict:
     return state
 
 
-def set_rng_state(state: dict, device: torch.device) -> None:
+def set_rng_state(state: dict | torch.Tensor, device: torch.device) -> None:
+    """Restore what ``rng_state`` saved, or what checkpoints kept before it: the CPU's state alone (a tensor: probe
+    checkpoints) or every GPU's state as the first process saw them (``"cuda"``: training checkpoints)."""
+    if isinstance(state, torch.Tensor):
+        torch.set_rng_state(state)
+        return
     torch.set_rng_state(state["torch"])
     if device.type != "cuda":
         return
     if "cuda_device" in state:
         torch.cuda.set_rng_state(state["cuda_device"], device)
-    elif "cuda" in state:  # checkpoints from before 2026-11-29: every GPU's state, as the first process saw them
+    elif "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 

@@ -345,11 +345,11 @@ def augmented_pair(image: Image.Image, mask: np.ndarray, box: tuple[int, int, in
     """(normalised image [3, R, R], mask [S, S] int64) of one crop, in the reference's order: the crop resized to the
     input side (image bilinear, mask nearest), then flipped, then the mask nearest to ``mask_size``."""
     x0, y0, x1, y1 = box
-    crop = image.crop(box).resize((resolution, resolution), Image.BILINEAR)
+    x = data.to_tensor(image.crop(box), (resolution, resolution), PROBE_RESAMPLE)
     mask_crop = Image.fromarray(mask[y0:y1, x0:x1].astype(np.uint8)).resize((resolution, resolution), Image.NEAREST)
-    if flip:
-        crop, mask_crop = crop.transpose(Image.FLIP_LEFT_RIGHT), mask_crop.transpose(Image.FLIP_LEFT_RIGHT)
-    return data.to_tensor(crop, None), torch.from_numpy(interpolate_mask(np.asarray(mask_crop), mask_size))
+    if flip:  # the normalised image flips as its pixels would; the mask at the input side, before the resize to S
+        x, mask_crop = x.flip(-1), mask_crop.transpose(Image.FLIP_LEFT_RIGHT)
+    return x, torch.from_numpy(interpolate_mask(np.asarray(mask_crop), mask_size))
 
 
 def probe(model: LeopartViT | str, train_data: str | os.PathLike, head: str = "linear", **overrides) -> ProbeHead:
@@ -408,10 +408,7 @@ def probe(model: LeopartViT | str, train_data: str | os.PathLike, head: str = "l
         probe_head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"])
-        if isinstance(state["rng"], torch.Tensor):  # checkpoints from before 2026-11-29 kept the CPU's only
-            torch.set_rng_state(state["rng"])
-        else:
-            set_rng_state(state["rng"], device)  # dropout continues as if never stopped
+        set_rng_state(state["rng"], device)  # dropout continues as if never stopped
     criterion = nn.CrossEntropyLoss(ignore_index=255)
     n_batches = math.ceil(source.n / cfg.batch_size)
     for epoch in range(start_epoch, epochs):

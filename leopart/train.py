@@ -40,7 +40,7 @@ from torchvision.ops import roi_align
 
 from . import data
 from .augment import CROP_REDRAW, PHOTOMETRIC, CropConfig
-from .device import autocast, default_device, rng_state, set_rng_state
+from .device import autocast, default_device, launched_processes, rng_state, set_rng_state
 from .errors import LeopartError, plural
 from .foreground import foreground_mask
 from .hub import from_pretrained
@@ -428,8 +428,8 @@ EVAL_WAIT = timedelta(hours=2)  # how long the other processes wait for an evalu
 
 def _setup_distributed(cfg: TrainConfig) -> tuple[torch.device, bool]:
     """This process's device, and whether this call started the process group (which train() then ends)."""
-    started = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
-    world_size = int(os.environ["WORLD_SIZE"]) if started else world()[1]
+    started = launched_processes() > 1 and not dist.is_initialized()
+    world_size = launched_processes() if started else world()[1]
     if cfg.batch_size % world_size:  # before any group starts: an error here leaves nothing to end
         raise LeopartError(f"batch size {cfg.batch_size} does not split evenly over {world_size} processes")
     device = _process_device(cfg.device, world_size, int(os.environ.get("LOCAL_RANK", "0")))

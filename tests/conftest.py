@@ -4,6 +4,7 @@ The variables are set before anything imports huggingface_hub or triton, which r
 """
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -107,3 +108,10 @@ def image_dir(tmp_path) -> Path:
         Image.fromarray(random_image(seed=i)).save(folder / f"img{i}.png")
     Image.fromarray(random_image(seed=9)).save(folder / "sub" / "deep.jpg")
     return folder
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a test's process group (MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

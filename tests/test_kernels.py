@@ -13,12 +13,12 @@ import importlib
 import math
 import os
 import re
-import socket
 import sys
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from leopart.errors import LeopartError
 from leopart.kernels import nearest_prototype, patch_prototype_similarity, sinkhorn
@@ -114,12 +114,6 @@ def test_sinkhorn_bad_arguments():
         sinkhorn(torch.zeros(3, 2), distributed=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _distributed_worker(rank, world, port, scores, backend, results):
     import torch.distributed as dist
 
@@ -137,7 +131,7 @@ def test_distributed_sinkhorn_equals_single_process(backend):
     scores = cosine_scores(203, 37, seed=4)  # uneven split: 102 + 101 rows
     manager = mp.get_context("spawn").Manager()
     results = manager.dict()
-    mp.start_processes(_distributed_worker, args=(2, _free_port(), scores, backend, results), nprocs=2,
+    mp.start_processes(_distributed_worker, args=(2, free_port(), scores, backend, results), nprocs=2,
                        join=True, start_method="spawn")
     combined = torch.cat([results[0], results[1]])
     torch.testing.assert_close(combined, sinkhorn_torch(scores), atol=1e-6, rtol=1e-5)

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from conftest import free_port
 from PIL import Image
 
 import leopart
@@ -536,7 +537,6 @@ def test_two_processes_train_the_probe_one_process_trains(block_voc, tiny_model_
     """Under a process group each process takes an even share of every batch, so DDP's mean of their gradients is
     the batch's; block_voc's 24 images in batches of 10 end with a batch of 4, which gave one process 4 images and
     the other none: the first then waited in DDP's all-reduce for ever."""
-    import socket
     import time
 
     import torch.multiprocessing as mp
@@ -558,9 +558,7 @@ def test_two_processes_train_the_probe_one_process_trains(block_voc, tiny_model_
             leopart.probe(tiny_model_dir, block_voc, head="linear", epochs=1, resolution=64, mask_size=4,
                           batch_size=3, progress=False)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     results = mp.get_context("spawn").Manager().dict()
     context = mp.start_processes(_probe_worker, args=(2, port, str(tiny_model_dir), str(block_voc), results), nprocs=2,
                                  join=False, start_method="spawn")

@@ -4,7 +4,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from click.testing import CliRunner
-from conftest import interrupt_at_call
+from conftest import free_port, interrupt_at_call
 from PIL import Image
 from torchvision.ops import roi_align
 
@@ -339,12 +338,6 @@ def test_queue_is_scored_with_the_student_prototypes(monkeypatch):
         torch.testing.assert_close(scores[16:], batch_scores[gi * b:(gi + 1) * b].reshape(-1, k).float())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, results):
     import torch.distributed as dist
 
@@ -370,7 +363,7 @@ def test_two_processes_equal_one_on_the_same_global_batch():
     loss.backward()
     manager = mp.get_context("spawn").Manager()
     results = manager.dict()
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), results), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_ddp_worker, args=(2, free_port(), results), nprocs=2, join=True, start_method="spawn")
     for rank in range(2):
         ddp_value, grads = results[rank]
         assert ddp_value == pytest.approx(float(value), abs=1e-6)
@@ -462,8 +455,8 @@ def _train_worker(rank, world, ports, folder, out, results):
 def test_train_ends_the_process_group_it_started_only(train_dir, tmp_path):
     manager = mp.get_context("spawn").Manager()
     results = manager.dict()
-    first = _free_port()
-    ports = (first, next(port for port in iter(_free_port, None) if port != first))
+    first = free_port()
+    ports = (first, next(port for port in iter(free_port, None) if port != first))
     mp.start_processes(_train_worker, args=(2, ports, str(train_dir), str(tmp_path), results), nprocs=2,
                        join=True, start_method="spawn")
     assert dict(results) == {0: (True, True), 1: (True, True)}
