@@ -136,7 +136,7 @@ def _model_rows(model: str, trust_pickle: bool) -> list[tuple[str, object]]:
         ("backbone", c.arch),
         ("patch size", m.patch_size),
         ("embed dim", m.embed_dim),
-        ("depth / heads", f"{len(m.backbone.blocks)} / {m.num_heads}"),
+        ("depth / heads", f"{len(m.backbone.blocks)} / {m.num_heads or '-'}"),
         ("trained at", f"{c.img_size}x{c.img_size}"),
         ("projection head", f"{c.proj_layers} layers, {m.embed_dim} -> {c.proj_hidden_dim} -> {c.proj_dim}"),
         ("prototypes", c.num_prototypes),

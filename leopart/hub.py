@@ -52,6 +52,8 @@ DINO = {
     "dino-vitb8": "timm/vit_base_patch8_224.dino",
 }
 CHECKPOINT_SUFFIXES = (".ckpt", ".pth", ".pt", ".safetensors")
+# timm.create_model arguments of a timm Hub repo's config.json ("model_args") that LeopartViT sets itself.
+TIMM_ARGS_WE_SET = {"num_classes", "img_size", "dynamic_img_size", "pretrained"}
 # (embed dim, depth) -> timm size name, to name the architecture of an original checkpoint.
 VIT_SIZES = {(192, 12): "tiny", (384, 12): "small", (768, 12): "base", (1024, 24): "large"}
 
@@ -216,19 +218,26 @@ def _load_hub(name: str) -> LeopartViT:
         raise LeopartError(f"Hub repository '{name}' holds neither a leopart model nor timm weights")
     folder = serialization.download_from_hub(name, [serialization.WEIGHTS_NAME])  # a timm repo: backbone only
     state = serialization.load_tensors(folder / serialization.WEIGHTS_NAME)
-    return _from_backbone_state(state, arch=config["architecture"], source=name)
+    # timm records the arguments a model was built with beyond its name's defaults (timm.create_model's kwargs);
+    # the input size is ours to set (from the position embeddings) and the classifier is dropped.
+    model_args = {k: v for k, v in (config.get("model_args") or {}).items() if k not in TIMM_ARGS_WE_SET}
+    return _from_backbone_state(state, arch=config["architecture"], source=name, backbone_kwargs=model_args)
 
 
-def _from_backbone_state(state: dict[str, torch.Tensor], arch: str, source: str) -> LeopartViT:
-    ignored = sorted(k for k in state if k.startswith(("head.", "fc_norm.")))
-    if ignored:
-        warnings.warn(f"ignoring classifier keys from {source}: {', '.join(ignored)}", stacklevel=3)
-    state = {f"backbone.{k}": v for k, v in state.items() if k not in ignored}
+def _from_backbone_state(state: dict[str, torch.Tensor], arch: str, source: str,
+                         backbone_kwargs: dict | None = None) -> LeopartViT:
+    state = {f"backbone.{k}": v for k, v in state.items()}
     img_size = _pos_embed_size(state, arch)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # heads start the same for everyone who loads these weights
-        model = LeopartViT(LeopartConfig(arch=arch, img_size=img_size))
-    model.load_weights(state, source=source, strict=False)
+        model = LeopartViT(LeopartConfig(arch=arch, img_size=img_size, backbone_kwargs=backbone_kwargs or {}))
+    # The classifier goes (num_classes=0); a pooled-feature norm stays where the backbone keeps one (EVA-02's fc_norm).
+    ours = model.state_dict()
+    ignored = sorted(k for k in state if k.startswith(("backbone.head.", "backbone.fc_norm.")) and k not in ours)
+    if ignored:
+        names = ", ".join(k[len("backbone."):] for k in ignored)
+        warnings.warn(f"ignoring classifier keys from {source}: {names}", stacklevel=3)
+    model.load_weights({k: v for k, v in state.items() if k not in ignored}, source=source, strict=False)
     return model
 
 

@@ -5,6 +5,10 @@ are L2-normalised, and are scored against L2-normalised prototypes (cosine simil
 Module names follow the original release (``projection_head.0/2/4``, ``prototypes``) so converted
 checkpoints load by key. Inputs of any size that is a multiple of the patch size work: timm interpolates
 the position embeddings (``dynamic_img_size``).
+
+The backbone runs through timm's own ``forward_features``, so every timm ViT family that can change its input
+size works: ViT / DeiT / DINO(v2), EVA-02, DINOv3, RoPE ViTs and hybrids. The last layer's CLS attention (the
+foreground cue) is recomputed from the last attention module's input for the kinds in ``READABLE_ATTENTION``.
 """
 from __future__ import annotations
 
@@ -20,6 +24,24 @@ from torch import nn
 
 from . import serialization
 from .errors import LeopartError
+
+
+def _readable_attention() -> tuple[type, ...]:
+    """timm attention modules whose queries and keys cls_attention recomputes: the ViT's, EVA's (EVA-02, DINOv3)
+    and the rotary one of timm's RoPE ViTs (timm >= 1.0.16; Perception Encoder). Others (parallel blocks,
+    differential attention) run, but give no attention map."""
+    from timm.models import eva, vision_transformer
+
+    kinds = [vision_transformer.Attention, eva.EvaAttention]
+    try:
+        from timm.layers.attention import AttentionRope
+        kinds.append(AttentionRope)
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
+READABLE_ATTENTION = _readable_attention()
 
 
 @dataclass
@@ -38,6 +60,39 @@ class LeopartConfig:
     def from_dict(cls, d: dict) -> "LeopartConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def cls_attention(attn: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+    """The class token's softmax attention weights [B, heads, T] in ``attn`` (a READABLE_ATTENTION module) on its
+    input tokens ``x`` [B, T, D] (and the rotary embedding its block passed it, if any).
+
+    timm's fused attention never materialises the weights, so recompute them from the module's own projections:
+    the first query row and every key, as its forward computes them (biases, q/k norms, rotary positions on the
+    non-prefix tokens, grouped key heads).
+    """
+    B, T, _ = x.shape
+    heads = attn.num_heads
+    if attn.qkv is not None:
+        weight, bias = attn.qkv.weight, attn.qkv.bias
+        if getattr(attn, "q_bias", None) is not None:  # EVA keeps its q and v biases apart (k's is zero)
+            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        # The whole projection, laid out as the module lays it out (so the same float rounding); then q's first row.
+        qkv = F.linear(x, weight, bias).reshape(B, T, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = qkv[0][:, :, :1], qkv[1]                                        # [B, heads, 1 | T, head_dim]
+    else:
+        q = attn.q_proj(x[:, :1]).reshape(B, 1, heads, -1).transpose(1, 2)     # [B, heads, 1, head_dim]
+        k = attn.k_proj(x).reshape(B, T, -1, q.shape[-1]).transpose(1, 2)      # [B, key heads, T, head_dim]
+    if hasattr(attn, "q_norm"):  # older timm's EVA attention (1.0.8) has no q/k norms
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    if rope is not None:  # the class token is a prefix token: its query stays unrotated
+        from timm.layers import apply_rot_embed_cat
+
+        n = attn.num_prefix_tokens
+        half = {"half": True} if getattr(attn, "rotate_half", False) else {}
+        k = torch.cat([k[:, :, :n], apply_rot_embed_cat(k[:, :, n:], rope, **half)], dim=2).type_as(q)
+    if k.shape[1] != heads:  # grouped-query attention: each key head serves several query heads
+        k = k.repeat_interleave(heads // k.shape[1], dim=1)
+    return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)[:, :, 0]
 
 
 class LeopartOutput(NamedTuple):
@@ -89,13 +144,18 @@ class LeopartViT(nn.Module):
                 **config.backbone_kwargs,
             )
         except (TypeError, RuntimeError, ValueError, AssertionError) as e:  # e.g. a bad backbone_kwargs override
+            if isinstance(e, TypeError) and "dynamic_img_size" in str(e):  # BEiT, SAM, relpos ViTs
+                raise LeopartError(f"timm's '{config.arch}' cannot change its input size (no dynamic_img_size): "
+                                   "leopart needs a timm ViT that can (vit_*, deit*, eva02_*, *_dinov3, ...)") from None
             if isinstance(e, TypeError) and "img_size" in str(e):  # a timm model without ViT arguments
                 raise not_a_vit from None
             raise LeopartError(f"cannot build backbone '{config.arch}': {e}") from None
         if not hasattr(self.backbone, "blocks") or not hasattr(self.backbone, "patch_embed"):
             raise not_a_vit
         self.embed_dim = self.backbone.embed_dim
-        self.patch_size = self.backbone.patch_embed.patch_size[0]
+        # Pixels per token side: a hybrid's patch embedding (a CNN stem) reports patch size 1 and its stride apart.
+        embed = self.backbone.patch_embed
+        self.patch_size = embed.feat_ratio() if hasattr(embed, "feat_ratio") else embed.patch_size[0]
         self.num_prefix_tokens = self.backbone.num_prefix_tokens
         self.projection_head = projection_head(
             self.embed_dim, config.proj_hidden_dim, config.proj_dim, config.proj_layers
@@ -116,8 +176,23 @@ class LeopartViT(nn.Module):
         self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
 
     @property
-    def num_heads(self) -> int:
-        return self.backbone.blocks[-1].attn.num_heads
+    def num_heads(self) -> int | None:
+        """Attention heads of the last block (None where its attention is not one module)."""
+        last = self.backbone.blocks[-1]
+        return getattr(getattr(last, "attn", last), "num_heads", None)
+
+    def check_attention(self):
+        """Raise a one-line LeopartError unless the last layer's CLS attention can be read (the foreground cue)."""
+        attn = getattr(self.backbone.blocks[-1], "attn", None)
+        if getattr(self.backbone, "cls_token", None) is None:
+            problem = "has no class token"
+        elif type(attn) not in READABLE_ATTENTION:
+            problem = f"has a last-layer attention leopart cannot read ({type(attn or self.backbone.blocks[-1]).__name__})"
+        else:
+            return
+        raise LeopartError(f"{self.config.arch} {problem}, so it gives no CLS attention for the foreground cue: take "
+                           f"it from another model (--fg-model dino-vits16) or, in training, count every patch "
+                           f"(--loss-mask all)")
 
     # ---------------------------------------------------------------- forward
     def _check_input(self, x: torch.Tensor) -> tuple[int, int]:
@@ -130,27 +205,24 @@ class LeopartViT(nn.Module):
         return H // p, W // p
 
     def _tokens(self, x: torch.Tensor, with_attention: bool):
-        """Backbone tokens [B, T, D] after the final norm, and optionally the last block's attention."""
-        bb = self.backbone
-        t = bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(x))))
-        for blk in bb.blocks[:-1]:
-            t = blk(t)
-        attn = self._attention(bb.blocks[-1], t) if with_attention else None
-        t = bb.blocks[-1](t)
-        return bb.norm(t), attn
+        """Backbone tokens [B, T, D] after the final norm (timm's forward_features), and optionally the CLS row of
+        the last block's attention, from that attention module's input, caught on the way."""
+        if not with_attention:
+            return self.backbone.forward_features(x), None
+        self.check_attention()
+        attn = self.backbone.blocks[-1].attn
+        seen = {}
 
-    @staticmethod
-    def _attention(block: nn.Module, t: torch.Tensor) -> torch.Tensor:
-        """The CLS token's softmax attention weights [B, heads, T] in ``block``, on input tokens ``t``.
+        def keep_input(module, args, kwargs):
+            # EVA-style blocks also pass the rotary position embedding their attention applies.
+            seen["x"], seen["rope"] = args[0], kwargs.get("rope", args[1] if len(args) > 1 else None)
 
-        timm's fused attention never materialises the weights, so recompute them from the block's own qkv
-        projection: one extra qkv matmul on the last layer, and only the CLS query row of q k^T.
-        """
-        attn = block.attn
-        B, T, _ = t.shape
-        qkv = attn.qkv(block.norm1(t)).reshape(B, T, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k = attn.q_norm(qkv[0][:, :, :1]), attn.k_norm(qkv[1])
-        return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)[:, :, 0]
+        hook = attn.register_forward_pre_hook(keep_input, with_kwargs=True)
+        try:
+            t = self.backbone.forward_features(x)
+        finally:
+            hook.remove()
+        return t, cls_attention(attn, seen["x"], seen["rope"])
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """All tokens [B, prefix + h*w, D], as timm's ``forward_features``."""

@@ -60,6 +60,7 @@ def dense_features(images: Any, model: LeopartViT, resolution: int = DEFAULT_RES
         raise LeopartError("no images given")
     check_features_fit(len(images), model, resolution, 4, "the patch features",
                        "use fewer images, a lower resolution or a machine with more memory")
+    (fg_model or model).check_attention()  # before any image is read
 
     models = [model] if fg_model is None else [model, fg_model]
     shards = serialization.cached_shards(

@@ -188,6 +188,14 @@ def build_model(cfg: TrainConfig) -> LeopartViT:
             model.config.num_prototypes = cfg.num_prototypes
             model.prototypes = nn.Linear(model.config.proj_dim, cfg.num_prototypes, bias=False)
             nn.init.trunc_normal_(model.prototypes.weight, std=0.02)
+    if cfg.loss_mask != "all":  # the teacher's CLS attention picks the patches the loss counts
+        model.check_attention()
+    p = model.patch_size
+    crops = {"global_size": cfg.global_size, "local_size": cfg.local_size}
+    bad = [f"{name} {size}" for name, size in crops.items() if size % p]
+    if bad:  # e.g. the paper's 96 px local crops for a patch-14 model
+        raise LeopartError(f"crop sides must be multiples of the model's patch size {p}, not {', '.join(bad)}: e.g. "
+                           f"--global-size {max(1, round(224 / p)) * p} --local-size {max(1, round(96 / p)) * p}")
     set_drop_path(model, cfg.drop_path)
     if cfg.train_last_blocks is not None:
         n = cfg.train_last_blocks

@@ -13,12 +13,14 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from click.testing import CliRunner
 from conftest import TINY_ARCH, populate_hf_cache, random_image
 from PIL import Image
 from safetensors.torch import save as save_safetensors
 
 import leopart
 from leopart import hub, serialization
+from leopart.cli import main
 from leopart.errors import LeopartError
 from leopart.model import LeopartConfig, LeopartViT
 
@@ -51,19 +53,149 @@ def test_any_multiple_of_patch_size_matches_timm_dynamic(tiny_model):
     assert out.attention.shape == (1, tiny_model.num_heads, 3, 5)
 
 
-def test_attention_matches_explicit_softmax(tiny_model):
-    """The CLS row of the last block's attention, recomputed independently with timm's unfused path."""
-    x = torch.randn(1, 3, 64, 64)
-    ref = timm_twin(tiny_model)
+def unfused_attention(ref: torch.nn.Module) -> dict:
+    """Make a timm model's last attention compute its weights explicitly (its unfused path) and catch them
+    (the input of its attention dropout), as an independent reference for ours."""
     captured = {}
     last = ref.blocks[-1].attn
     last.fused_attn = False
     last.attn_drop.register_forward_hook(lambda m, i, o: captured.setdefault("attn", i[0]))
+    return captured
+
+
+def test_attention_matches_explicit_softmax(tiny_model):
+    """The CLS row of the last block's attention, recomputed independently with timm's unfused path."""
+    x = torch.randn(1, 3, 64, 64)
+    ref = timm_twin(tiny_model)
+    captured = unfused_attention(ref)
     with torch.no_grad():
         ref.forward_features(x)
         ours = tiny_model.last_attention(x)
     expected = captured["attn"][:, :, 0, 1:].reshape(1, -1, 4, 4)
     torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-5)
+    # Bit for bit the formula of the code before 2026-11-29 (its own qkv layout), so plain ViTs score as they did.
+    attn, seen = tiny_model.backbone.blocks[-1].attn, []
+    hook = attn.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        ours = tiny_model.last_attention(x)
+    hook.remove()
+    B, T, _ = seen[0].shape
+    qkv = attn.qkv(seen[0]).reshape(B, T, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0][:, :, :1]), attn.k_norm(qkv[1])
+    before = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)[:, :, 0]
+    assert torch.equal(ours, before[:, :, 1:].reshape(1, -1, 4, 4))
+
+
+SMALL = {"embed_dim": 64, "depth": 2, "num_heads": 2}
+# timm ViT families besides the plain ViT, shrunk: what each brings that the plain ViT has not.
+FAMILIES = [
+    ("eva02_tiny_patch14_224", SMALL),           # EVA-02: rotary positions, q and v biases kept apart, SwiGLU
+    ("eva02_enormous_patch14_clip_224", SMALL),  # post-norm EVA blocks
+    ("eva02_base_patch16_clip_224", SMALL),      # separate q / k / v projections
+    ("vit_small_patch16_dinov3", SMALL),         # DINOv3: class + 4 register tokens, rotary positions
+    ("vit_base_patch16_rope_mixed_224", SMALL),  # RoPE ViT: a rotary embedding per block (AttentionRope)
+    ("vit_pe_core_tiny_patch16_384", SMALL),     # Perception Encoder
+    ("vit_small_patch14_reg4_dinov2", SMALL),    # DINOv2 with registers
+    ("deit_tiny_distilled_patch16_224", SMALL),  # class + distillation tokens
+    ("vit_tiny_r_s16_p8_224", {"depth": 2}),     # hybrid: a CNN stem makes the tokens, 32 px each
+]
+
+
+@pytest.mark.parametrize(("arch", "overrides"), FAMILIES, ids=[a for a, _ in FAMILIES])
+def test_timm_vit_families_match_timm(arch, overrides):
+    """Patch tokens equal timm's forward_features at a non-square size, and the CLS attention equals the weights
+    timm's own unfused attention computes, for every family (they failed with a TypeError before 2026-11-29)."""
+    if not timm.is_model(arch):
+        pytest.skip(f"timm {timm.__version__} has no {arch}")
+    try:
+        timm.create_model(arch, num_classes=0, dynamic_img_size=True, **overrides)
+    except TypeError as e:  # timm 1.0.20: EvaBlockPostNorm refuses an argument its own factory passes
+        pytest.skip(f"timm {timm.__version__} cannot build {arch} itself: {e}")
+    torch.manual_seed(0)
+    model = LeopartViT(LeopartConfig(arch=arch, num_prototypes=10, proj_hidden_dim=32, proj_dim=16,
+                                     backbone_kwargs=overrides)).eval()
+    ref = timm_twin(model, dynamic_img_size=True, **overrides)
+    captured = unfused_attention(ref)
+    p, n = model.patch_size, model.num_prefix_tokens
+    x = torch.randn(2, 3, 3 * p, 5 * p)
+    with torch.no_grad():
+        out = model(x, attention=True)
+        tokens = ref.forward_features(x)
+    assert out.patch_tokens.shape[:3] == (2, 3, 5)
+    torch.testing.assert_close(out.patch_tokens, tokens[:, n:].reshape(2, 3, 5, -1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.attention, captured["attn"][:, :, 0, n:].reshape(2, -1, 3, 5), atol=1e-6, rtol=1e-5)
+
+
+# Attention modules with the options their forward handles: fused or separate projections, q/k norms, the two
+# rotary layouts, fewer key heads than query heads.
+ATTENTION_OPTIONS = [
+    ("EvaAttention", {}), ("EvaAttention", {"qkv_fused": False}), ("EvaAttention", {"qkv_bias": False}),
+    ("EvaAttention", {"qk_norm": True}), ("AttentionRope", {}), ("AttentionRope", {"qkv_fused": False}),
+    ("AttentionRope", {"qk_norm": True}),
+    ("AttentionRope", {"rotate_half": True}), ("AttentionRope", {"qkv_fused": False, "num_kv_heads": 2}),
+]
+
+
+@pytest.mark.parametrize(("kind", "options"), ATTENTION_OPTIONS, ids=[f"{k}-{o}" for k, o in ATTENTION_OPTIONS])
+def test_cls_attention_follows_each_module_option(kind, options):
+    from timm.models import eva
+
+    from leopart.model import cls_attention
+
+    try:
+        from timm.layers.attention import AttentionRope
+    except ImportError:  # timm < 1.0.16
+        AttentionRope = None
+    cls = {"EvaAttention": eva.EvaAttention, "AttentionRope": AttentionRope}[kind]
+    if cls is None:
+        pytest.skip(f"timm {timm.__version__} has no {kind}")
+    try:
+        module = cls(64, num_heads=4, num_prefix_tokens=2, norm_layer=torch.nn.LayerNorm, **options).eval()
+    except (TypeError, AttributeError) as e:  # an option it lacks; or timm 1.0.16-1.0.20's EVA q/k norm bug
+        pytest.skip(f"timm {timm.__version__}'s {kind} cannot take {options}: {e}")
+    torch.manual_seed(0)
+    for param in module.parameters():
+        torch.nn.init.normal_(param, std=0.3)
+    module.fused_attn = False
+    captured = {}
+    module.attn_drop.register_forward_hook(lambda m, i, o: captured.setdefault("attn", i[0]))
+    x, rope = torch.randn(3, 2 + 12, 64), torch.randn(12, 2 * 16)  # rotary (sin, cos) for the 12 non-prefix tokens
+    with torch.no_grad():
+        module(x, rope=rope)
+        ours = cls_attention(module, x, rope)
+    torch.testing.assert_close(ours, captured["attn"][:, :, 0], atol=1e-6, rtol=1e-5)
+
+
+def test_models_without_a_readable_cls_attention(image_dir, tmp_path, tiny_model_dir):
+    """A model with no class token (or a last block leopart cannot read) embeds, but asking for its attention is one
+    line that says where else to get the foreground cue; training with the foreground loss stops before any step."""
+    gap = LeopartViT(LeopartConfig(arch="vit_medium_patch16_gap_256", num_prototypes=10, proj_hidden_dim=32,
+                                   proj_dim=16, backbone_kwargs=SMALL)).eval()
+    x = torch.randn(1, 3, 32, 48)
+    assert gap(x).patch_tokens.shape == (1, 2, 3, 64)
+    with pytest.raises(LeopartError, match="has no class token.*--fg-model dino-vits16.*--loss-mask all"):
+        gap(x, attention=True)
+    parallel = LeopartViT(LeopartConfig(arch="vit_small_patch16_18x2_224", num_prototypes=10, proj_hidden_dim=32,
+                                        proj_dim=16, backbone_kwargs=SMALL)).eval()
+    assert parallel(x).patch_tokens.shape == (1, 2, 3, 64) and parallel.num_heads is None
+    with pytest.raises(LeopartError, match=r"attention leopart cannot read \(ParallelThingsBlock\)"):
+        parallel(x, attention=True)
+    # CLI: clustering with its own attention fails in one line; with another model's attention it works
+    folder = gap.save_pretrained(tmp_path / "gap")
+    runner = CliRunner()
+    r = runner.invoke(main, ["cluster", str(image_dir), "--model", str(folder), "--k", "2", "--resolution", "32",
+                             "-o", str(tmp_path / "parts")])
+    assert r.exit_code != 0 and "has no class token" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "parts").exists()
+    r = runner.invoke(main, ["cluster", str(image_dir), "--model", str(folder), "--k", "2", "--resolution", "32",
+                             "--fg-model", str(tiny_model_dir), "-o", str(tmp_path / "parts")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["info", str(folder)])
+    assert r.exit_code == 0 and re.search(r"depth / heads +2 / 2\n", r.output), r.output
+    with pytest.raises(LeopartError, match="has no class token"):
+        leopart.train(str(image_dir), output=tmp_path / "run", init=str(folder), steps=1, batch_size=2,
+                      global_size=32, local_size=16, workers=0)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
 def test_bad_input_shapes(tiny_model):
@@ -236,10 +368,6 @@ def test_convert_lightning_and_safetensors(tmp_path):
 
 
 def test_convert_cli_then_info(tmp_path):
-    from click.testing import CliRunner
-
-    from leopart.cli import main
-
     sd, vit = original_state_dict(seed=2)
     torch.save(sd, tmp_path / "orig.pth")
     runner = CliRunner()
@@ -349,6 +477,28 @@ def test_timm_repo_and_dino_alias(monkeypatch):
     with pytest.raises(LeopartError, match="^Hub repository 'someone/not-a-vit' holds neither a leopart model nor "
                                            "timm weights$"):
         leopart.from_pretrained("someone/not-a-vit")
+
+
+@pytest.mark.parametrize("arch", ["vit_small_patch16_dinov3", "eva02_tiny_patch14_224"])
+def test_timm_repo_with_model_args(arch, tmp_path):
+    """A timm repo written by timm's own save_for_hf with arguments beyond the name's defaults (its config.json's
+    "model_args") loads as that model: the backbone was built from the name alone before (weights did not fit)."""
+    from timm.models import _hub as timm_hub
+
+    if not timm.is_model(arch):
+        pytest.skip(f"timm {timm.__version__} has no {arch}")
+    torch.manual_seed(4)
+    vit = timm.create_model(arch, num_classes=0, dynamic_img_size=True, **SMALL).eval()
+    timm_hub.save_for_hf(vit, str(tmp_path), model_args=SMALL, safe_serialization=True)
+    files = {name: (tmp_path / name).read_bytes() for name in ("config.json", "model.safetensors")}
+    assert json.loads(files["config.json"])["model_args"]["embed_dim"] == 64
+    populate_hf_cache(f"someone/{arch}-small", files)
+    model = leopart.from_pretrained(f"someone/{arch}-small")
+    x = torch.randn(1, 3, 4 * model.patch_size, 2 * model.patch_size)
+    with torch.no_grad():
+        expected = vit.forward_features(x)[:, model.num_prefix_tokens:].reshape(1, 4, 2, -1)
+        torch.testing.assert_close(model.patch_tokens(x), expected, atol=1e-5, rtol=0)
+        assert model(x, attention=True).attention.shape == (1, 2, 4, 2)
 
 
 def test_offline_not_cached_is_one_line():

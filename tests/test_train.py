@@ -775,6 +775,22 @@ def test_bad_training_options():
             TrainConfig(**settings).check()
 
 
+def test_trains_a_patch14_eva_backbone(train_dir, tmp_path):
+    """EVA-02 (rotary positions, patch 14) trains with the foreground loss and resumes; the paper's 96 px local
+    crops do not tile by 14 and are refused in one line before the output folder is made (it failed a step in)."""
+    eva = {**TINY, "arch": "eva02_tiny_patch14_224", "global_size": 56, "backbone_kwargs": {"embed_dim": 64, "depth": 2, "num_heads": 2}}
+    with pytest.raises(LeopartError, match=r"multiples of the model's patch size 14, not local_size 32: "
+                                           r"e.g. --global-size 224 --local-size 98"):
+        leopart.train(train_dir, tmp_path / "bad", steps=1, **eva)
+    assert not (tmp_path / "bad").exists()
+    eva["local_size"] = 28
+    model = leopart.train(train_dir, tmp_path / "run", steps=2, **eva)
+    assert model.patch_size == 14 and type(model.backbone).__name__ == "Eva"
+    resumed = leopart.train(train_dir, tmp_path / "run", steps=3, resume=True, **eva)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["arch"] == "eva02_tiny_patch14_224"
+    assert torch.isfinite(resumed(torch.randn(1, 3, 56, 56), attention=True).attention).all()
+
+
 def test_learning_rates_default_to_the_references_for_the_patch_size(train_dir, tmp_path):
     """The reference's COCO configs: 1e-5 / 1e-4 (ViT-S/16, ViT-B/16), 5e-6 / 5e-5 for its ViT-B/8; what is
     asked for wins; config.json records what trained, and a resumed run keeps it."""
