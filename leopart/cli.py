@@ -137,6 +137,8 @@ def _model_rows(model: str, trust_pickle: bool) -> list[tuple[str, object]]:
         ("patch size", m.patch_size),
         ("embed dim", m.embed_dim),
         ("depth / heads", f"{len(m.backbone.blocks)} / {m.num_heads or '-'}"),
+        ("CLS attention", "readable (the foreground cue)" if m.attention_problem() is None
+         else f"none: the backbone {m.attention_problem()}"),
         ("trained at", f"{c.img_size}x{c.img_size}"),
         ("projection head", f"{c.proj_layers} layers, {m.embed_dim} -> {c.proj_hidden_dim} -> {c.proj_dim}"),
         ("prototypes", c.num_prototypes),

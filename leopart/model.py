@@ -181,18 +181,22 @@ class LeopartViT(nn.Module):
         last = self.backbone.blocks[-1]
         return getattr(getattr(last, "attn", last), "num_heads", None)
 
-    def check_attention(self):
-        """Raise a one-line LeopartError unless the last layer's CLS attention can be read (the foreground cue)."""
+    def attention_problem(self) -> str | None:
+        """Why the last layer's CLS attention (the foreground cue) cannot be read, or None when it can."""
         attn = getattr(self.backbone.blocks[-1], "attn", None)
         if getattr(self.backbone, "cls_token", None) is None:
-            problem = "has no class token"
-        elif type(attn) not in READABLE_ATTENTION:
-            problem = f"has a last-layer attention leopart cannot read ({type(attn or self.backbone.blocks[-1]).__name__})"
-        else:
-            return
-        raise LeopartError(f"{self.config.arch} {problem}, so it gives no CLS attention for the foreground cue: take "
-                           f"it from another model (--fg-model dino-vits16) or, in training, count every patch "
-                           f"(--loss-mask all)")
+            return "has no class token"
+        if type(attn) not in READABLE_ATTENTION:
+            return f"has a last-layer attention leopart cannot read ({type(attn or self.backbone.blocks[-1]).__name__})"
+        return None
+
+    def check_attention(self):
+        """Raise a one-line LeopartError unless the last layer's CLS attention can be read."""
+        problem = self.attention_problem()
+        if problem:
+            raise LeopartError(f"{self.config.arch} {problem}, so it gives no CLS attention for the foreground cue: "
+                               f"take it from another model (--fg-model dino-vits16) or, in training, count every "
+                               f"patch (--loss-mask all)")
 
     # ---------------------------------------------------------------- forward
     def _check_input(self, x: torch.Tensor) -> tuple[int, int]:

@@ -192,6 +192,7 @@ def test_models_without_a_readable_cls_attention(image_dir, tmp_path, tiny_model
     assert r.exit_code == 0, r.output
     r = runner.invoke(main, ["info", str(folder)])
     assert r.exit_code == 0 and re.search(r"depth / heads +2 / 2\n", r.output), r.output
+    assert re.search(r"CLS attention +none: the backbone has no class token\n", r.output)
     with pytest.raises(LeopartError, match="has no class token"):
         leopart.train(str(image_dir), output=tmp_path / "run", init=str(folder), steps=1, batch_size=2,
                       global_size=32, local_size=16, workers=0)
