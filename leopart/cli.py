@@ -140,6 +140,8 @@ def _model_rows(model: str, trust_pickle: bool) -> list[tuple[str, object]]:
         ("CLS attention", "readable (the foreground cue)" if m.attention_problem() is None
          else f"none: the backbone {m.attention_problem()}"),
         ("trained at", f"{c.img_size}x{c.img_size}"),
+        ("input statistics", "ImageNet mean / std" if c.mean is None and c.std is None else
+         f"mean {c.mean or 'ImageNet'}, std {c.std or 'ImageNet'} (converted from leopart's ImageNet-normalised input)"),
         ("projection head", f"{c.proj_layers} layers, {m.embed_dim} -> {c.proj_hidden_dim} -> {c.proj_dim}"),
         ("prototypes", c.num_prototypes),
         ("parameters", f"{n_params / 1e6:.2f}M ({n_backbone / 1e6:.2f}M backbone)"),

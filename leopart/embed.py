@@ -162,7 +162,7 @@ def _embeddings(images: list | Iterator, model, resolution, batch_size, device, 
     def compute(batch) -> dict[str, torch.Tensor]:
         return {str(i): t for i, t in enumerate(stream(batch))}
 
-    shards = serialization.cached_shards(cache_dir, list(images), compute, [model], "embed", model.config.arch,
+    shards = serialization.cached_shards(cache_dir, list(images), compute, [model], "embed", model.backbone_id,
                                          resolution, *precision_key(device, full_precision))
     return (shard[str(i)] for shard in shards for i in range(len(shard)))
 

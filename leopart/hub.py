@@ -221,16 +221,19 @@ def _load_hub(name: str) -> LeopartViT:
     # timm records the arguments a model was built with beyond its name's defaults (timm.create_model's kwargs);
     # the input size is ours to set (from the position embeddings) and the classifier is dropped.
     model_args = {k: v for k, v in (config.get("model_args") or {}).items() if k not in TIMM_ARGS_WE_SET}
-    return _from_backbone_state(state, arch=config["architecture"], source=name, backbone_kwargs=model_args)
+    trained_with = config.get("pretrained_cfg") or {}  # its input statistics (CLIP's, SigLIP's, ...)
+    return _from_backbone_state(state, arch=config["architecture"], source=name, backbone_kwargs=model_args,
+                                mean=trained_with.get("mean"), std=trained_with.get("std"))
 
 
 def _from_backbone_state(state: dict[str, torch.Tensor], arch: str, source: str,
-                         backbone_kwargs: dict | None = None) -> LeopartViT:
+                         backbone_kwargs: dict | None = None, mean=None, std=None) -> LeopartViT:
     state = {f"backbone.{k}": v for k, v in state.items()}
     img_size = _pos_embed_size(state, arch)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # heads start the same for everyone who loads these weights
-        model = LeopartViT(LeopartConfig(arch=arch, img_size=img_size, backbone_kwargs=backbone_kwargs or {}))
+        model = LeopartViT(LeopartConfig(arch=arch, img_size=img_size, backbone_kwargs=backbone_kwargs or {},
+                                         mean=mean, std=std))
     # The classifier goes (num_classes=0); a pooled-feature norm stays where the backbone keeps one (EVA-02's fc_norm).
     ours = model.state_dict()
     ignored = sorted(k for k in state if k.startswith(("backbone.head.", "backbone.fc_norm.")) and k not in ours)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import serialization
+from .data import IMAGENET_MEAN, IMAGENET_STD
 from .errors import LeopartError
 
 
@@ -55,6 +56,25 @@ class LeopartConfig:
     proj_dim: int = 256
     proj_layers: int = 3
     backbone_kwargs: dict = dataclasses.field(default_factory=dict)  # timm overrides, e.g. {"patch_size": 8}
+    # Per-channel statistics the backbone's weights were trained with, where not ImageNet's (timm's pretrained_cfg
+    # of CLIP, SigLIP, EVA-02, ...); None: ImageNet's. Inputs always arrive ImageNet-normalised: see LeopartViT.
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        # One spelling: tuples (JSON gives lists), and None for ImageNet's own statistics.
+        for name, imagenet in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            try:
+                value = tuple(float(v) for v in value)
+            except (TypeError, ValueError):
+                value = ()
+            if len(value) != 3 or (name == "std" and min(value) <= 0):
+                raise LeopartError(f"LeopartConfig {name} must be three (positive) numbers, one per RGB channel, "
+                                   f"not {getattr(self, name)!r}")
+            setattr(self, name, None if all(abs(a - b) < 1e-6 for a, b in zip(value, imagenet)) else value)
 
     @classmethod
     def from_dict(cls, d: dict) -> "LeopartConfig":
@@ -157,6 +177,16 @@ class LeopartViT(nn.Module):
         embed = self.backbone.patch_embed
         self.patch_size = embed.feat_ratio() if hasattr(embed, "feat_ratio") else embed.patch_size[0]
         self.num_prefix_tokens = self.backbone.num_prefix_tokens
+        # leopart's preprocessing normalises with ImageNet's statistics; a backbone trained with others gets its
+        # inputs converted, x * scale + shift per channel (not saved: config.json holds the statistics).
+        scale = shift = None
+        if config.mean is not None or config.std is not None:
+            mean = torch.tensor(config.mean or IMAGENET_MEAN)
+            std = torch.tensor(config.std or IMAGENET_STD)
+            scale = (torch.tensor(IMAGENET_STD) / std).view(1, 3, 1, 1)
+            shift = ((torch.tensor(IMAGENET_MEAN) - mean) / std).view(1, 3, 1, 1)
+        self.register_buffer("input_scale", scale, persistent=False)
+        self.register_buffer("input_shift", shift, persistent=False)
         self.projection_head = projection_head(
             self.embed_dim, config.proj_hidden_dim, config.proj_dim, config.proj_layers
         )
@@ -174,6 +204,13 @@ class LeopartViT(nn.Module):
     @torch.no_grad()
     def normalize_prototypes(self):
         self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
+
+    @property
+    def backbone_id(self) -> str:
+        """The backbone's timm name, and its input statistics where they are not ImageNet's: what feature caches are
+        named by besides the weights (the statistics are not among them)."""
+        c = self.config
+        return c.arch if c.mean is None and c.std is None else f"{c.arch} mean={c.mean} std={c.std}"
 
     @property
     def num_heads(self) -> int | None:
@@ -211,6 +248,8 @@ class LeopartViT(nn.Module):
     def _tokens(self, x: torch.Tensor, with_attention: bool):
         """Backbone tokens [B, T, D] after the final norm (timm's forward_features), and optionally the CLS row of
         the last block's attention, from that attention module's input, caught on the way."""
+        if self.input_scale is not None:
+            x = x * self.input_scale.to(x.dtype) + self.input_shift.to(x.dtype)
         if not with_attention:
             return self.backbone.forward_features(x), None
         self.check_attention()

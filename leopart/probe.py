@@ -258,7 +258,7 @@ class TokenCache:
         self.device, self.progress = device, progress
         self.n = len(voc.images)
         self.folder = None if folder is None else Path(folder) / serialization.cache_key(
-            [model.backbone], [*voc.images, *voc.masks], model.config.arch, resolution, mask_size,
+            [model.backbone], [*voc.images, *voc.masks], model.backbone_id, resolution, mask_size,
             PROBE_RESAMPLE, "masks through the input side")
         self.memory: dict[int, dict[str, torch.Tensor]] = {}
         if self.folder is None:

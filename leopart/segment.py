@@ -67,7 +67,7 @@ def dense_features(images: Any, model: LeopartViT, resolution: int = DEFAULT_RES
         cache_dir, images,
         lambda batch: _dense_batch(batch, model, resolution, batch_size, device, fg_model, progress, resample,
                                    full_precision),
-        models, "dense", [m.config.arch for m in models], resolution, CBFE_ATTENTION_MASS,
+        models, "dense", [m.backbone_id for m in models], resolution, CBFE_ATTENTION_MASS,
         *(() if resample == "bicubic" else (resample,)),  # bicubic caches keep their earlier names
         *precision_key(device, full_precision))
     dense = serialization.concat_rows(shards, len(images))

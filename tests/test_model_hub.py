@@ -1,4 +1,5 @@
 """LeopartViT against timm, save/load/push, original-checkpoint conversion and Hub resolution (offline)."""
+import dataclasses
 import http.server
 import io
 import json
@@ -9,10 +10,12 @@ import threading
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 from click.testing import CliRunner
 from conftest import TINY_ARCH, populate_hf_cache, random_image
 from PIL import Image
@@ -480,26 +483,56 @@ def test_timm_repo_and_dino_alias(monkeypatch):
         leopart.from_pretrained("someone/not-a-vit")
 
 
-@pytest.mark.parametrize("arch", ["vit_small_patch16_dinov3", "eva02_tiny_patch14_224"])
-def test_timm_repo_with_model_args(arch, tmp_path):
-    """A timm repo written by timm's own save_for_hf with arguments beyond the name's defaults (its config.json's
-    "model_args") loads as that model: the backbone was built from the name alone before (weights did not fit)."""
+@pytest.mark.parametrize("arch", ["vit_small_patch16_dinov3", "eva02_tiny_patch14_224", "vit_base_patch16_siglip_224"])
+def test_timm_repo_with_model_args_and_input_statistics(arch, tmp_path):
+    """A timm repo written by timm's own save_for_hf loads as that model: with the arguments beyond the name's
+    defaults (its config.json's "model_args"; the backbone was built from the name alone before, and the weights
+    did not fit), and fed as it was trained (pretrained_cfg's mean / std: ImageNet's for DINOv3, CLIP's for EVA-02,
+    0.5 for SigLIP; leopart normalised every input with ImageNet's before). embed() of an image gives timm's tokens
+    for that image normalised timm's way; the statistics survive save_pretrained."""
     from timm.models import _hub as timm_hub
 
     if not timm.is_model(arch):
         pytest.skip(f"timm {timm.__version__} has no {arch}")
     torch.manual_seed(4)
     vit = timm.create_model(arch, num_classes=0, dynamic_img_size=True, **SMALL).eval()
-    timm_hub.save_for_hf(vit, str(tmp_path), model_args=SMALL, safe_serialization=True)
-    files = {name: (tmp_path / name).read_bytes() for name in ("config.json", "model.safetensors")}
+    timm_hub.save_for_hf(vit, str(tmp_path / "timm"), model_args=SMALL, safe_serialization=True)
+    files = {name: (tmp_path / "timm" / name).read_bytes() for name in ("config.json", "model.safetensors")}
     assert json.loads(files["config.json"])["model_args"]["embed_dim"] == 64
     populate_hf_cache(f"someone/{arch}-small", files)
     model = leopart.from_pretrained(f"someone/{arch}-small")
-    x = torch.randn(1, 3, 4 * model.patch_size, 2 * model.patch_size)
+    mean, std = vit.pretrained_cfg["mean"], vit.pretrained_cfg["std"]
+    imagenet = tuple(mean) == (0.485, 0.456, 0.406)
+    assert (model.config.mean, model.config.std) == ((None, None) if imagenet else (tuple(mean), tuple(std)))
+    side = (4 * model.patch_size, 2 * model.patch_size)
+    image = Image.fromarray(random_image(*side, seed=5))
+    raw = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float()[None] / 255
     with torch.no_grad():
-        expected = vit.forward_features(x)[:, model.num_prefix_tokens:].reshape(1, 4, 2, -1)
-        torch.testing.assert_close(model.patch_tokens(x), expected, atol=1e-5, rtol=0)
-        assert model(x, attention=True).attention.shape == (1, 2, 4, 2)
+        expected = vit.forward_features(TF.normalize(raw, mean, std))[:, model.num_prefix_tokens:].reshape(1, 4, 2, -1)
+    for loaded in (model, leopart.from_pretrained(model.save_pretrained(tmp_path / "ours"))):
+        torch.testing.assert_close(leopart.embed(image, model=loaded, resolution=None)[0][None], expected,
+                                   atol=1e-4, rtol=0)
+    if loaded.attention_problem() is None:
+        with torch.no_grad():
+            assert loaded(TF.normalize(raw, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+                          attention=True).attention.shape == (1, 2, 4, 2)
+
+
+def test_input_statistics_name_the_feature_cache(tiny_model, image_dir, tmp_path):
+    """Same weights, other input statistics: other features, so another cache folder (the statistics are config,
+    not weights, which the cache key samples); ImageNet's own statistics are spelled None; bad ones are refused."""
+    other = LeopartViT(dataclasses.replace(tiny_model.config, mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])).eval()
+    other.load_state_dict(tiny_model.state_dict())
+    assert other.backbone_id != tiny_model.backbone_id == tiny_model.config.arch
+    cache = tmp_path / "cache"
+    a = leopart.embed(image_dir, model=tiny_model, resolution=32, cache_dir=cache)
+    b = leopart.embed(image_dir, model=other, resolution=32, cache_dir=cache)
+    assert len(list(cache.iterdir())) == 2 and not torch.allclose(a, b)
+    assert LeopartConfig(mean=[0.485, 0.456, 0.406], std=(0.229, 0.224, 0.225)).mean is None
+    with pytest.raises(LeopartError, match="mean must be three"):
+        LeopartConfig(mean=(0.5, 0.5))
+    with pytest.raises(LeopartError, match="std must be three"):
+        LeopartConfig(std=(0.5, 0.0, 0.5))
 
 
 def test_offline_not_cached_is_one_line():
