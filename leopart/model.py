@@ -9,6 +9,8 @@ the position embeddings (``dynamic_img_size``).
 The backbone runs through timm's own ``forward_features``, so every timm ViT family that can change its input
 size works: ViT / DeiT / DINO(v2), EVA-02, DINOv3, RoPE ViTs and hybrids. The last layer's CLS attention (the
 foreground cue) is recomputed from the last attention module's input for the kinds in ``READABLE_ATTENTION``.
+Inputs arrive normalised with ImageNet's statistics (leopart's preprocessing, for every model); a backbone trained
+with others (``config.mean`` / ``std``, from a timm repo's pretrained_cfg) converts them first.
 """
 from __future__ import annotations
 
