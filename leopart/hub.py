@@ -315,8 +315,9 @@ def convert_state_dict(raw: dict[str, torch.Tensor], source: str) -> tuple[dict[
 def infer_config(state: dict[str, torch.Tensor], arch: str | None, source: str) -> LeopartConfig:
     """Architecture and head sizes from the shapes of converted weights."""
     pos, patch = state.get("backbone.pos_embed"), state.get("backbone.patch_embed.proj.weight")
-    if pos is None or patch is None:
-        raise LeopartError(f"{source} lacks pos_embed / patch_embed weights: not a ViT checkpoint")
+    if arch is None and (pos is None or patch is None):  # rotary-position ViTs (DINOv3, EVA) have no pos_embed
+        raise LeopartError(f"cannot tell the ViT of {source} from its weights (no pos_embed / patch_embed): pass arch= "
+                           f"(CLI: --arch) with a timm model name")
     if arch is None:
         depth = len({k.split(".")[2] for k in state if k.startswith("backbone.blocks.")})
         size = VIT_SIZES.get((pos.shape[-1], depth))

@@ -518,6 +518,28 @@ def test_timm_repo_with_model_args_and_input_statistics(arch, tmp_path):
                           attention=True).attention.shape == (1, 2, 4, 2)
 
 
+def test_local_file_of_a_rotary_vit_loads_with_its_arch(tmp_path):
+    """A timm state dict of a ViT without absolute positions (DINOv3: rotary ones) in a local file: its ViT cannot
+    be read off the weights, so arch= is asked for in one line; with it the file loads as timm's model (it was
+    refused as "not a ViT checkpoint" whatever arch was given)."""
+    arch = "vit_tiny_patch16_dinov3_qkvb"
+    if not timm.is_model(arch):
+        pytest.skip(f"timm {timm.__version__} has no {arch}")
+    torch.manual_seed(6)
+    vit = timm.create_model(arch, num_classes=0, dynamic_img_size=True).eval()
+    assert vit.pos_embed is None
+    path = tmp_path / "rotary.safetensors"
+    path.write_bytes(save_safetensors({k: v.contiguous() for k, v in vit.state_dict().items()}))
+    with pytest.raises(LeopartError, match="cannot tell the ViT of .*rotary.safetensors from its weights .*--arch"):
+        leopart.from_pretrained(path)
+    with pytest.warns(UserWarning, match="no projection_head, prototypes weights"):
+        model = leopart.from_pretrained(path, arch=arch)
+    x = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        expected = vit.forward_features(x)[:, model.num_prefix_tokens:].reshape(1, 4, 3, -1)
+        torch.testing.assert_close(model.patch_tokens(x), expected, atol=1e-5, rtol=0)
+
+
 def test_input_statistics_name_the_feature_cache(tiny_model, image_dir, tmp_path):
     """Same weights, other input statistics: other features, so another cache folder (the statistics are config,
     not weights, which the cache key samples); ImageNet's own statistics are spelled None; bad ones are refused."""
