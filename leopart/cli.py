@@ -129,6 +129,7 @@ def _model_rows(model: str, trust_pickle: bool) -> list[tuple[str, object]]:
 
     m = from_pretrained(model, trust_pickle=trust_pickle)
     c = m.config
+    attention_problem = m.attention_problem()
     n_params = sum(p.numel() for p in m.parameters())
     n_backbone = sum(p.numel() for p in m.backbone.parameters())
     return [
@@ -137,8 +138,8 @@ def _model_rows(model: str, trust_pickle: bool) -> list[tuple[str, object]]:
         ("patch size", m.patch_size),
         ("embed dim", m.embed_dim),
         ("depth / heads", f"{len(m.backbone.blocks)} / {m.num_heads or '-'}"),
-        ("CLS attention", "readable (the foreground cue)" if m.attention_problem() is None
-         else f"none: the backbone {m.attention_problem()}"),
+        ("CLS attention", f"none: the backbone {attention_problem}" if attention_problem
+         else "readable (the foreground cue)"),
         ("trained at", f"{c.img_size}x{c.img_size}"),
         ("input statistics", "ImageNet mean / std" if c.mean is None and c.std is None else
          f"mean {c.mean or 'ImageNet'}, std {c.std or 'ImageNet'} (converted from leopart's ImageNet-normalised input)"),

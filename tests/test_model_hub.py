@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from click.testing import CliRunner
-from conftest import TINY_ARCH, populate_hf_cache, random_image
+from conftest import SMALL_BACKBONE, TINY_ARCH, populate_hf_cache, random_image
 from PIL import Image
 from safetensors.torch import save as save_safetensors
 
@@ -56,13 +56,12 @@ def test_any_multiple_of_patch_size_matches_timm_dynamic(tiny_model):
     assert out.attention.shape == (1, tiny_model.num_heads, 3, 5)
 
 
-def unfused_attention(ref: torch.nn.Module) -> dict:
-    """Make a timm model's last attention compute its weights explicitly (its unfused path) and catch them
-    (the input of its attention dropout), as an independent reference for ours."""
+def unfused_attention(attn: torch.nn.Module) -> dict:
+    """Make a timm attention module compute its weights explicitly (its unfused path) and catch them (the input of
+    its attention dropout) under "attn", as an independent reference for ours."""
     captured = {}
-    last = ref.blocks[-1].attn
-    last.fused_attn = False
-    last.attn_drop.register_forward_hook(lambda m, i, o: captured.setdefault("attn", i[0]))
+    attn.fused_attn = False
+    attn.attn_drop.register_forward_hook(lambda m, i, o: captured.setdefault("attn", i[0]))
     return captured
 
 
@@ -70,7 +69,7 @@ def test_attention_matches_explicit_softmax(tiny_model):
     """The CLS row of the last block's attention, recomputed independently with timm's unfused path."""
     x = torch.randn(1, 3, 64, 64)
     ref = timm_twin(tiny_model)
-    captured = unfused_attention(ref)
+    captured = unfused_attention(ref.blocks[-1].attn)
     with torch.no_grad():
         ref.forward_features(x)
         ours = tiny_model.last_attention(x)
@@ -89,17 +88,16 @@ def test_attention_matches_explicit_softmax(tiny_model):
     assert torch.equal(ours, before[:, :, 1:].reshape(1, -1, 4, 4))
 
 
-SMALL = {"embed_dim": 64, "depth": 2, "num_heads": 2}
 # timm ViT families besides the plain ViT, shrunk: what each brings that the plain ViT has not.
 FAMILIES = [
-    ("eva02_tiny_patch14_224", SMALL),           # EVA-02: rotary positions, q and v biases kept apart, SwiGLU
-    ("eva02_enormous_patch14_clip_224", SMALL),  # post-norm EVA blocks
-    ("eva02_base_patch16_clip_224", SMALL),      # separate q / k / v projections
-    ("vit_small_patch16_dinov3", SMALL),         # DINOv3: class + 4 register tokens, rotary positions
-    ("vit_base_patch16_rope_mixed_224", SMALL),  # RoPE ViT: a rotary embedding per block (AttentionRope)
-    ("vit_pe_core_tiny_patch16_384", SMALL),     # Perception Encoder
-    ("vit_small_patch14_reg4_dinov2", SMALL),    # DINOv2 with registers
-    ("deit_tiny_distilled_patch16_224", SMALL),  # class + distillation tokens
+    ("eva02_tiny_patch14_224", SMALL_BACKBONE),           # EVA-02: rotary positions, q and v biases kept apart, SwiGLU
+    ("eva02_enormous_patch14_clip_224", SMALL_BACKBONE),  # post-norm EVA blocks
+    ("eva02_base_patch16_clip_224", SMALL_BACKBONE),      # separate q / k / v projections
+    ("vit_small_patch16_dinov3", SMALL_BACKBONE),         # DINOv3: class + 4 register tokens, rotary positions
+    ("vit_base_patch16_rope_mixed_224", SMALL_BACKBONE),  # RoPE ViT: a rotary embedding per block (AttentionRope)
+    ("vit_pe_core_tiny_patch16_384", SMALL_BACKBONE),     # Perception Encoder
+    ("vit_small_patch14_reg4_dinov2", SMALL_BACKBONE),    # DINOv2 with registers
+    ("deit_tiny_distilled_patch16_224", SMALL_BACKBONE),  # class + distillation tokens
     ("vit_tiny_r_s16_p8_224", {"depth": 2}),     # hybrid: a CNN stem makes the tokens, 32 px each
 ]
 
@@ -118,7 +116,7 @@ def test_timm_vit_families_match_timm(arch, overrides):
     model = LeopartViT(LeopartConfig(arch=arch, num_prototypes=10, proj_hidden_dim=32, proj_dim=16,
                                      backbone_kwargs=overrides)).eval()
     ref = timm_twin(model, dynamic_img_size=True, **overrides)
-    captured = unfused_attention(ref)
+    captured = unfused_attention(ref.blocks[-1].attn)
     p, n = model.patch_size, model.num_prefix_tokens
     x = torch.randn(2, 3, 3 * p, 5 * p)
     with torch.no_grad():
@@ -159,9 +157,7 @@ def test_cls_attention_follows_each_module_option(kind, options):
     torch.manual_seed(0)
     for param in module.parameters():
         torch.nn.init.normal_(param, std=0.3)
-    module.fused_attn = False
-    captured = {}
-    module.attn_drop.register_forward_hook(lambda m, i, o: captured.setdefault("attn", i[0]))
+    captured = unfused_attention(module)
     x, rope = torch.randn(3, 2 + 12, 64), torch.randn(12, 2 * 16)  # rotary (sin, cos) for the 12 non-prefix tokens
     with torch.no_grad():
         module(x, rope=rope)
@@ -173,13 +169,13 @@ def test_models_without_a_readable_cls_attention(image_dir, tmp_path, tiny_model
     """A model with no class token (or a last block leopart cannot read) embeds, but asking for its attention is one
     line that says where else to get the foreground cue; training with the foreground loss stops before any step."""
     gap = LeopartViT(LeopartConfig(arch="vit_medium_patch16_gap_256", num_prototypes=10, proj_hidden_dim=32,
-                                   proj_dim=16, backbone_kwargs=SMALL)).eval()
+                                   proj_dim=16, backbone_kwargs=SMALL_BACKBONE)).eval()
     x = torch.randn(1, 3, 32, 48)
     assert gap(x).patch_tokens.shape == (1, 2, 3, 64)
     with pytest.raises(LeopartError, match="has no class token.*--fg-model dino-vits16.*--loss-mask all"):
         gap(x, attention=True)
     parallel = LeopartViT(LeopartConfig(arch="vit_small_patch16_18x2_224", num_prototypes=10, proj_hidden_dim=32,
-                                        proj_dim=16, backbone_kwargs=SMALL)).eval()
+                                        proj_dim=16, backbone_kwargs=SMALL_BACKBONE)).eval()
     assert parallel(x).patch_tokens.shape == (1, 2, 3, 64) and parallel.num_heads is None
     with pytest.raises(LeopartError, match=r"attention leopart cannot read \(ParallelThingsBlock\)"):
         parallel(x, attention=True)
@@ -495,8 +491,8 @@ def test_timm_repo_with_model_args_and_input_statistics(arch, tmp_path):
     if not timm.is_model(arch):
         pytest.skip(f"timm {timm.__version__} has no {arch}")
     torch.manual_seed(4)
-    vit = timm.create_model(arch, num_classes=0, dynamic_img_size=True, **SMALL).eval()
-    timm_hub.save_for_hf(vit, str(tmp_path / "timm"), model_args=SMALL, safe_serialization=True)
+    vit = timm.create_model(arch, num_classes=0, dynamic_img_size=True, **SMALL_BACKBONE).eval()
+    timm_hub.save_for_hf(vit, str(tmp_path / "timm"), model_args=SMALL_BACKBONE, safe_serialization=True)
     files = {name: (tmp_path / "timm" / name).read_bytes() for name in ("config.json", "model.safetensors")}
     assert json.loads(files["config.json"])["model_args"]["embed_dim"] == 64
     populate_hf_cache(f"someone/{arch}-small", files)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from click.testing import CliRunner
-from conftest import free_port, interrupt_at_call
+from conftest import SMALL_BACKBONE, free_port, interrupt_at_call
 from PIL import Image
 from torchvision.ops import roi_align
 
@@ -778,7 +778,7 @@ def test_bad_training_options():
 def test_trains_a_patch14_eva_backbone(train_dir, tmp_path):
     """EVA-02 (rotary positions, patch 14) trains with the foreground loss and resumes; the paper's 96 px local
     crops do not tile by 14 and are refused in one line before the output folder is made (it failed a step in)."""
-    eva = {**TINY, "arch": "eva02_tiny_patch14_224", "global_size": 56, "backbone_kwargs": {"embed_dim": 64, "depth": 2, "num_heads": 2}}
+    eva = {**TINY, "arch": "eva02_tiny_patch14_224", "global_size": 56, "backbone_kwargs": SMALL_BACKBONE}
     with pytest.raises(LeopartError, match=r"multiples of the model's patch size 14, not local_size 32: "
                                            r"e.g. --global-size 224 --local-size 98"):
         leopart.train(train_dir, tmp_path / "bad", steps=1, **eva)
