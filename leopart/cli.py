@@ -323,7 +323,8 @@ def embed(inputs, model, resolution, batch_size, device, output, dtype, full_pre
 def convert(checkpoint, out_dir, arch, trust_pickle):
     """Convert an original Leopart CHECKPOINT (.ckpt/.pth/.pt/.safetensors) into a model folder OUT_DIR.
 
-    A `leopart train` run's checkpoint.pt converts too (its student)."""
+    Also a timm state dict or another ViT family's release file (DINO, DINOv2, DINOv3, EVA-02; the heads start
+    from a seeded init), and a `leopart train` run's checkpoint.pt (its student)."""
     from .hub import convert_checkpoint, save_converted
     from .serialization import CONFIG_NAME
 
@@ -712,7 +713,9 @@ def evaluate(data_dir, model, ks, fully_unsupervised, fu_k, weight_threshold, ma
               help="Run folder: checkpoints, metrics, model.")
 @click.option("--init", default="dino-vits16", show_default=True,
               help="Alias, org/repo, folder, checkpoint, or 'random'.")
-@click.option("--arch", default="vit_small_patch16_224", show_default=True, help="timm ViT name for --init random.")
+@click.option("--arch", default=None,
+              help="timm ViT name: of --init random (default vit_small_patch16_224), or of an --init weights file "
+                   "whose weights do not tell (DINOv3, EVA release files).")
 @click.option("--steps", default=None, type=click.IntRange(min=1), help="Total steps of the run (default: --epochs).")
 @click.option("--epochs", default=50, show_default=True, type=click.IntRange(min=1),
               help="Passes over DATA (paper: 50 on COCO).")

@@ -15,9 +15,12 @@ A local path wins over a Hub id of the same spelling, as in huggingface_hub. Off
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import pickle
 import shutil
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 
 from . import serialization
@@ -234,14 +238,19 @@ def _from_backbone_state(state: dict[str, torch.Tensor], arch: str, source: str,
         torch.manual_seed(0)  # heads start the same for everyone who loads these weights
         model = LeopartViT(LeopartConfig(arch=arch, img_size=img_size, backbone_kwargs=backbone_kwargs or {},
                                          mean=mean, std=std))
-    # The classifier goes (num_classes=0); a pooled-feature norm stays where the backbone keeps one (EVA-02's fc_norm).
-    ours = model.state_dict()
-    ignored = sorted(k for k in state if k.startswith(("backbone.head.", "backbone.fc_norm.")) and k not in ours)
+    ignored = _unused_pooling(state, model)
     if ignored:
         names = ", ".join(k[len("backbone."):] for k in ignored)
         warnings.warn(f"ignoring classifier keys from {source}: {names}", stacklevel=3)
     model.load_weights({k: v for k, v in state.items() if k not in ignored}, source=source, strict=False)
     return model
+
+
+def _unused_pooling(state: dict[str, torch.Tensor], model: LeopartViT) -> list[str]:
+    """Keys of a classifier head or pooled-feature norm that the model has no place for: the classifier always
+    goes (num_classes=0); a pooled-feature norm stays where the backbone keeps one (EVA-02's fc_norm)."""
+    ours = model.state_dict()
+    return sorted(k for k in state if k.startswith(("backbone.head.", "backbone.fc_norm.")) and k not in ours)
 
 
 def _pos_embed_size(state: dict[str, torch.Tensor], arch: str) -> int:
@@ -291,40 +300,75 @@ def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 def convert_state_dict(raw: dict[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Map original Leopart keys to ours; returns (state, ignored key names).
 
-    The student backbone is found by its ``blocks.0.attn.qkv.weight`` key; whatever precedes that is
-    the prefix to strip (``model.`` in the release files). Teacher copies and other keys are ignored.
+    The student backbone is found by its first attention's ``blocks.0.attn.qkv.weight`` key (or
+    ``q_proj.weight``, EVA's separate projections); whatever precedes that is the prefix to strip
+    (``model.`` in the release files). Teacher copies and other keys are ignored.
     """
-    anchor = "blocks.0.attn.qkv.weight"
-    prefixes = sorted((k[: -len(anchor)] for k in raw if k.endswith(anchor)),
+    anchors = ("blocks.0.attn.qkv.weight", "blocks.0.attn.q_proj.weight")
+    prefixes = sorted((k[: -len(anchor)] for k in raw for anchor in anchors if k.endswith(anchor)),
                       key=lambda p: ("teacher" in p or "momentum" in p, len(p)))
     if not prefixes:
-        raise LeopartError(f"no ViT weights in {source}: expected keys like 'model.{anchor}'")
+        raise LeopartError(f"no ViT weights in {source}: expected keys like 'model.{anchors[0]}'")
     prefix = prefixes[0]
     state, ignored = {}, []
     for key, value in raw.items():
         rest = key[len(prefix):] if key.startswith(prefix) else key
         if rest.startswith(("projection_head.", "prototypes.")):
             state[rest] = value
-        elif key.startswith(prefix) and not rest.startswith(("head.", "fc_norm.")):
+        elif key.startswith(prefix):  # a classifier among them is dropped once the model is built
             state[f"backbone.{rest}"] = value
         else:
             ignored.append(key)
     return state, ignored
 
 
+def _guess_arch(state: dict[str, torch.Tensor], source: str) -> str:
+    """The timm name of a ViT whose weights came without one: a plain ViT by width and depth, or DINOv2
+    (patch 14 with layer scale; "_reg4" with register tokens), the one family whose original files hold
+    nothing else to tell it by. Anything else needs arch=."""
+    def unknown(why: str) -> LeopartError:
+        return LeopartError(f"cannot tell the ViT of {source} from its weights ({why}): pass arch= (CLI: --arch) "
+                            f"with the timm model name")
+
+    pos, patch = state.get("backbone.pos_embed"), state.get("backbone.patch_embed.proj.weight")
+    if pos is None or patch is None:  # rotary-position ViTs (DINOv3, EVA) have no pos_embed
+        raise unknown("no pos_embed / patch_embed")
+    width, patch_size = pos.shape[-1], patch.shape[-1]
+    depth = len({k.split(".")[2] for k in state if k.startswith("backbone.blocks.")})
+    size = VIT_SIZES.get((width, depth))
+    layer_scale = "backbone.blocks.0.ls1.gamma" in state
+    if size is not None and layer_scale and patch_size == 14:
+        registers = "backbone.register_tokens" in state or "backbone.reg_token" in state
+        arch = f"vit_{size}_patch14{'_reg4' if registers else ''}_dinov2"
+    elif size is not None:
+        arch = f"vit_{size}_patch{patch_size}_224"
+    if size is None or not timm.is_model(arch):
+        raise unknown(f"width {width}, depth {depth}, patch {patch_size}")
+    return arch
+
+
+def _in_timm_layout(state: dict[str, torch.Tensor], backbone: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The backbone's weights through the converter timm runs on this model family's own downloads, so that
+    original release files load as they do in timm: DINOv2's (mask token, register tokens folded into
+    timm's layout), DINOv3's (storage tokens, layer-scale names, rotary periods), EVA's."""
+    convert = getattr(sys.modules[type(backbone).__module__], "checkpoint_filter_fn", None)
+    if convert is None:
+        return state
+    try:
+        # timm prints (not logs) what it skips, e.g. the zero qkv biases of DINOv3 files for a bias-free model
+        with contextlib.redirect_stdout(io.StringIO()):
+            converted = convert({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")},
+                                backbone)
+    except Exception:  # noqa: BLE001 - a layout timm does not know: load_weights names the keys that do not fit
+        return state
+    heads = {k: v for k, v in state.items() if not k.startswith("backbone.")}
+    return {**heads, **{f"backbone.{k}": v for k, v in converted.items()}}
+
+
 def infer_config(state: dict[str, torch.Tensor], arch: str | None, source: str) -> LeopartConfig:
     """Architecture and head sizes from the shapes of converted weights."""
-    pos, patch = state.get("backbone.pos_embed"), state.get("backbone.patch_embed.proj.weight")
-    if arch is None and (pos is None or patch is None):  # rotary-position ViTs (DINOv3, EVA) have no pos_embed
-        raise LeopartError(f"cannot tell the ViT of {source} from its weights (no pos_embed / patch_embed): pass arch= "
-                           f"(CLI: --arch) with a timm model name")
     if arch is None:
-        depth = len({k.split(".")[2] for k in state if k.startswith("backbone.blocks.")})
-        size = VIT_SIZES.get((pos.shape[-1], depth))
-        if size is None:
-            raise LeopartError(f"cannot tell the ViT size of {source} (dim {pos.shape[-1]}, depth {depth}): "
-                               f"pass arch= (CLI: --arch) with a timm model name")
-        arch = f"vit_{size}_patch{patch.shape[-1]}_224"
+        arch = _guess_arch(state, source)
     config = LeopartConfig(arch=arch, img_size=_pos_embed_size(state, arch))
     linears = sorted((k for k in state if k.startswith("projection_head.") and k.endswith(".weight")),
                      key=lambda k: int(k.split(".")[1]))
@@ -347,14 +391,24 @@ def convert_checkpoint(path: str | os.PathLike, arch: str | None = None, trust_p
     if _is_training_checkpoint(obj):
         return _from_training_checkpoint(obj, arch, path)
     state, ignored = convert_state_dict(_state_dict_of(obj, path), str(path))
-    if ignored:
-        shown = ", ".join(ignored[:6]) + (f" and {len(ignored) - 6} more" if len(ignored) > 6 else "")
-        warnings.warn(f"ignored keys in {path}: {shown}", stacklevel=2)
     config = infer_config(state, arch, str(path))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = LeopartViT(config)
-    missing = model.load_weights(state, source=str(path), strict=False)
+    state = _in_timm_layout(state, model.backbone)
+    unused = _unused_pooling(state, model)
+    state = {k: v for k, v in state.items() if k not in unused}
+    ignored += [k[len("backbone."):] for k in unused]
+    if ignored:
+        shown = ", ".join(ignored[:6]) + (f" and {len(ignored) - 6} more" if len(ignored) > 6 else "")
+        warnings.warn(f"ignored keys in {path}: {shown}", stacklevel=2)
+    try:
+        missing = model.load_weights(state, source=str(path), strict=False)
+    except LeopartError as e:
+        if arch is not None:
+            raise
+        raise LeopartError(f"{e} (the ViT {config.arch} was guessed from the weights' shapes: pass arch= "
+                           f"(CLI: --arch) with the timm model name they were trained as)") from None
     if missing:
         warnings.warn(f"{path} has no {', '.join(sorted({k.split('.')[0] for k in missing}))} weights: "
                       f"those start from a seeded random init", stacklevel=2)

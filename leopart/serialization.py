@@ -293,11 +293,11 @@ def state_dict_mismatches(own: dict[str, torch.Tensor], state: dict[str, torch.T
                    for k in own if k in state and state[k].shape != own[k].shape]
     if not (unexpected or wrong_shape or any(not tolerate_missing(k) for k in missing)):
         return [], missing
-    problems = []
+    problems, lacking = [], [k for k in missing if not tolerate_missing(k)]
     if wrong_shape:
         problems.append(f"shape mismatch: {', '.join(wrong_shape[:5])}")
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if lacking:
+        problems.append(f"missing keys: {', '.join(lacking[:8])}{' ...' if len(lacking) > 8 else ''}")
     if unexpected:
         problems.append(f"unexpected keys: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
     return problems, missing

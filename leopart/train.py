@@ -55,6 +55,7 @@ LOSS_MASKS = ("all", "fg", "bg")
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model"
 IMAGE_LIST_NAME = "images.txt"
+RANDOM_ARCH = "vit_small_patch16_224"  # the ViT of init="random" unless arch says otherwise
 QUEUE_PER_IMAGE = 10  # teacher embeddings a step adds to the queue per image (and global crop), as the reference
 # What runs recorded before these settings existed trained with (their checkpoints lack them).
 LEGACY_DEFAULTS = {"photometric": "dino", "hue": 0.1, "grad_clip": 3.0, "eval_resolution": None, "crop_redraw": "all"}
@@ -72,7 +73,8 @@ class TrainConfig:
     data: str = ""
     output: str = "runs/leopart"
     init: str = "dino-vits16"            # alias | org/repo | path | "random"
-    arch: str = "vit_small_patch16_224"  # timm name, used with init="random"
+    arch: str | None = None              # timm name: init="random"'s ViT (default RANDOM_ARCH), or an init
+                                         # weights file's, where its weights do not tell (DINOv3, EVA)
     backbone_kwargs: dict = dataclasses.field(default_factory=dict)  # timm overrides for init="random"
     proj_hidden_dim: int = 2048          # projection head, for init="random"
     proj_dim: int = 256
@@ -177,12 +179,12 @@ def cosine(start: float, end: float, step: int, total: int) -> float:
 # ---------------------------------------------------------------------- model
 def build_model(cfg: TrainConfig) -> LeopartViT:
     if cfg.init == "random":
-        model = LeopartViT(LeopartConfig(arch=cfg.arch, img_size=cfg.global_size,
+        model = LeopartViT(LeopartConfig(arch=cfg.arch or RANDOM_ARCH, img_size=cfg.global_size,
                                          num_prototypes=cfg.num_prototypes or LeopartConfig.num_prototypes,
                                          proj_hidden_dim=cfg.proj_hidden_dim, proj_dim=cfg.proj_dim,
                                          backbone_kwargs=dict(cfg.backbone_kwargs)))
     else:
-        model = from_pretrained(cfg.init)
+        model = from_pretrained(cfg.init, arch=cfg.arch)  # arch matters only to a weights file
         # A Leopart model keeps its trained prototypes unless another count is asked for.
         if cfg.num_prototypes is not None and model.config.num_prototypes != cfg.num_prototypes:
             model.config.num_prototypes = cfg.num_prototypes

@@ -54,6 +54,26 @@ TINY_ARCH = "test_vit"  # timm's 64-dim, 6-block test ViT: fast enough for CPU t
 SMALL_BACKBONE = {"embed_dim": 64, "depth": 2, "num_heads": 2}
 
 
+def meta_dinov3_layout(sd: dict) -> dict:
+    """timm's DINOv3 weights as Meta's release files hold them: storage tokens, ls1/ls2 layer scales, one qkv
+    bias (with the key part the model never uses; zeros where timm's model has none), a mask token and the
+    rotary embedding's periods."""
+    width = sd["cls_token"].shape[-1]
+    out = {"mask_token": torch.zeros(1, width), "rope_embed.periods": torch.arange(8.0)}
+    for i in range(len({k.split(".")[1] for k in sd if k.startswith("blocks.")})):
+        if f"blocks.{i}.attn.q_bias" not in sd:  # the distilled models' biases, all zero, which timm leaves out
+            out[f"blocks.{i}.attn.qkv.bias"] = torch.zeros(3 * width)
+    for key, value in sd.items():
+        if key.endswith("attn.q_bias"):
+            out[key.replace("q_bias", "qkv.bias")] = torch.cat(
+                [value, torch.zeros_like(value), sd[key.replace("q_bias", "v_bias")]])
+            out[key.replace("q_bias", "qkv.bias_mask")] = torch.ones(3 * value.numel())
+        elif not key.endswith("attn.v_bias"):
+            out[key.replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma").replace(
+                "reg_token", "storage_tokens")] = value
+    return out
+
+
 def hf_cache_dir() -> Path:
     return Path(os.environ["HF_HUB_CACHE"])
 

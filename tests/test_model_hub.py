@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from click.testing import CliRunner
-from conftest import SMALL_BACKBONE, TINY_ARCH, populate_hf_cache, random_image
+from conftest import SMALL_BACKBONE, TINY_ARCH, meta_dinov3_layout, populate_hf_cache, random_image
 from PIL import Image
 from safetensors.torch import save as save_safetensors
 
@@ -534,6 +534,67 @@ def test_local_file_of_a_rotary_vit_loads_with_its_arch(tmp_path):
     with torch.no_grad():
         expected = vit.forward_features(x)[:, model.num_prefix_tokens:].reshape(1, 4, 3, -1)
         torch.testing.assert_close(model.patch_tokens(x), expected, atol=1e-5, rtol=0)
+
+
+def meta_dinov2_layout(sd: dict) -> dict:
+    """timm's DINOv2 weights as Meta's release files hold them: a mask token and, with registers, the class
+    token's position folded out of the class token into a position row of its own (timm folds it in)."""
+    sd = {**sd, "mask_token": torch.zeros(1, sd["cls_token"].shape[-1])}
+    if "reg_token" in sd:
+        cls_position = torch.randn_like(sd["cls_token"])
+        sd["register_tokens"] = sd.pop("reg_token")
+        sd["cls_token"] = sd["cls_token"] - cls_position
+        sd["pos_embed"] = torch.cat([cls_position, sd["pos_embed"]], dim=1)
+    return sd
+
+
+# name, the timm model, what its original release file holds, whether the ViT can be read off the weights
+RELEASE_FILES = [
+    ("dinov2", "vit_small_patch14_dinov2", meta_dinov2_layout, True),
+    ("dinov2-registers", "vit_small_patch14_reg4_dinov2", meta_dinov2_layout, True),
+    ("dinov3", "vit_tiny_patch16_dinov3_qkvb", meta_dinov3_layout, False),
+    ("dinov3-no-bias", "vit_small_patch16_dinov3", meta_dinov3_layout, False),
+    ("eva02-separate-qkv", "eva02_base_patch14_224", lambda sd: sd, False),
+]
+
+
+@pytest.mark.parametrize(("name", "arch", "layout", "guessed"), RELEASE_FILES, ids=[r[0] for r in RELEASE_FILES])
+def test_release_files_of_other_vits_load_as_timm_loads_them(name, arch, layout, guessed, tmp_path, capsys):
+    """Meta's DINOv2 / DINOv3 release files and EVA-02's separate q/k/v projections, from a local file: tokens equal
+    timm's model. They failed before 2026-11-29: DINOv2 as "unknown timm model 'vit_small_patch14_224'" (a plain-ViT
+    guess) and "unexpected keys: backbone.mask_token" with its arch, DINOv3 on its release keys, EVA-02 as "no ViT
+    weights". The weights pass through timm's own checkpoint converter (its prints kept off stdout) for the family; DINOv2 is read off the weights
+    (patch 14 with layer scale), the others ask for arch= in one line."""
+    if not timm.is_model(arch):
+        pytest.skip(f"timm {timm.__version__} has no {arch}")
+    torch.manual_seed(7)
+    vit = timm.create_model(arch, num_classes=0, dynamic_img_size=True).eval()
+    path = tmp_path / f"{name}.pth"
+    torch.save(layout(vit.state_dict()), path)
+    if not guessed:
+        with pytest.raises(LeopartError, match=f"cannot tell the ViT of .*{name}.pth from its weights .*--arch"):
+            leopart.from_pretrained(path)
+    with pytest.warns(UserWarning, match="no projection_head, prototypes weights"):
+        model = leopart.from_pretrained(path, arch=None if guessed else arch)
+    assert model.config.arch == arch and capsys.readouterr().out == ""  # timm's converter prints what it skips
+    p = model.patch_size
+    x = torch.randn(1, 3, 4 * p, 3 * p)
+    with torch.no_grad():
+        expected = vit.forward_features(x)[:, model.num_prefix_tokens:].reshape(1, 4, 3, -1)
+        torch.testing.assert_close(model.patch_tokens(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_guessed_vit_that_does_not_fit_asks_for_arch(tmp_path):
+    """A ViT-S/16 with layer scale is not the plain ViT its shapes suggest: the error names the keys that do not
+    fit (not the heads, which a backbone file never has) and says the arch was guessed."""
+    vit = timm.create_model("vit_small_patch16_224", num_classes=0, init_values=1e-5)
+    torch.save(vit.state_dict(), tmp_path / "layer_scale.pth")
+    with pytest.raises(LeopartError) as e:
+        leopart.from_pretrained(tmp_path / "layer_scale.pth")
+    message = str(e.value)
+    assert "unexpected keys: backbone.blocks.0.ls1.gamma" in message and "projection_head" not in message
+    assert "vit_small_patch16_224 was guessed from the weights' shapes: pass arch= (CLI: --arch)" in message
+    assert "\n" not in message
 
 
 def test_input_statistics_name_the_feature_cache(tiny_model, image_dir, tmp_path):

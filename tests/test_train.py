@@ -10,10 +10,11 @@ import time
 
 import numpy as np
 import pytest
+import timm
 import torch
 import torch.multiprocessing as mp
 from click.testing import CliRunner
-from conftest import SMALL_BACKBONE, free_port, interrupt_at_call
+from conftest import SMALL_BACKBONE, free_port, interrupt_at_call, meta_dinov3_layout
 from PIL import Image
 from torchvision.ops import roi_align
 
@@ -491,7 +492,7 @@ def test_train_api_run_and_outputs(train_dir, tmp_path):
         assert torch.equal(v, from_checkpoint.state_dict()[k])
     del ckpt["model_config"]
     torch.save(ckpt, tmp_path / "old.pt")
-    with pytest.raises(LeopartError, match="cannot tell the ViT size"):
+    with pytest.raises(LeopartError, match=r"cannot tell the ViT of .*old.pt from its weights \(width 64, depth 6"):
         leopart.from_pretrained(tmp_path / "old.pt")
     old = leopart.from_pretrained(tmp_path / "old.pt", arch=TINY["arch"])
     assert old.config.num_prototypes == 10
@@ -789,6 +790,29 @@ def test_trains_a_patch14_eva_backbone(train_dir, tmp_path):
     resumed = leopart.train(train_dir, tmp_path / "run", steps=3, resume=True, **eva)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["arch"] == "eva02_tiny_patch14_224"
     assert torch.isfinite(resumed(torch.randn(1, 3, 56, 56), attention=True).attention).all()
+
+
+def test_train_cli_from_a_release_file_that_needs_its_arch(train_dir, tmp_path):
+    """A DINOv3 release file tells no ViT by its weights: without --arch `leopart train` says so in one line before
+    making the run folder; with it the run trains, records the arch, and resumes without it (--arch used to mean
+    the --init random ViT only, and such files did not load at all)."""
+    arch = "vit_tiny_patch16_dinov3_qkvb"
+    if not timm.is_model(arch):
+        pytest.skip(f"timm {timm.__version__} has no {arch}")
+    torch.manual_seed(0)
+    torch.save(meta_dinov3_layout(timm.create_model(arch, num_classes=0).state_dict()), tmp_path / "dinov3.pth")
+    run = tmp_path / "run"
+    base = ["train", str(train_dir), "--output", str(run), "--init", str(tmp_path / "dinov3.pth"), "--batch-size",
+            "4", "--global-size", "64", "--local-size", "32", "--num-prototypes", "10", "--workers", "0"]
+    r = CliRunner().invoke(main, [*base, "--steps", "1"])
+    assert r.exit_code == 1 and "pass arch= (CLI: --arch) with the timm model name" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and not run.exists()
+    r = CliRunner().invoke(main, [*base, "--steps", "1", "--arch", arch])
+    assert r.exit_code == 0, r.output
+    assert json.loads((run / "config.json").read_text())["arch"] == arch
+    r = CliRunner().invoke(main, [*base, "--steps", "2", "--resume"])
+    assert r.exit_code == 0, r.output
+    assert leopart.from_pretrained(run).config.arch == arch
 
 
 def test_learning_rates_default_to_the_references_for_the_patch_size(train_dir, tmp_path):
