@@ -352,7 +352,10 @@ def _in_timm_layout(state: dict[str, torch.Tensor], backbone: torch.nn.Module) -
     original release files load as they do in timm: DINOv2's (mask token, register tokens folded into
     timm's layout), DINOv3's (storage tokens, layer-scale names, rotary periods), EVA's."""
     convert = getattr(sys.modules[type(backbone).__module__], "checkpoint_filter_fn", None)
-    if convert is None:
+    patches, ours = state.get("backbone.patch_embed.proj.weight"), backbone.state_dict().get("patch_embed.proj.weight")
+    # timm resamples a patch embedding of another size to fit, on purpose; here that means a wrong arch: the
+    # unconverted weights then fail to load, naming the mismatch
+    if convert is None or (patches is not None and ours is not None and patches.shape != ours.shape):
         return state
     try:
         # timm prints (not logs) what it skips, e.g. the zero qkv biases of DINOv3 files for a bias-free model

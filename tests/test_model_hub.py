@@ -563,8 +563,8 @@ def test_release_files_of_other_vits_load_as_timm_loads_them(name, arch, layout,
     """Meta's DINOv2 / DINOv3 release files and EVA-02's separate q/k/v projections, from a local file: tokens equal
     timm's model. They failed before 2026-11-29: DINOv2 as "unknown timm model 'vit_small_patch14_224'" (a plain-ViT
     guess) and "unexpected keys: backbone.mask_token" with its arch, DINOv3 on its release keys, EVA-02 as "no ViT
-    weights". The weights pass through timm's own checkpoint converter (its prints kept off stdout) for the family; DINOv2 is read off the weights
-    (patch 14 with layer scale), the others ask for arch= in one line."""
+    weights". The weights pass through timm's own checkpoint converter for the family (its prints kept off stdout);
+    DINOv2 is read off the weights (patch 14 with layer scale), the others ask for arch= in one line."""
     if not timm.is_model(arch):
         pytest.skip(f"timm {timm.__version__} has no {arch}")
     torch.manual_seed(7)
@@ -582,6 +582,14 @@ def test_release_files_of_other_vits_load_as_timm_loads_them(name, arch, layout,
     with torch.no_grad():
         expected = vit.forward_features(x)[:, model.num_prefix_tokens:].reshape(1, 4, 3, -1)
         torch.testing.assert_close(model.patch_tokens(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_another_patch_size_is_a_wrong_arch_not_a_resampling(tmp_path):
+    """timm's converter resamples a patch embedding to another patch size when its users ask for one; a file loaded
+    with the wrong arch must say so instead of loading as a different model."""
+    torch.save(timm.create_model("vit_small_patch16_224", num_classes=0).state_dict(), tmp_path / "p16.pth")
+    with pytest.raises(LeopartError, match=r"do not fit vit_small_patch8_224: shape mismatch: .*patch_embed\.proj"):
+        leopart.from_pretrained(tmp_path / "p16.pth", arch="vit_small_patch8_224")
 
 
 def test_a_guessed_vit_that_does_not_fit_asks_for_arch(tmp_path):
