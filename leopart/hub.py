@@ -281,7 +281,7 @@ def _load_checkpoint_file(path: Path, trust_pickle: bool) -> Any:
         if not trust_pickle and "Unsupported global" in str(e):
             raise LeopartError(
                 f"{path} holds pickled Python objects besides tensors; if you trust the file, load it with "
-                f"trust_pickle=True (CLI: --trust-pickle)"
+                f"trust_pickle=True (CLI: `leopart convert {path} OUT --trust-pickle`, then use OUT)"
             ) from None
         raise LeopartError(f"cannot read checkpoint {path}: {UNREADABLE}") from None
     except Exception as e:  # noqa: BLE001 - unpickling arbitrary bytes fails in many ways (KeyError, EOFError, ...)
@@ -292,6 +292,8 @@ def _load_checkpoint_file(path: Path, trust_pickle: bool) -> Any:
 def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # Lightning
+    elif isinstance(obj, dict) and isinstance(obj.get("teacher"), dict) and isinstance(obj.get("student"), dict):
+        obj = obj["teacher"]  # DINO's checkpoint.pth: its evaluations (and the released weights) are the teacher
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise LeopartError(f"{path} is not a state_dict of tensors")
     return obj

@@ -429,6 +429,35 @@ def test_pickled_objects_need_trust(tmp_path):
         check_converted(leopart.from_pretrained(path, trust_pickle=True), sd, vit)
 
 
+def test_a_dino_training_checkpoint_gives_its_teacher(tmp_path):
+    """DINO's own checkpoint.pth (student under DDP's 'module.', teacher, DINO heads, optimizer, epoch, args): the
+    teacher's backbone loads, as DINO's evaluations and released weights take it; it was "not a state_dict of
+    tensors". Its argparse args need trust_pickle, and the one-line refusal says how from the CLI."""
+    torch.manual_seed(8)
+    student, teacher = (timm.create_model("vit_tiny_patch16_224", num_classes=0, dynamic_img_size=True).eval()
+                        for _ in range(2))
+    head = {"head.mlp.0.weight": torch.randn(32, 192), "head.last_layer.weight_g": torch.ones(100, 1)}
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"student": {f"module.{k}": v for k, v in {**prefixed(student, "backbone."), **head}.items()},
+                "teacher": {**prefixed(teacher, "backbone."), **head}, "optimizer": {"state": {}, "param_groups": []},
+                "epoch": 100, "args": argparse_namespace(), "dino_loss": {"center": torch.zeros(1, 100)}}, path)
+    refusal = r"checkpoint.pth holds pickled Python objects besides tensors; .*\(CLI: `leopart convert .*OUT --trust"
+    with pytest.raises(LeopartError, match=refusal + r"-pickle`, then use OUT\)$"):
+        leopart.from_pretrained(path)
+    with pytest.warns(UserWarning) as caught:
+        model = leopart.from_pretrained(path, trust_pickle=True)
+    assert re.match(r"ignored keys in .*: head.mlp.0.weight, head.last_layer.weight_g$", str(caught[0].message))
+    assert "has no projection_head, prototypes weights" in str(caught[1].message)
+    x = torch.randn(1, 3, 48, 32)
+    with torch.no_grad():
+        expected = teacher.forward_features(x)[:, 1:].reshape(1, 3, 2, -1)
+        torch.testing.assert_close(model.patch_tokens(x), expected, atol=1e-5, rtol=0)
+
+
+def prefixed(module: torch.nn.Module, prefix: str) -> dict:
+    return {f"{prefix}{k}": v for k, v in module.state_dict().items()}
+
+
 def argparse_namespace():
     import argparse
 
