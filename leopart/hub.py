@@ -60,6 +60,7 @@ CHECKPOINT_SUFFIXES = (".ckpt", ".pth", ".pt", ".safetensors")
 TIMM_ARGS_WE_SET = {"num_classes", "img_size", "dynamic_img_size", "pretrained"}
 # (embed dim, depth) -> timm size name, to name the architecture of an original checkpoint.
 VIT_SIZES = {(192, 12): "tiny", (384, 12): "small", (768, 12): "base", (1024, 24): "large"}
+ASK_FOR_ARCH = "pass arch= with the timm model name (CLI: --arch of `leopart convert` or `leopart train`)"
 
 
 def cache_dir() -> Path:
@@ -329,8 +330,7 @@ def _guess_arch(state: dict[str, torch.Tensor], source: str) -> str:
     (patch 14 with layer scale; "_reg4" with register tokens), the one family whose original files hold
     nothing else to tell it by. Anything else needs arch=."""
     def unknown(why: str) -> LeopartError:
-        return LeopartError(f"cannot tell the ViT of {source} from its weights ({why}): pass arch= (CLI: --arch) "
-                            f"with the timm model name")
+        return LeopartError(f"cannot tell the ViT of {source} from its weights ({why}): {ASK_FOR_ARCH}")
 
     pos, patch = state.get("backbone.pos_embed"), state.get("backbone.patch_embed.proj.weight")
     if pos is None or patch is None:  # rotary-position ViTs (DINOv3, EVA) have no pos_embed
@@ -412,8 +412,8 @@ def convert_checkpoint(path: str | os.PathLike, arch: str | None = None, trust_p
     except LeopartError as e:
         if arch is not None:
             raise
-        raise LeopartError(f"{e} (the ViT {config.arch} was guessed from the weights' shapes: pass arch= "
-                           f"(CLI: --arch) with the timm model name they were trained as)") from None
+        guessed = f"the ViT {config.arch} was guessed from the weights' shapes"
+        raise LeopartError(f"{e} ({guessed}: {ASK_FOR_ARCH})") from None
     if missing:
         warnings.warn(f"{path} has no {', '.join(sorted({k.split('.')[0] for k in missing}))} weights: "
                       f"those start from a seeded random init", stacklevel=2)

@@ -630,7 +630,8 @@ def test_a_guessed_vit_that_does_not_fit_asks_for_arch(tmp_path):
         leopart.from_pretrained(tmp_path / "layer_scale.pth")
     message = str(e.value)
     assert "unexpected keys: backbone.blocks.0.ls1.gamma" in message and "projection_head" not in message
-    assert "vit_small_patch16_224 was guessed from the weights' shapes: pass arch= (CLI: --arch)" in message
+    assert "vit_small_patch16_224 was guessed from the weights' shapes: pass arch= with the timm model name (CLI: " \
+           "--arch of `leopart convert` or `leopart train`)" in message
     assert "\n" not in message
 
 

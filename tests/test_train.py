@@ -805,7 +805,7 @@ def test_train_cli_from_a_release_file_that_needs_its_arch(train_dir, tmp_path):
     base = ["train", str(train_dir), "--output", str(run), "--init", str(tmp_path / "dinov3.pth"), "--batch-size",
             "4", "--global-size", "64", "--local-size", "32", "--num-prototypes", "10", "--workers", "0"]
     r = CliRunner().invoke(main, [*base, "--steps", "1"])
-    assert r.exit_code == 1 and "pass arch= (CLI: --arch) with the timm model name" in r.output, r.output
+    assert r.exit_code == 1 and "(CLI: --arch of `leopart convert` or `leopart train`)" in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1 and not run.exists()
     r = CliRunner().invoke(main, [*base, "--steps", "1", "--arch", arch])
     assert r.exit_code == 0, r.output
