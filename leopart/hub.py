@@ -59,7 +59,7 @@ CHECKPOINT_SUFFIXES = (".ckpt", ".pth", ".pt", ".safetensors")
 # timm.create_model arguments of a timm Hub repo's config.json ("model_args") that LeopartViT sets itself.
 TIMM_ARGS_WE_SET = {"num_classes", "img_size", "dynamic_img_size", "pretrained"}
 # (embed dim, depth) -> timm size name, to name the architecture of an original checkpoint.
-VIT_SIZES = {(192, 12): "tiny", (384, 12): "small", (768, 12): "base", (1024, 24): "large"}
+VIT_SIZES = {(192, 12): "tiny", (384, 12): "small", (768, 12): "base", (1024, 24): "large", (1536, 40): "giant"}
 ASK_FOR_ARCH = "pass arch= with the timm model name (CLI: --arch of `leopart convert` or `leopart train`)"
 
 
@@ -220,7 +220,12 @@ def _load_hub(name: str) -> LeopartViT:
         serialization.check_kind(config, "model", f"Hub repository '{name}'")  # before the weights download
         return LeopartViT.from_folder(serialization.download_from_hub(name, [serialization.WEIGHTS_NAME]))
     if "architecture" not in config:
-        raise LeopartError(f"Hub repository '{name}' holds neither a leopart model nor timm weights")
+        refusal = f"Hub repository '{name}' holds neither a leopart model nor timm weights"
+        if "model_type" in config:  # a transformers repo (facebook/dinov2-small, ...): timm hosts the same weights
+            copies = _timm_copies(config)
+            refusal += f" but a transformers '{config['model_type']}' model" + (
+                f": timm's copies load, e.g. {', '.join(copies)}" if copies else "")
+        raise LeopartError(refusal)
     folder = serialization.download_from_hub(name, [serialization.WEIGHTS_NAME])  # a timm repo: backbone only
     state = serialization.load_tensors(folder / serialization.WEIGHTS_NAME)
     # timm records the arguments a model was built with beyond its name's defaults (timm.create_model's kwargs);
@@ -229,6 +234,15 @@ def _load_hub(name: str) -> LeopartViT:
     trained_with = config.get("pretrained_cfg") or {}  # its input statistics (CLIP's, SigLIP's, ...)
     return _from_backbone_state(state, arch=config["architecture"], source=name, backbone_kwargs=model_args,
                                 mean=trained_with.get("mean"), std=trained_with.get("std"))
+
+
+def _timm_copies(transformers_config: dict) -> list[str]:
+    """Up to three timm Hub ids of ViTs of the family and size a transformers config describes."""
+    family = str(transformers_config["model_type"]).split("_")[0]  # "dinov2", "dinov3_vit" -> "dinov3", "vit"
+    size = VIT_SIZES.get((transformers_config.get("hidden_size"), transformers_config.get("num_hidden_layers")))
+    pattern = f"vit_{size}_patch{transformers_config.get('patch_size')}_*" if size else "vit_*"
+    names = [n for n in timm.list_pretrained(pattern) if family == "vit" or family in n]
+    return [f"timm/{n}" for n in names[:3]]
 
 
 def _from_backbone_state(state: dict[str, torch.Tensor], arch: str, source: str,

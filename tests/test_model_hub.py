@@ -504,8 +504,14 @@ def test_timm_repo_and_dino_alias(monkeypatch):
     # A repo in neither format fails by its config.json alone (no weights are cached: none would download).
     populate_hf_cache("someone/not-a-vit", {"config.json": json.dumps({"model_type": "bert"}).encode()})
     with pytest.raises(LeopartError, match="^Hub repository 'someone/not-a-vit' holds neither a leopart model nor "
-                                           "timm weights$"):
+                                           "timm weights but a transformers 'bert' model$"):
         leopart.from_pretrained("someone/not-a-vit")
+    # transformers' DINOv2 (the most downloaded copy): the refusal names timm's copies of the same weights
+    dinov2 = {"model_type": "dinov2", "hidden_size": 384, "num_hidden_layers": 12, "patch_size": 14}
+    populate_hf_cache("facebook/dinov2-small", {"config.json": json.dumps(dinov2).encode()})
+    with pytest.raises(LeopartError, match=r"holds neither a leopart model nor timm weights but a transformers "
+                                           r"'dinov2' model: timm's copies load, e.g. timm/vit_small_patch14_dinov2\."):
+        leopart.from_pretrained("facebook/dinov2-small")
 
 
 @pytest.mark.parametrize("arch", ["vit_small_patch16_dinov3", "eva02_tiny_patch14_224", "vit_base_patch16_siglip_224"])
