@@ -340,9 +340,8 @@ def convert_state_dict(raw: dict[str, torch.Tensor], source: str) -> tuple[dict[
 
 
 def _guess_arch(state: dict[str, torch.Tensor], source: str) -> str:
-    """The timm name of a ViT whose weights came without one: a plain ViT by width and depth, or DINOv2
-    (patch 14 with layer scale; "_reg4" with register tokens), the one family whose original files hold
-    nothing else to tell it by. Anything else needs arch=."""
+    """The timm name of a ViT read off the shapes of its weights: a plain ViT by width and depth, or DINOv2
+    (patch 14 with layer scale; "_reg4" with register tokens). Other families need arch=."""
     def unknown(why: str) -> LeopartError:
         return LeopartError(f"cannot tell the ViT of {source} from its weights ({why}): {ASK_FOR_ARCH}")
 

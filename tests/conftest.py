@@ -54,6 +54,18 @@ TINY_ARCH = "test_vit"  # timm's 64-dim, 6-block test ViT: fast enough for CPU t
 SMALL_BACKBONE = {"embed_dim": 64, "depth": 2, "num_heads": 2}
 
 
+def meta_dinov2_layout(sd: dict) -> dict:
+    """timm's DINOv2 weights as Meta's release files hold them: a mask token and, with registers, the class
+    token's position folded out of the class token into a position row of its own (timm folds it in)."""
+    sd = {**sd, "mask_token": torch.zeros(1, sd["cls_token"].shape[-1])}
+    if "reg_token" in sd:
+        cls_position = torch.randn_like(sd["cls_token"])
+        sd["register_tokens"] = sd.pop("reg_token")
+        sd["cls_token"] = sd["cls_token"] - cls_position
+        sd["pos_embed"] = torch.cat([cls_position, sd["pos_embed"]], dim=1)
+    return sd
+
+
 def meta_dinov3_layout(sd: dict) -> dict:
     """timm's DINOv3 weights as Meta's release files hold them: storage tokens, ls1/ls2 layer scales, one qkv
     bias (with the key part the model never uses; zeros where timm's model has none), a mask token and the

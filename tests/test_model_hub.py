@@ -17,7 +17,14 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from click.testing import CliRunner
-from conftest import SMALL_BACKBONE, TINY_ARCH, meta_dinov3_layout, populate_hf_cache, random_image
+from conftest import (
+    SMALL_BACKBONE,
+    TINY_ARCH,
+    meta_dinov2_layout,
+    meta_dinov3_layout,
+    populate_hf_cache,
+    random_image,
+)
 from PIL import Image
 from safetensors.torch import save as save_safetensors
 
@@ -569,18 +576,6 @@ def test_local_file_of_a_rotary_vit_loads_with_its_arch(tmp_path):
     with torch.no_grad():
         expected = vit.forward_features(x)[:, model.num_prefix_tokens:].reshape(1, 4, 3, -1)
         torch.testing.assert_close(model.patch_tokens(x), expected, atol=1e-5, rtol=0)
-
-
-def meta_dinov2_layout(sd: dict) -> dict:
-    """timm's DINOv2 weights as Meta's release files hold them: a mask token and, with registers, the class
-    token's position folded out of the class token into a position row of its own (timm folds it in)."""
-    sd = {**sd, "mask_token": torch.zeros(1, sd["cls_token"].shape[-1])}
-    if "reg_token" in sd:
-        cls_position = torch.randn_like(sd["cls_token"])
-        sd["register_tokens"] = sd.pop("reg_token")
-        sd["cls_token"] = sd["cls_token"] - cls_position
-        sd["pos_embed"] = torch.cat([cls_position, sd["pos_embed"]], dim=1)
-    return sd
 
 
 # name, the timm model, what its original release file holds, whether the ViT can be read off the weights
