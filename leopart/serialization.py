@@ -329,7 +329,8 @@ def check_kind(config: dict, kind: str, source: str) -> None:
     """A saved config must hold a ``kind`` (configs from before leopart_kind was recorded pass)."""
     found = config.get("leopart_kind", kind)
     if found != kind:
-        hint = f": fit one with `leopart merge {source}`" if (found, kind) == ("clusters", "segmenter") else ""
+        merge = (found, kind) == ("clusters", "segmenter")
+        hint = f": fit one with `leopart merge {source} -o SEGMENTER`" if merge else ""
         raise LeopartError(f"{source} holds {_kind_phrase(found)}, not {_kind_phrase(kind)}{hint}")
 
 

@@ -286,7 +286,7 @@ def test_cluster_merge_segment_chain(tiny_model_dir, voc_dir, tmp_path, monkeypa
     r = runner.invoke(main, ["segment", str(images / "2007_000002.jpg"), "--segmenter", str(tmp_path / "clusters")])
     assert r.exit_code == 1 and r.output.strip() == (f"Error: {tmp_path / 'clusters'} holds leopart part clusters, "
                                                      f"not a leopart segmenter: fit one with `leopart merge "
-                                                     f"{tmp_path / 'clusters'}`"), r.output
+                                                     f"{tmp_path / 'clusters'} -o SEGMENTER`"), r.output
     r = runner.invoke(main, ["segment", str(images / "2007_000002.jpg"), "--model", str(tiny_model_dir),
                              "--segmenter", str(tmp_path / "seg"), "--resolution", "64", "-o", str(tmp_path / "m")])
     assert r.exit_code == 0, r.output
