@@ -253,6 +253,7 @@ def _from_backbone_state(state: dict[str, torch.Tensor], arch: str, source: str,
         torch.manual_seed(0)  # heads start the same for everyone who loads these weights
         model = LeopartViT(LeopartConfig(arch=arch, img_size=img_size, backbone_kwargs=backbone_kwargs or {},
                                          mean=mean, std=std))
+    state = _in_timm_layout(state, model.backbone)  # as timm's own loading does: a repo may hold the original layout
     ignored = _unused_pooling(state, model)
     if ignored:
         names = ", ".join(k[len("backbone."):] for k in ignored)

@@ -556,6 +556,23 @@ def test_timm_repo_with_model_args_and_input_statistics(arch, tmp_path):
                          attention=True).attention.shape == (1, 2, 4, 2)
 
 
+def test_timm_repo_holding_the_original_layout_loads_as_timm_loads_it():
+    """timm runs its family converter on every download, so a timm repo may hold weights in the original release
+    layout (here DINOv2 with registers, as Meta stores them): they load to timm's model (they failed on their keys)."""
+    arch = "vit_small_patch14_reg4_dinov2"
+    torch.manual_seed(9)
+    vit = timm.create_model(arch, num_classes=0, dynamic_img_size=True, **SMALL_BACKBONE).eval()
+    weights = {k: v.contiguous() for k, v in meta_dinov2_layout(vit.state_dict()).items()}
+    config = {"architecture": arch, "num_classes": 0, "model_args": SMALL_BACKBONE}
+    populate_hf_cache("someone/dinov2-original", {"config.json": json.dumps(config).encode(),
+                                                  "model.safetensors": save_safetensors(weights)})
+    model = leopart.from_pretrained("someone/dinov2-original")
+    x = torch.randn(1, 3, 42, 28)
+    with torch.no_grad():
+        expected = vit.forward_features(x)[:, model.num_prefix_tokens:].reshape(1, 3, 2, -1)
+        torch.testing.assert_close(model.patch_tokens(x), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_local_file_of_a_rotary_vit_loads_with_its_arch(tmp_path):
     """A timm state dict of a ViT without absolute positions (DINOv3: rotary ones) in a local file: its ViT cannot
     be read off the weights, so arch= is asked for in one line; with it the file loads as timm's model (it was
