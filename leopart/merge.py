@@ -227,7 +227,7 @@ def merge(centroids: torch.Tensor | KMeansResult, labels: Sequence[torch.Tensor]
     bg_share: share of patches to call background (None: the masks' own share, clipped to [0.55, 0.75]).
     weight_threshold: co-occurrence edges below it are cut before community detection; the reference used
         0.07 for ViT-B/8 parts and 0.09 for ViT-S/16 ones (``reference_weight_threshold(patch_size)``, which
-        `leopart merge` applies).
+        `leopart merge` and ``segment.fit_segmenter`` apply: they know the patch size, labels alone do not).
     resolution: Louvain resolution: higher finds more, smaller objects.
     """
     if isinstance(centroids, KMeansResult):

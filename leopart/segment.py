@@ -24,7 +24,7 @@ from .embed import check_features_fit, iter_batches
 from .errors import LeopartError, positive_int
 from .foreground import foreground_mask
 from .hub import from_pretrained
-from .merge import Segmenter, merge
+from .merge import Segmenter, merge, reference_weight_threshold
 from .model import LeopartViT
 from .serialization import atomic_path
 
@@ -39,6 +39,7 @@ class DenseFeatures:
     names: list[str]
     features: torch.Tensor    # [B, h, w, D] fp32, CPU
     foreground: torch.Tensor  # [B, h, w] bool, CPU
+    patch_size: int | None = None  # the model's: it picks the reference's community-detection threshold
 
 
 def dense_features(images: Any, model: LeopartViT, resolution: int = DEFAULT_RESOLUTION, batch_size: int = 16,
@@ -72,7 +73,7 @@ def dense_features(images: Any, model: LeopartViT, resolution: int = DEFAULT_RES
         *precision_key(device, full_precision))
     dense = serialization.concat_rows(shards, len(images))
     names = [data.describe(item, i) for i, item in enumerate(images)]
-    return DenseFeatures(names, dense["features"], dense["foreground"].bool())
+    return DenseFeatures(names, dense["features"], dense["foreground"].bool(), model.patch_size)
 
 
 def _dense_batch(images: list, model: LeopartViT, resolution: int, batch_size: int, device: torch.device,
@@ -110,11 +111,15 @@ def check_k(k: int, n_images: int, resolution: int, patch_size: int, name: str =
 
 
 def fit_segmenter(dense: DenseFeatures, k: int, *, iters: int = 50, n_init: int = 1, seed: int = 0,
-                  bg_share: float | None = None, weight_threshold: float = 0.07, resolution: float = 1.0, device=None,
-                  params: dict | None = None, progress: bool | None = None) -> tuple[Segmenter, KMeansResult]:
+                  bg_share: float | None = None, weight_threshold: float | None = None, resolution: float = 1.0,
+                  device=None, params: dict | None = None,
+                  progress: bool | None = None) -> tuple[Segmenter, KMeansResult]:
     """Cluster the patch tokens into ``k`` parts (k-means on ``device``: default cuda when available) and
-    merge them into objects."""
+    merge them into objects. ``weight_threshold`` defaults to the reference's for the features' patch size
+    (0.07 for /8, 0.09 otherwise; as `leopart merge`), or merge's 0.07 when the features do not say."""
     device = default_device(device)
+    if weight_threshold is None:
+        weight_threshold = reference_weight_threshold(dense.patch_size) if dense.patch_size else 0.07
     n_patches = dense.features.shape[0] * dense.features.shape[1] * dense.features.shape[2]
     if k > n_patches:
         raise LeopartError(f"k={k} is larger than the number of patches ({n_patches}): use a smaller k or more images")

@@ -122,6 +122,25 @@ def test_a_segmenter_fitted_elsewhere_says_to_pass_its_model(tiny_model, tiny_mo
         leopart.segment(tmp_path / "a.png", model=tiny_model, segmenter=tmp_path / "seg", fg_model=tiny_model)
 
 
+def test_fit_segmenter_takes_the_references_threshold_for_the_patch_size(tiny_model):
+    """fit_segmenter (and leopart.segment without a segmenter) cut the CD graph at the reference's threshold for the
+    features' patch size, as `leopart merge` and `leopart eval` do: 0.09 for /16, 0.07 for /8; it was 0.07 for every
+    model. Features that do not say their patch size keep merge's 0.07; an explicit threshold wins."""
+    segment = sys.modules["leopart.segment"]
+    torch.manual_seed(0)
+    patch8 = leopart.LeopartViT(leopart.LeopartConfig(arch="test_vit", img_size=64, num_prototypes=10,
+                                                      proj_hidden_dim=32, proj_dim=16,
+                                                      backbone_kwargs={"patch_size": 8})).eval()
+    images = [scene(64, 64, seed)[0] for seed in range(2)]
+    for model, expected in [(tiny_model, 0.09), (patch8, 0.07)]:
+        dense = segment.dense_features(images, model, 64)
+        assert dense.patch_size == model.patch_size
+        assert segment.fit_segmenter(dense, 3)[0].params["weight_threshold"] == expected
+    unsized = segment.DenseFeatures(dense.names, dense.features, dense.foreground)
+    assert segment.fit_segmenter(unsized, 3)[0].params["weight_threshold"] == 0.07
+    assert segment.fit_segmenter(dense, 3, weight_threshold=0.2)[0].params["weight_threshold"] == 0.2
+
+
 def test_segment_cli_refuses_more_objects_than_a_png_holds(tmp_path):
     """A palette PNG holds ids 0..255: a segmenter with more objects is refused before any model loads."""
     from leopart.merge import Segmenter
