@@ -248,25 +248,32 @@ def _timm_copies(transformers_config: dict) -> list[str]:
 def _from_backbone_state(state: dict[str, torch.Tensor], arch: str, source: str,
                          backbone_kwargs: dict | None = None, mean=None, std=None) -> LeopartViT:
     state = {f"backbone.{k}": v for k, v in state.items()}
-    img_size = _pos_embed_size(state, arch)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # heads start the same for everyone who loads these weights
-        model = LeopartViT(LeopartConfig(arch=arch, img_size=img_size, backbone_kwargs=backbone_kwargs or {},
-                                         mean=mean, std=std))
-    state = _in_timm_layout(state, model.backbone)  # as timm's own loading does: a repo may hold the original layout
-    ignored = _unused_pooling(state, model)
+    model = _with_seeded_heads(LeopartConfig(arch=arch, img_size=_pos_embed_size(state, arch),
+                                             backbone_kwargs=backbone_kwargs or {}, mean=mean, std=std))
+    state, ignored = _as_timm_loads(state, model)  # a repo may hold the original layout, as timm's loading allows
     if ignored:
-        names = ", ".join(k[len("backbone."):] for k in ignored)
-        warnings.warn(f"ignoring classifier keys from {source}: {names}", stacklevel=3)
-    model.load_weights({k: v for k, v in state.items() if k not in ignored}, source=source, strict=False)
+        warnings.warn(f"ignoring classifier keys from {source}: {', '.join(ignored)}", stacklevel=3)
+    model.load_weights(state, source=source, strict=False)
     return model
 
 
-def _unused_pooling(state: dict[str, torch.Tensor], model: LeopartViT) -> list[str]:
-    """Keys of a classifier head or pooled-feature norm that the model has no place for: the classifier always
-    goes (num_classes=0); a pooled-feature norm stays where the backbone keeps one (EVA-02's fc_norm)."""
+def _with_seeded_heads(config: LeopartConfig) -> LeopartViT:
+    """A model whose heads (which backbone-only weights leave at their init) start the same for everyone who loads
+    these weights, without touching the caller's random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return LeopartViT(config)
+
+
+def _as_timm_loads(state: dict[str, torch.Tensor], model: LeopartViT) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Weights in our key layout as timm would load them into ``model``'s backbone: through the converter timm runs
+    on its downloads of the family, and without a classifier head or pooled-feature norm the model has no place
+    for (the classifier always goes, num_classes=0; a norm the backbone keeps, EVA-02's fc_norm, stays).
+    Returns (those weights, the dropped keys' backbone names)."""
+    state = _in_timm_layout(state, model.backbone)
     ours = model.state_dict()
-    return sorted(k for k in state if k.startswith(("backbone.head.", "backbone.fc_norm.")) and k not in ours)
+    dropped = sorted(k for k in state if k.startswith(("backbone.head.", "backbone.fc_norm.")) and k not in ours)
+    return {k: v for k, v in state.items() if k not in dropped}, [k[len("backbone."):] for k in dropped]
 
 
 def _pos_embed_size(state: dict[str, torch.Tensor], arch: str) -> int:
@@ -411,13 +418,9 @@ def convert_checkpoint(path: str | os.PathLike, arch: str | None = None, trust_p
         return _from_training_checkpoint(obj, arch, path)
     state, ignored = convert_state_dict(_state_dict_of(obj, path), str(path))
     config = infer_config(state, arch, str(path))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = LeopartViT(config)
-    state = _in_timm_layout(state, model.backbone)
-    unused = _unused_pooling(state, model)
-    state = {k: v for k, v in state.items() if k not in unused}
-    ignored += [k[len("backbone."):] for k in unused]
+    model = _with_seeded_heads(config)
+    state, dropped = _as_timm_loads(state, model)
+    ignored += dropped
     if ignored:
         shown = ", ".join(ignored[:6]) + (f" and {len(ignored) - 6} more" if len(ignored) > 6 else "")
         warnings.warn(f"ignored keys in {path}: {shown}", stacklevel=2)

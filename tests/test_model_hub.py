@@ -573,32 +573,11 @@ def test_timm_repo_holding_the_original_layout_loads_as_timm_loads_it():
         torch.testing.assert_close(model.patch_tokens(x), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_local_file_of_a_rotary_vit_loads_with_its_arch(tmp_path):
-    """A timm state dict of a ViT without absolute positions (DINOv3: rotary ones) in a local file: its ViT cannot
-    be read off the weights, so arch= is asked for in one line; with it the file loads as timm's model (it was
-    refused as "not a ViT checkpoint" whatever arch was given)."""
-    arch = "vit_tiny_patch16_dinov3_qkvb"
-    if not timm.is_model(arch):
-        pytest.skip(f"timm {timm.__version__} has no {arch}")
-    torch.manual_seed(6)
-    vit = timm.create_model(arch, num_classes=0, dynamic_img_size=True).eval()
-    assert vit.pos_embed is None
-    path = tmp_path / "rotary.safetensors"
-    path.write_bytes(save_safetensors({k: v.contiguous() for k, v in vit.state_dict().items()}))
-    with pytest.raises(LeopartError, match="cannot tell the ViT of .*rotary.safetensors from its weights .*--arch"):
-        leopart.from_pretrained(path)
-    with pytest.warns(UserWarning, match="no projection_head, prototypes weights"):
-        model = leopart.from_pretrained(path, arch=arch)
-    x = torch.randn(1, 3, 64, 48)
-    with torch.no_grad():
-        expected = vit.forward_features(x)[:, model.num_prefix_tokens:].reshape(1, 4, 3, -1)
-        torch.testing.assert_close(model.patch_tokens(x), expected, atol=1e-5, rtol=0)
-
-
 # name, the timm model, what its original release file holds, whether the ViT can be read off the weights
 RELEASE_FILES = [
     ("dinov2", "vit_small_patch14_dinov2", meta_dinov2_layout, True),
     ("dinov2-registers", "vit_small_patch14_reg4_dinov2", meta_dinov2_layout, True),
+    ("dinov3-timm-layout", "vit_tiny_patch16_dinov3_qkvb", lambda sd: sd, False),  # no pos_embed: rotary positions
     ("dinov3", "vit_tiny_patch16_dinov3_qkvb", meta_dinov3_layout, False),
     ("dinov3-no-bias", "vit_small_patch16_dinov3", meta_dinov3_layout, False),
     ("eva02-separate-qkv", "eva02_base_patch14_224", lambda sd: sd, False),
@@ -607,11 +586,13 @@ RELEASE_FILES = [
 
 @pytest.mark.parametrize(("name", "arch", "layout", "guessed"), RELEASE_FILES, ids=[r[0] for r in RELEASE_FILES])
 def test_release_files_of_other_vits_load_as_timm_loads_them(name, arch, layout, guessed, tmp_path, capsys):
-    """Meta's DINOv2 / DINOv3 release files and EVA-02's separate q/k/v projections, from a local file: tokens equal
-    timm's model. They failed before 2026-11-29: DINOv2 as "unknown timm model 'vit_small_patch14_224'" (a plain-ViT
-    guess) and "unexpected keys: backbone.mask_token" with its arch, DINOv3 on its release keys, EVA-02 as "no ViT
-    weights". The weights pass through timm's own checkpoint converter for the family (its prints kept off stdout);
-    DINOv2 is read off the weights (patch 14 with layer scale), the others ask for arch= in one line."""
+    """Meta's DINOv2 / DINOv3 release files, a timm state dict of a rotary-position ViT (DINOv3) and EVA-02's
+    separate q/k/v projections, from a local file: tokens equal timm's model. They failed before 2026-11-29: DINOv2
+    as "unknown timm model 'vit_small_patch14_224'" (a plain-ViT guess) and "unexpected keys: backbone.mask_token"
+    with its arch, DINOv3 on its release keys, EVA-02 as "no ViT weights", the rotary timm state dict as "not a ViT
+    checkpoint" whatever arch was given (before 2026-11-29 (third)). The weights pass through timm's own checkpoint
+    converter for the family (its prints kept off stdout); DINOv2 is read off the weights (patch 14 with layer
+    scale), the others ask for arch= in one line."""
     if not timm.is_model(arch):
         pytest.skip(f"timm {timm.__version__} has no {arch}")
     torch.manual_seed(7)
