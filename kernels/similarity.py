@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LeopartError
-from .backend import interpreting, on_input_device, resolve
+from .backend import LAUNCH_OPTIONS, interpreting, on_input_device, resolve
 
 NORM_EPS = 1e-12  # as F.normalize
 
@@ -191,9 +191,9 @@ def _launch(kernel, grid, *args, **constants):
     """Autotuned on a GPU; in the interpreter, one fixed config and no benchmarking."""
     if interpreting():
         (config,) = _configs(interpret=True)
-        kernel[grid](*args, **constants, **config.kwargs, num_warps=config.num_warps)
+        kernel[grid](*args, **constants, **config.kwargs, num_warps=config.num_warps, **LAUNCH_OPTIONS)
     else:
-        _autotuned(kernel)[grid](*args, **constants)
+        _autotuned(kernel)[grid](*args, **constants, **LAUNCH_OPTIONS)
 
 
 def _operands(x: torch.Tensor, prototypes: torch.Tensor, normalize: bool):

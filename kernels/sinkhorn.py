@@ -29,7 +29,14 @@ import torch
 import torch.distributed as dist
 
 from ..errors import LeopartError
-from .backend import interpreting, next_pow2, num_programs_cap, on_input_device, resolve
+from .backend import (
+    LAUNCH_OPTIONS,
+    interpreting,
+    next_pow2,
+    num_programs_cap,
+    on_input_device,
+    resolve,
+)
 
 
 def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 3, backend: str = "auto",
@@ -258,7 +265,7 @@ def sinkhorn_triton(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 
     col_s = torch.empty(k, device=device, dtype=torch.float32)
     out = torch.empty((n, k), device=device, dtype=torch.float32)
     combine_grid = (-(-k // COMBINE_BLOCK_K),)
-    common = dict(BLOCK_N=block_n, BLOCK_K=block_k, SINGLE_TILE=single, num_warps=warps)
+    common = dict(BLOCK_N=block_n, BLOCK_K=block_k, SINGLE_TILE=single, num_warps=warps, **LAUNCH_OPTIONS)
 
     def accumulate(update_b: bool):
         # One pass over the rows that folds lse_n(x + b) into fresh partials (after the sample step if update_b).
@@ -272,7 +279,8 @@ def sinkhorn_triton(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 
         # Partials in pm/ps -> new a (all-reduced first when distributed).
         nonlocal a
         _combine[combine_grid](pm, ps, col_m, col_s, a, programs, k, math.log(k),
-                              FINAL=not distributed, BLOCK_P=COMBINE_BLOCK_P, BLOCK_K=COMBINE_BLOCK_K)
+                              FINAL=not distributed, BLOCK_P=COMBINE_BLOCK_P, BLOCK_K=COMBINE_BLOCK_K,
+                              **LAUNCH_OPTIONS)
         if distributed:
             a = -math.log(k) - _combine_across_processes(col_m, col_s, True)
 

@@ -238,6 +238,30 @@ def test_dispatch(monkeypatch):
         patch_prototype_similarity(x, torch.randn(3, 8))
 
 
+def test_every_launch_pins_fp_fusion(monkeypatch):
+    """Triton 3.10 turns FP fusion (a * b + c as one FMA) off by default, and 3.9 warns at the first compile of
+    a kernel launched without saying: every launch passes the setting the kernels were tested and timed with."""
+    from triton.runtime import interpreter
+
+    launches = []
+    run = interpreter.GridExecutor.__call__
+
+    def recorded(self, *args, **kwargs):  # sees the options before the interpreter drops them
+        launches.append((self.fn.__name__, kwargs.get("enable_fp_fusion")))
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", recorded)
+    x, p = torch.randn(40, 16), torch.randn(21, 16)
+    sinkhorn(x @ p.T, backend="triton")
+    sinkhorn(torch.randn(8, 1500), backend="triton")  # the multi-tile row pass
+    patch_prototype_similarity(x, p, backend="triton")
+    patch_prototype_similarity(x, p, temperature=0.1, backend="triton")
+    nearest_prototype(x, p, backend="triton")
+    assert {name for name, _ in launches} == {"_row_pass", "_combine", "_scores_kernel", "_softmax_kernel",
+                                              "_nearest_kernel"}
+    assert all(fusion is True for _, fusion in launches), launches
+
+
 def test_triton_launches_on_the_gpu_of_its_inputs(monkeypatch):
     """Triton launches on the current GPU, whatever the tensors': on cuda:1 with cuda:0 current it refuses their
     pointers. Each function that launches makes its first input's GPU current while it runs; CPU tensors (the
@@ -376,6 +400,10 @@ def test_every_kernel_compiles_for_a_real_gpu(arch, tmp_path):
     assert proc.returncode == 0 and not failures, "\n".join(failures) or summary
     done, total = map(int, re.search(r"(\d+) of (\d+) kernel configurations compiled", summary).groups())
     assert done == total >= 60, summary
+    # ptxas's figures for every configuration: Triton 3.9 ships a second ptxas, the only one that reads its PTX.
+    unmeasured = [line for line in proc.stdout.splitlines()
+                  if line.startswith("ok") and not re.search(r" regs=\d+ spills=\d+B ", line)]
+    assert not unmeasured, unmeasured[:3]
 
 
 # ----------------------------------------------------------------- real GPU
