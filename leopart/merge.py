@@ -63,12 +63,14 @@ class Segmenter:
         return self.part_to_object.to(parts.device)[parts]
 
     # ------------------------------------------------------------ persistence
-    def save_pretrained(self, folder: str | Path) -> Path:
+    def save_pretrained(self, folder: str | Path, *, repo_id: str | None = None) -> Path:
+        """Write config.json + model.safetensors + README.md card into ``folder``; the card's example loads
+        ``repo_id`` when given (push_to_hub passes it)."""
         config = {"leopart_kind": "segmenter", "metric": self.metric, "k": self.k,
                   "n_objects": self.n_objects, "params": self.params}
         tensors = {"centroids": self.centroids.float(), "part_to_object": self.part_to_object.long(),
                    "foreground": self.foreground.to(torch.uint8)}
-        return serialization.save_folder(folder, config, tensors, _card(self))
+        return serialization.save_folder(folder, config, tensors, _card(self, repo_id))
 
     @classmethod
     def from_pretrained(cls, name: str | Path) -> "Segmenter":
@@ -91,10 +93,11 @@ class Segmenter:
                                          commit_message=commit_message)
 
 
-def _card(seg: Segmenter) -> str:
+def _card(seg: Segmenter, repo_id: str | None = None) -> str:
     rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(seg.params.items()))
     return f"""---
 library_name: leopart
+pipeline_tag: image-segmentation
 tags:
 - leopart
 - unsupervised-segmentation
@@ -112,7 +115,7 @@ fitted without labels by CBFE + community detection (Ziegler & Asano, CVPR 2022,
 import leopart
 # model and resolution default to the ones its parts were clustered with (parameters model, image_resolution);
 # pass model= where that model is a local path that does not exist on your machine
-mask = leopart.segment("image.jpg", segmenter="<this repo or folder>")
+mask = leopart.segment("image.jpg", segmenter="{repo_id or '<this repo or folder>'}")
 ```
 """
 

@@ -300,10 +300,11 @@ class LeopartViT(nn.Module):
         return LeopartOutput(patches, emb, scores, attn)
 
     # ------------------------------------------------------- save / load / push
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """Write config.json + model.safetensors + README.md model card into ``folder``."""
+    def save_pretrained(self, folder: str | Path, *, repo_id: str | None = None) -> Path:
+        """Write config.json + model.safetensors + README.md model card into ``folder``; the card's example loads
+        ``repo_id`` when given (push_to_hub passes it)."""
         config = {"leopart_kind": "model", **dataclasses.asdict(self.config)}
-        return serialization.save_folder(folder, config, self.state_dict(), model_card(self))
+        return serialization.save_folder(folder, config, self.state_dict(), model_card(self, repo_id))
 
     @classmethod
     def from_pretrained(cls, name: str | Path, **kwargs) -> "LeopartViT":
@@ -336,11 +337,12 @@ class LeopartViT(nn.Module):
         return missing
 
 
-def model_card(model: LeopartViT) -> str:
+def model_card(model: LeopartViT, repo_id: str | None = None) -> str:
     c = model.config
     n_params = sum(p.numel() for p in model.parameters())
     return f"""---
 library_name: leopart
+pipeline_tag: image-feature-extraction
 tags:
 - leopart
 - vision-transformer
@@ -358,7 +360,7 @@ Dense, part-aware patch features from a Vision Transformer fine-tuned with Leopa
 
 ```python
 import leopart
-model = leopart.from_pretrained("<this repo or folder>")
+model = leopart.from_pretrained("{repo_id or '<this repo or folder>'}")
 features = leopart.embed("image.jpg", model=model)   # [1, h, w, {model.embed_dim}]
 ```
 """

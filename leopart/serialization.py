@@ -454,9 +454,10 @@ def _login_command() -> str:
     return _hub_cli("hf auth login", "huggingface-cli login")
 
 
-def push_folder(save: Callable[[Path], object], repo_id: str, *, private: bool | None = None,
+def push_folder(save: Callable[..., object], repo_id: str, *, private: bool | None = None,
                 token: str | None = None, commit_message: str = "Upload with leopart") -> str:
-    """Save into a temporary folder with ``save(folder)`` and upload it as one commit; returns the commit URL.
+    """Save into a temporary folder with ``save(folder, repo_id=repo_id)`` (its card then names the repository)
+    and upload it as one commit; returns the commit URL.
 
     Fails with a one-line LeopartError when offline, not logged in, not allowed to write, or on a bad repo id.
     """
@@ -475,7 +476,7 @@ def push_folder(save: Callable[[Path], object], repo_id: str, *, private: bool |
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
-            save(Path(tmp))
+            save(Path(tmp), repo_id=repo_id)
             info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
     except HFValidationError as e:
         raise LeopartError(f"'{repo_id}' is not a valid Hub repository id: {e}") from None

@@ -253,6 +253,7 @@ def test_push_to_hub_uploads_a_saved_folder(tiny_model, monkeypatch):
 
             calls["files"] = sorted(p.name for p in Path(folder_path).iterdir())
             calls["config"] = json.loads((Path(folder_path) / "config.json").read_text())
+            calls["card"] = (Path(folder_path) / "README.md").read_text()
             return type("Info", (), {"commit_url": f"https://hub/{repo_id}/commit/1"})()
 
     import huggingface_hub
@@ -264,6 +265,9 @@ def test_push_to_hub_uploads_a_saved_folder(tiny_model, monkeypatch):
     assert calls["create"] == ("me/tiny", True, True) and calls["token"] == "t"
     assert calls["files"] == ["README.md", "config.json", "model.safetensors"]
     assert calls["config"]["arch"] == TINY_ARCH
+    # The card on the Hub page loads this repository, in the metadata the Hub lists models by.
+    assert 'leopart.from_pretrained("me/tiny")' in calls["card"]
+    assert "library_name: leopart" in calls["card"] and "pipeline_tag: image-feature-extraction" in calls["card"]
 
     # A segmenter that names its model by a local path says others cannot load it; a Hub id is fine.
     seg = leopart.Segmenter(torch.randn(3, 8), torch.tensor([0, 1, 1]), torch.tensor([False, True, True]),
@@ -271,6 +275,7 @@ def test_push_to_hub_uploads_a_saved_folder(tiny_model, monkeypatch):
     with pytest.warns(UserWarning, match="local path .* push the model too"):
         seg.push_to_hub("me/seg")
     assert calls["create"][0] == "me/seg" and calls["config"]["params"]["model"] == "/home/me/runs/x/model"
+    assert 'segmenter="me/seg"' in calls["card"] and "pipeline_tag: image-segmentation" in calls["card"]
     seg.params["model"] = "me/tiny"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
