@@ -217,7 +217,7 @@ def _decode(source: Path | io.BytesIO, name: str) -> Image.Image:
     except IsADirectoryError:  # named in a .txt list (folders given directly are expanded); no stat per image
         raise LeopartError(f"{name} is a folder, not an image: a list names image files, one per line") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise LeopartError(f"cannot read image {name}: {_reason(e)}") from None
+        raise unreadable_image(name, e) from None
 
 
 def _orientation(img: Image.Image) -> int:
@@ -239,7 +239,23 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
             w, h = img.size
             return (h, w) if _orientation(img) in range(5, 9) else (w, h)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise LeopartError(f"cannot read image {path}: {_reason(e)}") from None
+        raise unreadable_image(str(path), e) from None
+
+
+# Files that end up among image inputs by mistake: what they are instead, and where they go.
+NOT_IMAGES = {
+    ".npy": "a features file (`leopart embed -o`), not an image: cluster features with "
+            "leopart.cluster(numpy.load('{name}'))",
+    ".safetensors": "weights or features, not an image: weights are a model (--model, or model= in Python), "
+                    "features go to leopart.cluster",
+    **dict.fromkeys((".ckpt", ".pth", ".pt", ".bin"),
+                    "a checkpoint, not an image: weights are a model (--model, or model= in Python)"),
+}
+
+
+def unreadable_image(name: str, e: Exception) -> LeopartError:
+    hint = NOT_IMAGES.get(Path(name).suffix.lower()) if isinstance(e, UnidentifiedImageError) else None
+    return LeopartError(f"cannot read image {name}: {hint.format(name=name) if hint else _reason(e)}")
 
 
 def _reason(e: Exception) -> str:

@@ -191,7 +191,7 @@ def test_images_smaller_than_a_patch_are_resized_to_a_fixed_resolution(tiny_mode
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "truncated", "text", "tiny", "empty_dir", "model",
                                   "resolution", "array_shape", "bomb", "bytes", "number",
-                                  "listed_folder"])
+                                  "listed_folder", "features_file", "checkpoint"])
 def test_bad_inputs_raise_one_line(tiny_model, tmp_path, case, monkeypatch):
     good = tmp_path / "good.png"
     Image.fromarray(random_image(64, 64)).save(good)
@@ -237,6 +237,15 @@ def test_bad_inputs_raise_one_line(tiny_model, tmp_path, case, monkeypatch):
         item = tmp_path / "list.txt"
         item.write_text("good.png\nsub\n")
         match = "sub is a folder, not an image: a list names image files, one per line"
+    elif case == "features_file":  # `leopart embed -o` output passed back as an image: where features go
+        item = tmp_path / "feats.npy"
+        np.save(item, np.zeros((2, 4, 4, 8), dtype=np.float32))
+        match = re.escape(f"feats.npy: a features file (`leopart embed -o`), not an image: cluster features with "
+                          f"leopart.cluster(numpy.load('{item}'))")
+    elif case == "checkpoint":  # weights among the images (arguments swapped): where a model goes
+        item = tmp_path / "leopart_vits16.ckpt"
+        torch.save({"w": torch.zeros(2)}, item)
+        match = "a checkpoint, not an image: weights are a model \\(--model, or model= in Python\\)"
     else:
         item, match = np.zeros((4, 4, 7), dtype=np.uint8), "expected an HxW"
     with pytest.raises(LeopartError, match=match) as e:
