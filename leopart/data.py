@@ -242,13 +242,14 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         raise unreadable_image(str(path), e) from None
 
 
+WEIGHTS_SUFFIXES = (".ckpt", ".pth", ".pt", ".safetensors")
 # Files that end up among image inputs by mistake: what they are instead, and where they go.
 NOT_IMAGES = {
     ".npy": "a features file (`leopart embed -o`), not an image: cluster features with "
             "leopart.cluster(numpy.load('{name}'))",
     ".safetensors": "weights or features, not an image: weights are a model (--model, or model= in Python), "
                     "features go to leopart.cluster",
-    **dict.fromkeys((".ckpt", ".pth", ".pt", ".bin"),
+    **dict.fromkeys((".ckpt", ".pth", ".pt"),
                     "a checkpoint, not an image: weights are a model (--model, or model= in Python)"),
 }
 
@@ -342,6 +343,9 @@ def list_training_images(source: str | os.PathLike) -> list[Path]:
         return list(expand_inputs(source))
     if source.is_file() and source.suffix.lower() in IMAGE_EXTENSIONS:
         raise LeopartError(f"{source} is one image: training takes a folder of images or a text file listing them")
+    if source.is_file() and source.suffix.lower() in WEIGHTS_SUFFIXES:
+        raise LeopartError(f"{source} holds weights: training takes a folder of images or a text file listing them "
+                           "(weights to start from go to --init, or init= in Python)")
     if source.is_file():
         return read_image_list(source)
     raise LeopartError(f"no such folder or file list: {source}")

@@ -662,6 +662,9 @@ def test_training_images_from_a_folder_or_a_list_file_of_any_name(train_dir, tmp
     (tmp_path / "images.bin").write_bytes(files[0].read_bytes())
     with pytest.raises(LeopartError, match="images.bin is a binary file, not a text file listing one entry per line"):
         list_training_images(tmp_path / "images.bin")
+    (tmp_path / "dino.pth").write_bytes(b"PK\x03\x04 a zipped torch.save")  # weights where DATA belongs
+    with pytest.raises(LeopartError, match=r"dino.pth holds weights: .* \(weights to start from go to --init"):
+        list_training_images(tmp_path / "dino.pth")
 
 
 def test_train_on_a_python_list_of_paths(train_dir, tmp_path, monkeypatch):
