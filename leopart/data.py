@@ -22,6 +22,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import LeopartError
+from .serialization import CHECKPOINT_SUFFIXES
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                     ".pgm", ".pbm", ".pnm", ".tga"}
@@ -242,15 +243,14 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         raise unreadable_image(str(path), e) from None
 
 
-WEIGHTS_SUFFIXES = (".ckpt", ".pth", ".pt", ".safetensors")
 # Files that end up among image inputs by mistake: what they are instead, and where they go.
 NOT_IMAGES = {
-    ".npy": "a features file (`leopart embed -o`), not an image: cluster features with "
-            "leopart.cluster(numpy.load('{name}'))",
+    **dict.fromkeys(CHECKPOINT_SUFFIXES,
+                    "a checkpoint, not an image: weights are a model (--model, or model= in Python)"),
     ".safetensors": "weights or features, not an image: weights are a model (--model, or model= in Python), "
                     "features go to leopart.cluster",
-    **dict.fromkeys((".ckpt", ".pth", ".pt"),
-                    "a checkpoint, not an image: weights are a model (--model, or model= in Python)"),
+    ".npy": "a features file (`leopart embed -o`), not an image: cluster features with "
+            "leopart.cluster(numpy.load('{name}'))",
 }
 
 
@@ -343,7 +343,7 @@ def list_training_images(source: str | os.PathLike) -> list[Path]:
         return list(expand_inputs(source))
     if source.is_file() and source.suffix.lower() in IMAGE_EXTENSIONS:
         raise LeopartError(f"{source} is one image: training takes a folder of images or a text file listing them")
-    if source.is_file() and source.suffix.lower() in WEIGHTS_SUFFIXES:
+    if source.is_file() and source.suffix.lower() in CHECKPOINT_SUFFIXES:
         raise LeopartError(f"{source} holds weights: training takes a folder of images or a text file listing them "
                            "(weights to start from go to --init, or init= in Python)")
     if source.is_file():

@@ -36,6 +36,7 @@ from . import serialization
 from .device import default_device
 from .errors import LeopartError
 from .model import LeopartConfig, LeopartViT
+from .serialization import CHECKPOINT_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,6 @@ DINO = {
     "dino-vits16": "timm/vit_small_patch16_224.dino",
     "dino-vitb8": "timm/vit_base_patch8_224.dino",
 }
-CHECKPOINT_SUFFIXES = (".ckpt", ".pth", ".pt", ".safetensors")
 # timm.create_model arguments of a timm Hub repo's config.json ("model_args") that LeopartViT sets itself.
 TIMM_ARGS_WE_SET = {"num_classes", "img_size", "dynamic_img_size", "pretrained"}
 # (embed dim, depth) -> timm size name, to name the architecture of an original checkpoint.

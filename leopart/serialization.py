@@ -29,6 +29,8 @@ from .errors import LeopartError
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
+# Weights files that from_pretrained and convert read (original checkpoints, state dicts, training runs).
+CHECKPOINT_SUFFIXES = (".ckpt", ".pth", ".pt", ".safetensors")
 
 # "org/repo" or "org/repo@revision" (Hub naming rules, loosely: the Hub itself validates the rest).
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
