@@ -62,7 +62,7 @@ def main(ctx):
     """Dense, part-aware patch features with Leopart Vision Transformers.
 
     MODEL arguments take an alias (vits16, vitb8, dino-vits16, dino-vitb8), an org/repo[@revision] on
-    the Hugging Face Hub, a folder written by save_pretrained (or a finished `leopart train` run), or an
+    the Hugging Face Hub (or its https://huggingface.co/org/repo address), a folder written by save_pretrained (or a finished `leopart train` run), or an
     original .ckpt/.pth file.
     """
     warnings.showwarning = _one_line_warning
@@ -89,10 +89,12 @@ def info(model, trust_pickle):
     """Describe MODEL: architecture, sizes and where it was loaded from; what a segmenter, part clusters or
     probe head folder holds and what it was fitted with; where a `leopart train` run stands; or what a
     `leopart embed` features file (.safetensors, .npy) holds."""
+    from .hub import MODEL_NAMES
     from .probe import head_folder
-    from .serialization import read_features_header
+    from .serialization import check_name, read_features_header
     from .train import is_run_folder
 
+    model = str(check_name(model, "MODEL", MODEL_NAMES))  # a Hub repository's web address -> its id
     if Path(model).expanduser().is_dir():  # a probe's output folder: the head it saved
         model = str(head_folder(Path(model).expanduser()))
     features = read_features_header(model) if Path(model).expanduser().is_file() else None

@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import LeopartError
-from .serialization import CHECKPOINT_SUFFIXES
+from .serialization import CHECKPOINT_SUFFIXES, URL
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                     ".pgm", ".pbm", ".pnm", ".tga"}
@@ -73,6 +73,8 @@ def expand_inputs(inputs: Any) -> Iterator[Any]:
     """Flatten a path / folder / image / list of them into single images (paths stay lazy)."""
     if isinstance(inputs, (str, os.PathLike)):
         path = Path(inputs)
+        if isinstance(inputs, str) and URL.match(inputs.strip()) and not path.exists():
+            raise web_address(inputs.strip())
         if path.is_dir():
             files = list_images(path)
             if not files:
@@ -128,6 +130,13 @@ def not_an_image(item: Any) -> LeopartError:
     return LeopartError(f"cannot read an image from {what}")
 
 
+def web_address(url: str, listed_in: Path | None = None) -> LeopartError:
+    """Images are read from files (or from memory): a URL is refused with what to do instead."""
+    subject = f"{listed_in} lists {url}, a web address" if listed_in else f"{url} is a web address"
+    return LeopartError(f"{subject}: leopart reads image files, so download it first (curl -O URL), or in Python "
+                        "pass its bytes: urllib.request.urlopen(URL).read()")
+
+
 def is_image_list(path: Path) -> bool:
     """A .txt file names images, one per line (``expand_inputs`` reads it); any other file is an image."""
     return path.suffix.lower() == ".txt" and path.is_file()
@@ -151,7 +160,11 @@ def read_lines(path: Path) -> list[str]:
 def read_image_list(path: Path) -> list[Path]:
     """The image paths a text file lists. Relative paths are taken from the file's folder, so a list travels
     with its dataset."""
-    files = [path.parent / line for line in read_lines(path)]  # an absolute line stays as it is
+    lines = read_lines(path)
+    for line in lines:
+        if URL.match(line):
+            raise web_address(line, listed_in=path)
+    files = [path.parent / line for line in lines]  # an absolute line stays as it is
     if not files:
         raise LeopartError(f"{path} lists no images")
     return files

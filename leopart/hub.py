@@ -60,6 +60,7 @@ DINO = {
 TIMM_ARGS_WE_SET = {"num_classes", "img_size", "dynamic_img_size", "pretrained"}
 # (embed dim, depth) -> timm size name, to name the architecture of an original checkpoint.
 VIT_SIZES = {(192, 12): "tiny", (384, 12): "small", (768, 12): "base", (1024, 24): "large", (1536, 40): "giant"}
+MODEL_NAMES = "an alias, a Hub id, a folder or a checkpoint file"
 ASK_FOR_ARCH = "pass arch= with the timm model name (CLI: --arch of `leopart convert` or `leopart train`)"
 
 
@@ -77,7 +78,7 @@ def from_pretrained(name: str | os.PathLike | LeopartViT, *, arch: str | None = 
     if isinstance(name, LeopartViT):
         model = name
     else:
-        serialization.check_name(name, "a model", "an alias, a Hub id, a folder or a checkpoint file")
+        name = serialization.check_name(name, "a model", MODEL_NAMES)
         model = _resolve(str(name), arch=arch, trust_pickle=trust_pickle)
         model.name_or_path = recorded_name(name)
     model.eval()
@@ -91,6 +92,7 @@ def recorded_name(name: str | os.PathLike) -> str:
     aliases stay aliases (they win over a folder of the same name, as in _resolve)."""
     from .train import MODEL_NAME, is_run_folder  # lazily: train imports this module
 
+    name = serialization.hub_id_of_url(name, "a model", MODEL_NAMES)
     path = Path(name).expanduser()
     if str(name) in RELEASES or str(name) in DINO or not path.exists():
         return str(name)

@@ -138,7 +138,7 @@ class ProbeHead(nn.Module):
 
 def load_head(name: str | Path) -> ProbeHead:
     """A head from a folder written by save_pretrained, an org/repo on the Hub, or a released .ckpt."""
-    serialization.check_name(name, "a probe head", "a folder, a Hub id or a released .ckpt file")
+    name = serialization.check_name(name, "a probe head", "a folder, a Hub id or a released .ckpt file")
     path = Path(name).expanduser()
     if path.is_file():
         return convert_head_checkpoint(path)

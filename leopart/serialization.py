@@ -336,17 +336,49 @@ def check_kind(config: dict, kind: str, source: str) -> None:
         raise LeopartError(f"{source} holds {_kind_phrase(found)}, not {_kind_phrase(kind)}{hint}")
 
 
-def check_name(name, what: str, forms: str = "a folder or a Hub id") -> None:
-    """``name`` must be a path or Hub id, and not an empty one (Path("") would mean the current folder)."""
+def check_name(name, what: str, forms: str = "a folder or a Hub id") -> str | os.PathLike:
+    """``name`` must be a path or Hub id, and not an empty one (Path("") would mean the current folder).
+    Returns the name to load: a Hub repository's web address, as copied from the browser, becomes its id."""
     if not isinstance(name, (str, os.PathLike)) or not str(name).strip():
         raise LeopartError(f"{what} is named by {forms}, not {name!r}")
+    return hub_id_of_url(name, what, forms)
+
+
+# A Hub web address: https://huggingface.co/org/repo, .../tree/revision, hf.co for short; the scheme optional.
+HUB_URL = re.compile(r"^(?:https?://)?(?:www\.)?(?:huggingface\.co|hf\.co)/(?P<path>[^?#]*)")
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+
+
+def hub_id_of_url(name: str | os.PathLike, what: str, forms: str) -> str | os.PathLike:
+    """A Hub repository's web address -> its id "org/repo" ("org/repo@revision" for .../tree/revision); other
+    names pass unchanged (an existing local path of the same spelling wins); other web addresses are refused."""
+    from urllib.parse import unquote
+
+    text = str(name).strip()
+    match = HUB_URL.match(text)
+    if Path(name).expanduser().exists() or not (match or URL.match(text)):
+        return name
+    if not match:
+        raise LeopartError(f"{what} is named by {forms}, not a web address ({text}): download the file and pass its "
+                           f"path")
+    parts = [unquote(part) for part in match["path"].strip("/").split("/") if part]
+    if parts[:1] in (["datasets"], ["spaces"]):
+        raise LeopartError(f"{text} is a Hub {parts[0][:-1]}, not a model repository")
+    if len(parts) == 2 or (len(parts) == 4 and parts[2] == "tree"):
+        repo_id = "/".join(parts[:2])
+        return repo_id + (f"@{parts[3]}" if len(parts) == 4 and parts[3] != "main" else "")
+    if len(parts) >= 4 and parts[2] in ("blob", "resolve", "tree"):
+        revision = "" if parts[3] == "main" else f"@{parts[3]}"
+        raise LeopartError(f"{text} links a file or folder inside a Hub repository: name the repository itself, "
+                           f"'{parts[0]}/{parts[1]}{revision}'")
+    raise LeopartError(f"{text} is not a Hub repository's address (https://huggingface.co/org/repo)")
 
 
 def fetch_folder(name: str | os.PathLike, kind: str, missing: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config, tensors) of a saved ``kind`` from a local folder or a Hub repo "org/repo[@revision]". From the
     Hub the config comes first, so a repo of another kind fails before its weights download. ``missing``: the
     error for a name that is neither."""
-    check_name(name, _kind_phrase(kind))
+    name = check_name(name, _kind_phrase(kind))
     path = Path(name).expanduser()
     if path.exists():  # a folder, or a file given by mistake (load_folder says so)
         return load_folder(path, kind)
@@ -378,7 +410,8 @@ def download_from_hub(name: str, filenames: list[str]) -> Path:
     )
 
     repo_id, _, revision = name.partition("@")
-    fetch = _hub_cli(f"hf download {repo_id}", f"huggingface-cli download {repo_id}")
+    fetch = _hub_cli(f"hf download {repo_id}", f"huggingface-cli download {repo_id}") + (
+        f" --revision {revision}" if revision else "")
 
     def not_cached(why: str) -> LeopartError:
         return LeopartError(f"'{name}' is not in the Hugging Face cache and the Hub cannot be reached ({why}): "

@@ -113,8 +113,9 @@ def populate_hf_cache(repo_id: str, files: dict[str, bytes], revision: str = "ma
     snapshot.mkdir(parents=True, exist_ok=True)
     for name, content in files.items():
         (snapshot / name).write_bytes(content)
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / revision).write_text(commit)
+    ref = repo / "refs" / revision  # a pull request's "refs/pr/1" is a nested file, as the Hub cache keeps it
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    ref.write_text(commit)
     return snapshot
 
 

@@ -191,7 +191,7 @@ def test_images_smaller_than_a_patch_are_resized_to_a_fixed_resolution(tiny_mode
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "truncated", "text", "tiny", "empty_dir", "model",
                                   "resolution", "array_shape", "bomb", "bytes", "number",
-                                  "listed_folder", "features_file", "checkpoint"])
+                                  "listed_folder", "features_file", "checkpoint", "url", "listed_url"])
 def test_bad_inputs_raise_one_line(tiny_model, tmp_path, case, monkeypatch):
     good = tmp_path / "good.png"
     Image.fromarray(random_image(64, 64)).save(good)
@@ -246,6 +246,14 @@ def test_bad_inputs_raise_one_line(tiny_model, tmp_path, case, monkeypatch):
         item = tmp_path / "leopart_vits16.ckpt"
         torch.save({"w": torch.zeros(2)}, item)
         match = "a checkpoint, not an image: weights are a model \\(--model, or model= in Python\\)"
+    elif case == "url":  # read as a path it was "no such file: https:/example.com/cat.jpg" (one slash lost)
+        item = "https://example.com/cat.jpg"
+        match = ("^https://example.com/cat.jpg is a web address: leopart reads image files, so download it first "
+                 r"\(curl -O URL\), or in Python pass its bytes: urllib.request.urlopen\(URL\).read\(\)$")
+    elif case == "listed_url":  # URL lists (web-scale datasets ship them) are refused by the line, not joined to paths
+        item = tmp_path / "urls.txt"
+        item.write_text("good.png\nhttp://example.com/dog.png\n")
+        match = f"^{re.escape(str(item))} lists http://example.com/dog.png, a web address: leopart reads image files"
     else:
         item, match = np.zeros((4, 4, 7), dtype=np.uint8), "expected an HxW"
     with pytest.raises(LeopartError, match=match) as e:

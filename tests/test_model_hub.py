@@ -489,6 +489,45 @@ def test_hub_repo_from_cache_offline(tiny_model, tmp_path):
         assert loaded.name_or_path == name
 
 
+def test_hub_web_addresses_name_their_repository(tiny_model, tmp_path):
+    """A repository's address copied from the browser loads as its id (and is recorded as the id); addresses
+    of files, datasets and other sites are refused with what to pass instead."""
+    folder = tiny_model.save_pretrained(tmp_path / "m")
+    files = {n: (folder / n).read_bytes() for n in ("config.json", "model.safetensors")}
+    populate_hf_cache("someone/tiny-leopart", files)
+    populate_hf_cache("someone/tiny-leopart", files, revision="refs/pr/1",
+                      commit="0123456789abcdef0123456789abcdef01234567")
+    for url, name in [("https://huggingface.co/someone/tiny-leopart", "someone/tiny-leopart"),
+                      ("huggingface.co/someone/tiny-leopart/", "someone/tiny-leopart"),
+                      ("https://hf.co/someone/tiny-leopart/tree/main", "someone/tiny-leopart"),
+                      ("https://huggingface.co/someone/tiny-leopart/tree/refs%2Fpr%2F1", "someone/tiny-leopart@refs/pr/1"),
+                      ("https://huggingface.co/someone/tiny-leopart?library=leopart", "someone/tiny-leopart")]:
+        loaded = leopart.from_pretrained(url)
+        assert torch.equal(loaded.prototypes.weight, tiny_model.prototypes.weight)
+        assert loaded.name_or_path == name and hub.recorded_name(url) == name
+    refusals = [
+        ("https://huggingface.co/someone/tiny-leopart/blob/main/model.safetensors",
+         "links a file or folder inside a Hub repository: name the repository itself, 'someone/tiny-leopart'$"),
+        ("https://huggingface.co/someone/tiny-leopart/resolve/v2/config.json", "itself, 'someone/tiny-leopart@v2'$"),
+        ("https://huggingface.co/datasets/someone/images", "is a Hub dataset, not a model repository$"),
+        ("https://huggingface.co/spaces/someone/demo", "is a Hub space, not a model repository$"),
+        ("https://huggingface.co/gpt2", r"is not a Hub repository's address \(https://huggingface.co/org/repo\)$"),
+        ("https://example.com/leopart_vits16.ckpt",
+         ("^a model is named by an alias, a Hub id, a folder or a checkpoint file, not a web address "
+          r"\(https://example.com/leopart_vits16.ckpt\): download the file and pass its path$")),
+    ]
+    for url, match in refusals:
+        with pytest.raises(LeopartError, match=match):
+            leopart.from_pretrained(url)
+    # Segmenters and probe heads take the same addresses; `leopart info` too.
+    with pytest.raises(LeopartError, match="^'nobody/seg' is not in the Hugging Face cache"):
+        leopart.Segmenter.from_pretrained("https://huggingface.co/nobody/seg")
+    with pytest.raises(LeopartError, match="^'nobody/head@v1' is not in the Hugging Face cache.*--revision v1`$"):
+        leopart.ProbeHead.from_pretrained("https://huggingface.co/nobody/head/tree/v1")
+    r = CliRunner().invoke(main, ["info", "https://huggingface.co/someone/tiny-leopart"])
+    assert r.exit_code == 0 and "someone/tiny-leopart" in r.output, r.output
+
+
 def test_name_or_path_records_what_to_load_again(tiny_model, tmp_path, monkeypatch):
     """Outputs made with a model (segmenters, probe heads) record it: local paths absolute, aliases as aliases
     even beside a folder of the same name (the alias wins when loading too)."""
