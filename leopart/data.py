@@ -30,6 +30,10 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".
 # iPhones save by default). AVIF joins IMAGE_EXTENSIONS where the installed Pillow reads it (11.2 and later).
 UNREADABLE_PHOTO_EXTENSIONS = {".heic", ".heif", ".avif", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf",
                                ".rw2"}
+# Videos are not read (that would need a video decoder): a folder's are left out with a warning, and one given
+# directly is named as a video, each with the ffmpeg line that turns it into a folder of frames.
+VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp"}
+EXTRACT_FRAMES = "extract the frames first (ffmpeg -i {video} frames/%05d.png) and pass the folder"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EXIF_ORIENTATION = 0x0112  # 1 = upright; 2-8 = mirrored and/or rotated; 5-8 swap width and height
@@ -46,23 +50,30 @@ def _image_extensions() -> tuple[frozenset[str], frozenset[str]]:
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
     """Image files under ``folder``, recursively, in sorted order (hidden files skipped). Photos in formats
-    Pillow cannot read (HEIC, camera raw) are left out with a warning that counts them."""
+    Pillow cannot read (HEIC, camera raw) and videos are left out with a warning that counts them."""
     folder = Path(folder)
     readable, unreadable = _image_extensions()
-    files, skipped = [], collections.Counter()
+    files, photos, videos = [], collections.Counter(), collections.Counter()
     for p in folder.rglob("*"):
         suffix = p.suffix.lower()
-        if (suffix in readable or suffix in unreadable) and p.is_file() \
+        if (suffix in readable or suffix in unreadable or suffix in VIDEO_EXTENSIONS) and p.is_file() \
                 and not any(part.startswith(".") for part in p.relative_to(folder).parts):
             if suffix in readable:
                 files.append(p)
             else:
-                skipped[suffix] += 1
-    if skipped:
-        counts = ", ".join(f"{n} {ext[1:].upper()}" for ext, n in sorted(skipped.items()))
-        warnings.warn(f"{folder}: leaving out {counts} file{'s' if sum(skipped.values()) > 1 else ''}, which "
-                      "Pillow cannot read: convert them to JPEG or PNG to include them", stacklevel=2)
+                (photos if suffix in unreadable else videos)[suffix] += 1
+    if photos:
+        warnings.warn(f"{folder}: leaving out {_count_files(photos)}, which Pillow cannot read: convert them to JPEG "
+                      "or PNG to include them", stacklevel=2)
+    if videos:
+        warnings.warn(f"{folder}: leaving out {_count_files(videos)}: leopart reads images, not videos; "
+                      + EXTRACT_FRAMES.format(video="VIDEO"), stacklevel=2)
     return sorted(files)
+
+
+def _count_files(by_suffix: collections.Counter) -> str:
+    counts = ", ".join(f"{n} {ext[1:].upper()}" for ext, n in sorted(by_suffix.items()))
+    return f"{counts} file{'s' if sum(by_suffix.values()) > 1 else ''}"
 
 
 # The bytes of an encoded image file (JPEG, PNG, ...): one image, not a sequence of numbers.
@@ -262,6 +273,7 @@ NOT_IMAGES = {
                     "a checkpoint, not an image: weights are a model (--model, or model= in Python)"),
     ".safetensors": "weights or features, not an image: weights are a model (--model, or model= in Python), "
                     "features go to leopart.cluster",
+    **dict.fromkeys(VIDEO_EXTENSIONS, "a video, not an image: " + EXTRACT_FRAMES.format(video="'{name}'")),
     ".npy": "a features file (`leopart embed -o`), not an image: cluster features with "
             "leopart.cluster(numpy.load('{name}'))",
 }

@@ -160,14 +160,17 @@ def test_folder_is_recursive_and_sorted(tiny_model, image_dir):
 
 def test_folders_leave_out_photos_pillow_cannot_read_with_a_warning(tmp_path, monkeypatch):
     Image.fromarray(random_image(32, 32)).save(tmp_path / "b.jfif", format="JPEG")
-    for name in ("IMG_0001.HEIC", "IMG_0002.heic", "raw/DSC_1.NEF", ".trash/IMG_3.HEIC", "notes.md"):
+    for name in ("IMG_0001.HEIC", "IMG_0002.heic", "raw/DSC_1.NEF", ".trash/IMG_3.HEIC", "notes.md", "clips/a.MP4",
+                 "clips/b.mov", "clips/c.mov"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(b"\0" * 64)
     with pytest.warns(UserWarning) as record:
         assert leopart.data.list_images(tmp_path) == [tmp_path / "b.jfif"]
-    assert [str(w.message) for w in record] == [
-        f"{tmp_path}: leaving out 2 HEIC, 1 NEF files, which Pillow cannot read: convert them to JPEG or PNG to "
-        "include them"]
+    photos = (f"{tmp_path}: leaving out 2 HEIC, 1 NEF files, which Pillow cannot read: convert them to JPEG or PNG "
+              "to include them")
+    videos = (f"{tmp_path}: leaving out 2 MOV, 1 MP4 files: leopart reads images, not videos; extract the frames "
+              "first (ffmpeg -i VIDEO frames/%05d.png) and pass the folder")
+    assert [str(w.message) for w in record] == [photos, videos]
     (tmp_path / "b.jfif").unlink()
     r = CliRunner().invoke(main, ["embed", str(tmp_path), "-o", str(tmp_path / "f.npy")])
     assert r.exit_code == 1
@@ -191,7 +194,7 @@ def test_images_smaller_than_a_patch_are_resized_to_a_fixed_resolution(tiny_mode
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "truncated", "text", "tiny", "empty_dir", "model",
                                   "resolution", "array_shape", "bomb", "bytes", "number",
-                                  "listed_folder", "features_file", "checkpoint", "url", "listed_url"])
+                                  "listed_folder", "features_file", "checkpoint", "url", "listed_url", "video"])
 def test_bad_inputs_raise_one_line(tiny_model, tmp_path, case, monkeypatch):
     good = tmp_path / "good.png"
     Image.fromarray(random_image(64, 64)).save(good)
@@ -246,6 +249,11 @@ def test_bad_inputs_raise_one_line(tiny_model, tmp_path, case, monkeypatch):
         item = tmp_path / "leopart_vits16.ckpt"
         torch.save({"w": torch.zeros(2)}, item)
         match = "a checkpoint, not an image: weights are a model \\(--model, or model= in Python\\)"
+    elif case == "video":  # read as "cannot identify image file"
+        item = tmp_path / "clip.mp4"
+        item.write_bytes(b"\0\0\0\x18ftypmp42" + b"\0" * 64)
+        match = re.escape(f"clip.mp4: a video, not an image: extract the frames first (ffmpeg -i '{item}' "
+                          "frames/%05d.png) and pass the folder")
     elif case == "url":  # read as a path it was "no such file: https:/example.com/cat.jpg" (one slash lost)
         item = "https://example.com/cat.jpg"
         match = ("^https://example.com/cat.jpg is a web address: leopart reads image files, so download it first "
