@@ -12,14 +12,13 @@ scores and one fp32 write; FLOP/s for the similarity kernels count 2*N*K*D.
 training size with their GPU time, to tell launch overhead (wall >> kernel total) from slow kernels.
 On a GPU the Sinkhorn rows also time eager and Triton replayed from a CUDA graph: the same kernels without
 the host's launch overhead (the issue's target compares plain calls).
---sweep also writes results/sinkhorn_sweep_<device>.md: the Triton Sinkhorn with other launch parameters
-(rows per tile, warps, persistent programs per SM, the whole row in one tile where K > 1024) against the shipped
-ones, each checked against torch.
+--sweep also writes results/sinkhorn_sweep_<device>.md: the Triton Sinkhorn with each of its launch candidates
+(rows per tile, warps, persistent programs per SM, the whole row in one tile where K > 1024), each checked against
+torch, and which of them its tuner picks (the plain rows above run the tuner's pick).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 
 import torch
@@ -28,7 +27,6 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.common import RESULTS, device_name, sync, timeit, write_results
 from leopart.kernels import nearest_prototype, patch_prototype_similarity, sinkhorn
 from leopart.kernels.similarity import nearest_torch, similarity_torch
-from leopart.kernels.backend import next_pow2
 from leopart.kernels.sinkhorn import sinkhorn_torch
 
 
@@ -113,65 +111,32 @@ def profile_calls(impls: dict, device: str, title: str) -> str:
     return "\n".join(sections)
 
 
-# (rows per tile, warps, persistent programs per SM); None keeps the shipped choice.
-# (rows per tile, warps, programs per SM, whole row in one tile): None / False keep the shipped choice. The
-# one-tile variants matter where K > 1024 (shipped: two 512-wide passes over each row block in the sample-step
-# passes): at K = 3000 a 2 x 4096 tile spilled at 4 warps (the slower run of 2026-11-27), but compiles for
-# sm_90 without spills at 8 and 16 warps (16 warps: 64-128 registers), so those are tried.
-SWEEP_VARIANTS = ([(None, None, None, False)]
-                  + [(bn, w, per_sm, False) for bn in (4, 8, 16) for w in (4, 8) for per_sm in (2, 4)]
-                  + [(bn, w, None, True) for bn, w in ((1, 16), (2, 16), (4, 16), (2, 8), (4, 8))])
-
-
-@contextlib.contextmanager
-def sinkhorn_launch(block_n: int | None, warps: int | None, per_sm: int | None, one_tile: bool = False):
-    """Run the Triton Sinkhorn with other launch parameters (the module's own choice where None / False)."""
-    module = sys.modules["leopart.kernels.sinkhorn"]
-    block_sizes, cap = module._block_sizes, module.num_programs_cap
-
-    def swept_sizes(k):
-        bn, bk, single, w = block_sizes(k)
-        if one_tile and not single:
-            bk, single = next_pow2(k), True
-        return block_n or bn, bk, single, warps or w
-
-    def swept_cap(device):
-        if per_sm is None or device.type != "cuda":
-            return cap(device)
-        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
-
-    module._block_sizes, module.num_programs_cap = swept_sizes, swept_cap
-    try:
-        yield
-    finally:
-        module._block_sizes, module.num_programs_cap = block_sizes, cap
-
-
-def sinkhorn_sweep(device: str, sizes: list[tuple[str, int, int]], variants=SWEEP_VARIANTS,
+def sinkhorn_sweep(device: str, sizes: list[tuple[str, int, int]], candidates=None,
                    repeat: int | None = None) -> list[dict]:
-    """Time each launch variant of the Triton Sinkhorn (also under the interpreter, for a smoke test)."""
+    """Time each launch candidate of the Triton Sinkhorn (kernels/sinkhorn.py's launch_candidates, the untuned
+    default first) and mark the one its tuner picks; also runs under the interpreter, as a smoke test."""
+    module = sys.modules["leopart.kernels.sinkhorn"]
+    candidates = candidates or module.launch_candidates
     rows = []
     g = torch.Generator(device=device).manual_seed(0)
-    module = sys.modules["leopart.kernels.sinkhorn"]
     for label, n, k in sizes:
         scores = torch.rand(n, k, device=device, generator=g) * 2 - 1
         reference = sinkhorn_torch(scores)
-        t_shipped = None
-        for block_n, warps, per_sm, one_tile in variants:
-            if one_tile and module._block_sizes(k)[2]:
-                continue  # the shipped tile already holds the whole row
-            row = {"size": f"{label}: {n}x{k}", "rows per tile": block_n or "shipped", "warps": warps or "shipped",
-                   "programs per SM": per_sm or "shipped", "tile": f"1 x {next_pow2(k)}" if one_tile else "shipped"}
-            try:  # a variant that fails to compile or launch is a row of the table, not the end of the sweep
-                with sinkhorn_launch(block_n, warps, per_sm, one_tile):
-                    fn = lambda: sinkhorn(scores, backend="triton")  # noqa: E731
-                    error = (fn() - reference).abs().max().item()
-                    t = timeit(fn, device, warmup=0, repeat=repeat or (20 if n * k < 1e8 else 3))
+        chosen = module.choose_launch(scores, 0.05, 3)
+        t_default = None
+        for launch in candidates(k):
+            row = {"size": f"{label}: {n}x{k}", "tile": f"{launch.block_n} x {launch.block_k}"
+                   + ("" if launch.single_tile else " (2 reads)"), "warps": launch.num_warps,
+                   "programs per SM": launch.programs_per_sm, "tuner's pick": "yes" if launch == chosen else ""}
+            try:  # a candidate that fails to compile or launch is a row of the table, not the end of the sweep
+                fn = lambda: module.sinkhorn_triton(scores, launch=launch)  # noqa: E731, B023
+                error = (fn() - reference).abs().max().item()
+                t = timeit(fn, device, warmup=0, repeat=repeat or (20 if n * k < 1e8 else 3))
             except Exception as e:  # noqa: BLE001
                 rows.append({**row, "max abs error": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"})
                 continue
-            t_shipped = t_shipped or t
-            rows.append({**row, "ms": t * 1e3, "speedup vs shipped": t_shipped / t, "max abs error": error})
+            t_default = t_default or t
+            rows.append({**row, "ms": t * 1e3, "speedup vs default": t_default / t, "max abs error": error})
         del scores, reference
     return rows
 
@@ -193,10 +158,11 @@ def main():
         if not args.quick:
             sizes.append(("bandwidth N=1M K=3000", 1_000_000, 3000))
         write_results(f"sinkhorn_sweep_{dev.split(':')[0]}", dev, sinkhorn_sweep(dev, sizes),
-                      ["size", "rows per tile", "warps", "programs per SM", "tile", "ms", "speedup vs shipped",
+                      ["size", "tile", "warps", "programs per SM", "ms", "speedup vs default", "tuner's pick",
                        "max abs error"],
-                      note="Triton Sinkhorn, eps=0.05, 3 iterations; 'shipped' = the launch parameters in "
-                           "kernels/sinkhorn.py. Errors are against sinkhorn_torch on the same scores.")
+                      note="Triton Sinkhorn, eps=0.05, 3 iterations: each launch candidate of kernels/sinkhorn.py, "
+                           "the untuned default first; 'tuner's pick' is what sinkhorn() runs on this GPU. Errors "
+                           "are against sinkhorn_torch on the same scores.")
     compiled_sinkhorn = torch.compile(sinkhorn_torch) if not args.skip_compile else None
     compiled_nearest = torch.compile(nearest_torch) if not args.skip_compile else None
     rows = []

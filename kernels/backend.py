@@ -67,12 +67,5 @@ def on_input_device(launcher):
     return run_on_input_device
 
 
-def num_programs_cap(device: torch.device) -> int:
-    """Upper bound on persistent programs: a few per SM on a GPU, a handful in the interpreter."""
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 8
-
-
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())

@@ -82,11 +82,14 @@ def specs() -> list[Spec]:
         sig = _signature({"x_ptr": dtype, **{p: "fp32" for p in row_ptrs}}, ["stride_n", "stride_k", "N", "K"],
                          ["inv_eps", "log_n"], ["UPDATE_B", "WRITE_OUT", "BLOCK_N", "BLOCK_K", "SINGLE_TILE"])
         for k in SINKHORN_K:
-            block_n, block_k, single, warps = sinkhorn._block_sizes(k)
-            for update_b, write_out in ((False, False), (True, False), (True, True)):
-                out.append(Spec("sinkhorn._row_pass", sig,
-                                {"UPDATE_B": update_b, "WRITE_OUT": write_out, "BLOCK_N": block_n,
-                                 "BLOCK_K": block_k, "SINGLE_TILE": single}, warps))
+            # Every tile the tuner may time (programs per SM compile alike).
+            tiles = dict.fromkeys((c.block_n, c.block_k, c.single_tile, c.num_warps)
+                                  for c in sinkhorn.launch_candidates(k))
+            for block_n, block_k, single, warps in tiles:
+                for update_b, write_out in ((False, False), (True, False), (True, True)):
+                    out.append(Spec("sinkhorn._row_pass", sig,
+                                    {"UPDATE_B": update_b, "WRITE_OUT": write_out, "BLOCK_N": block_n,
+                                     "BLOCK_K": block_k, "SINGLE_TILE": single}, warps))
     for final in (True, False):
         sig = _signature({p: "fp32" for p in ("pm_ptr", "ps_ptr", "out_m_ptr", "out_s_ptr", "a_ptr")}, ["P", "K"],
                          ["log_k"], ["FINAL", "BLOCK_P", "BLOCK_K"])

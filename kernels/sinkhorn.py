@@ -20,10 +20,16 @@ next a (the prototype step), which a tiny kernel combines. The last pass writes 
 Reads: 1 + n_iters passes over S, one write of the output; no N x K temporaries besides the output.
 With ``distributed=True`` the per-prototype partials and N are all-reduced, so every process gets the rows
 of single-process Sinkhorn on the concatenated batch.
+
+How it is launched (rows per tile, one or two tiles per row, warps, persistent programs) is a ``Launch``. On a
+GPU, calls of 2M scores and more use the fastest of a few candidates, timed as whole calls at the first call of
+each shape (``choose_launch``); smaller calls, and the interpreter, use a fixed choice.
 """
 # No `from __future__ import annotations` in kernel files: the interpreter of Triton 3.0 and 3.1 knows a
 # tl.constexpr parameter only by its evaluated annotation, and a string "tl.constexpr" is not one.
+import functools
 import math
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -33,7 +39,6 @@ from .backend import (
     LAUNCH_OPTIONS,
     interpreting,
     next_pow2,
-    num_programs_cap,
     on_input_device,
     resolve,
 )
@@ -233,28 +238,131 @@ if triton is not None:
 COMBINE_BLOCK_P, COMBINE_BLOCK_K = 64, 32
 
 
-def _block_sizes(k: int) -> tuple[int, int, bool, int]:
-    """(BLOCK_N, BLOCK_K, SINGLE_TILE, num_warps). Memory-bound: tiles of ~8K elements; while K fits one
-    tile (K <= 1024) each row block is read once per pass, beyond that twice in the sample-step passes."""
-    if interpreting():
-        return 64, min(next_pow2(k), 1024), k <= 1024, 4  # big tiles: fewer interpreted steps
+# ---------------------------------------------------------------- launching
+@dataclass(frozen=True)
+class Launch:
+    """How the Triton Sinkhorn runs: tiles of block_n rows x block_k columns (single_tile: the whole row in one
+    tile, read once per pass; else the sample-step passes read each row block twice), num_warps per program, and
+    as many persistent programs as programs_per_sm per SM allow."""
+    block_n: int
+    block_k: int
+    single_tile: bool
+    num_warps: int = 4
+    programs_per_sm: int = 4
+
+    def programs(self, n: int, device: torch.device) -> int:
+        """As few persistent programs as give the same number of row blocks per program (fewer partials to
+        combine). The interpreter counts as two SMs: a handful of programs, each looping over many blocks."""
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+        row_blocks = max(1, -(-n // self.block_n))
+        blocks_per_program = -(-row_blocks // (self.programs_per_sm * sms))
+        return -(-row_blocks // blocks_per_program)
+
+
+def gpu_launch(k: int) -> Launch:
+    """The untuned choice on a GPU. Memory-bound: tiles of ~8K elements; one tile per row while K <= 1024 (measured
+    on an H200: one 4096-wide tile of 2 rows at 4 warps was slower at K = 3000, as it spills)."""
     block_k = max(next_pow2(k), 16)
-    if block_k <= 1024:  # measured on an H200: one 4096-wide tile of 2 rows was slower at K = 3000
-        return max(1, min(64, 8192 // block_k)), block_k, True, 4
-    return 16, 512, False, 4
+    if block_k <= 1024:
+        return Launch(max(1, min(64, 8192 // block_k)), block_k, True)
+    return Launch(16, 512, False)
 
 
-@on_input_device
-def sinkhorn_triton(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 3,
-                    distributed: bool = False) -> torch.Tensor:
+def default_launch(k: int) -> Launch:
+    if interpreting():
+        return Launch(64, min(next_pow2(k), 1024), k <= 1024)  # big tiles: fewer interpreted steps
+    return gpu_launch(k)
+
+
+def launch_candidates(k: int) -> list[Launch]:
+    """What the tuner times on a GPU, gpu_launch(k) first. Register pressure decides: at K = 300 the 16 x 512 tile
+    takes ~200 registers per thread in its sample-step passes (2-3 programs per SM), 4 x 512 ~80; where K > 1024
+    one tile per row reads each row block once, and compiles without spills at 8-16 warps (sm_90, ptxas)."""
+    first = gpu_launch(k)
+    if first.single_tile:
+        smaller = [Launch(max(1, first.block_n // d), first.block_k, True, warps)
+                   for d in (1, 2, 4) for warps in (4, 8)]
+        candidates = [first, replace(first, programs_per_sm=2), *smaller]
+    else:
+        row = next_pow2(k)
+        candidates = [first, replace(first, num_warps=8),
+                      *(Launch(rows, row, True, warps) for rows, warps in ((1, 16), (2, 16), (4, 16), (2, 8))
+                        if rows * row <= 16384)]
+    return list(dict.fromkeys(candidates))  # in order, without repeats
+
+
+# Smaller calls keep the default: a pass over fewer than 2M fp32 scores (8 MB) takes microseconds, so timing
+# the candidates would cost more than it can save. The tuned choices are remembered per process, as triton.autotune's.
+TUNE_MIN_SCORES = 1 << 21
+_tuned: dict[tuple, Launch] = {}
+
+
+def choose_launch(scores: torch.Tensor, epsilon: float, n_iters: int) -> Launch:
+    """On a GPU, for calls of 2M scores and more: the fastest of launch_candidates, timed as whole calls on these
+    scores at the first call of each (GPU, dtype, layout, K, N rounded up to a power of two), then remembered.
+    Elsewhere, under torch.use_deterministic_algorithms (timings vary, and so would the rounding) and in a CUDA
+    graph capture of a shape not yet tuned: the untuned default. Whole calls are timed, not single kernels (as
+    triton.autotune would): the tiles decide the number of programs, hence the partials that every combine
+    reads, so the passes and combines are chosen together."""
+    n, k = scores.shape
+    if not _tunable(scores):
+        return default_launch(k)
+    key = (str(scores.device), scores.dtype, scores.stride(1) == 1, k, next_pow2(n))
+    if key not in _tuned:
+        if scores.is_cuda and torch.cuda.is_current_stream_capturing():  # a CUDA graph: nothing can be timed
+            return default_launch(k)
+        run = functools.partial(_sinkhorn, scores, epsilon, n_iters, False)
+        _tuned[key] = fastest_launch(run, launch_candidates(k), _cuda_ms)
+    return _tuned[key]
+
+
+def _tunable(scores: torch.Tensor) -> bool:
+    return (scores.is_cuda and not interpreting() and scores.numel() >= TUNE_MIN_SCORES
+            and not torch.are_deterministic_algorithms_enabled())
+
+
+def fastest_launch(run, candidates: list[Launch], time_ms) -> Launch:
+    """The candidate for which ``time_ms(lambda: run(launch))`` is least. A candidate other than the first that
+    fails to compile or launch on this GPU (out of registers or shared memory) is passed over."""
+    best, best_ms = candidates[0], time_ms(lambda: run(candidates[0]))
+    for launch in candidates[1:]:
+        try:
+            ms = time_ms(lambda: run(launch))  # noqa: B023 - called at once, in this iteration
+        except Exception:  # noqa: BLE001 - triton's compile and resource errors have no common base class
+            ms = math.inf
+        if ms < best_ms:
+            best, best_ms = launch, ms
+    return best
+
+
+def _cuda_ms(fn) -> float:
+    """Milliseconds per call of ``fn``: the best of three rounds of calls after one that compiles."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    rounds = []
+    for _ in range(3):
+        start.record()
+        for _ in range(5):
+            fn()
+        end.record()
+        end.synchronize()
+        rounds.append(start.elapsed_time(end) / 5)
+    return min(rounds)
+
+
+@on_input_device  # the tuner's timing too runs on the scores' GPU
+def sinkhorn_triton(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 3, distributed: bool = False,
+                    launch: Launch | None = None) -> torch.Tensor:
+    """The Triton Sinkhorn; ``launch``: its tiles, warps and programs (default: choose_launch's)."""
+    return _sinkhorn(scores, epsilon, n_iters, distributed, launch or choose_launch(scores, epsilon, n_iters))
+
+
+def _sinkhorn(scores: torch.Tensor, epsilon: float, n_iters: int, distributed: bool, launch: Launch) -> torch.Tensor:
     n, k = scores.shape
     device = scores.device
     n_total = _global_count(n, device, distributed)
-    block_n, block_k, single, warps = _block_sizes(k)
-    # Persistent programs: as few as give the same number of row blocks per program (fewer partials to combine).
-    row_blocks = max(1, -(-n // block_n))
-    blocks_per_program = -(-row_blocks // num_programs_cap(device))
-    programs = -(-row_blocks // blocks_per_program)
+    single = launch.single_tile
+    programs = launch.programs(n, device)
     # No fills needed: the first pass takes b = 0 without reading b, and every pass writes what the next reads.
     a = torch.empty(k, device=device, dtype=torch.float32)
     b = torch.empty(n, device=device, dtype=torch.float32)
@@ -265,7 +373,8 @@ def sinkhorn_triton(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 
     col_s = torch.empty(k, device=device, dtype=torch.float32)
     out = torch.empty((n, k), device=device, dtype=torch.float32)
     combine_grid = (-(-k // COMBINE_BLOCK_K),)
-    common = dict(BLOCK_N=block_n, BLOCK_K=block_k, SINGLE_TILE=single, num_warps=warps, **LAUNCH_OPTIONS)
+    common = dict(BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, SINGLE_TILE=single, num_warps=launch.num_warps,
+                  **LAUNCH_OPTIONS)
 
     def accumulate(update_b: bool):
         # One pass over the rows that folds lse_n(x + b) into fresh partials (after the sample step if update_b).

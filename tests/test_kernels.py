@@ -68,10 +68,63 @@ def test_sinkhorn_many_programs(monkeypatch, n, k):
     """As many programs as a GPU runs (the interpreter's cap is 8): the combine then reduces more partial rows
     (196, 79, 130) than one of its tiles holds (64), the last tile only partly filled."""
     module = importlib.import_module("leopart.kernels.sinkhorn")  # the attribute `sinkhorn` is the function
-    monkeypatch.setattr(module, "num_programs_cap", lambda device: 528)
-    monkeypatch.setattr(module, "_block_sizes", lambda k: (64 if n > 130 else 1, module.next_pow2(k), True, 4))
+    launch = module.Launch(64 if n > 130 else 1, module.next_pow2(k), True, programs_per_sm=264)  # 2 x 264 programs
     scores = cosine_scores(n, k, seed=4)
-    torch.testing.assert_close(sinkhorn(scores, backend="triton"), sinkhorn_torch(scores), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(module.sinkhorn_triton(scores, launch=launch), sinkhorn_torch(scores), atol=1e-5,
+                               rtol=1e-4)
+
+
+@pytest.mark.parametrize("n,k", [(300, 21), (300, 300), (40, 1100)])
+def test_every_sinkhorn_launch_candidate_matches_torch(n, k):
+    """Each launch the GPU tuner may pick (smaller tiles, more warps, fewer programs, one tile per row where K >
+    1024) computes the same assignments: the tuner chooses by speed alone."""
+    module = importlib.import_module("leopart.kernels.sinkhorn")
+    scores = cosine_scores(n, k, seed=5)
+    reference = sinkhorn_torch(scores)
+    candidates = module.launch_candidates(k)
+    assert candidates[0] == module.gpu_launch(k) and len(candidates) == len(set(candidates)) >= 5
+    assert any(c.single_tile for c in candidates) and (k <= 1024) == all(c.single_tile for c in candidates)
+    for launch in candidates:
+        torch.testing.assert_close(module.sinkhorn_triton(scores, launch=launch), reference, atol=1e-5, rtol=1e-4,
+                                   msg=lambda m, launch=launch: f"{launch}: {m}")
+
+
+def test_sinkhorn_tuner_picks_the_fastest_once_per_shape(monkeypatch):
+    """On a GPU a large call times the candidates (whole calls) once per shape and remembers the fastest; a
+    candidate that fails to compile there is passed over. Run here with the interpreter and a stand-in clock."""
+    module = importlib.import_module("leopart.kernels.sinkhorn")
+    candidates = module.launch_candidates(300)
+    fastest, broken = candidates[3], candidates[4]
+    timed = []
+
+    def clock(fn):  # ms by candidate; runs the call as the real clock does
+        fn()
+        launch = ran[-1]
+        timed.append(launch)
+        if launch == broken:
+            raise RuntimeError("out of resource: registers")
+        return 1.0 if launch == fastest else 2.0 + len(timed)
+
+    ran, real_run = [], module._sinkhorn
+    monkeypatch.setattr(module, "_sinkhorn", lambda scores, eps, iters, dist, launch: (ran.append(launch),
+                                                                                       real_run(scores, eps, iters,
+                                                                                                dist, launch))[1])
+    monkeypatch.setattr(module, "_cuda_ms", clock)
+    monkeypatch.setattr(module, "_tunable", lambda scores: True)
+    monkeypatch.setattr(module, "_tuned", {})
+    scores = cosine_scores(200, 300, seed=6)
+    out = sinkhorn(scores, backend="triton")
+    assert timed == candidates and ran[-1] == fastest  # every candidate timed, then the call itself runs the pick
+    torch.testing.assert_close(out, sinkhorn_torch(scores), atol=1e-5, rtol=1e-4)
+    ran.clear()
+    sinkhorn(cosine_scores(150, 300, seed=7), backend="triton")  # same K, N rounds up to the same 256: remembered
+    assert ran == [fastest] and len(timed) == len(candidates) and len(module._tuned) == 1
+    sinkhorn(scores.bfloat16(), backend="triton")  # another dtype is another shape
+    assert len(module._tuned) == 2
+    # Untunable calls (CPU, small, deterministic algorithms asked for): the default.
+    monkeypatch.undo()
+    assert module.choose_launch(scores, 0.05, 3) == module.default_launch(300)
+    assert not module._tunable(scores)
 
 
 @pytest.mark.parametrize("n_iters,eps", [(1, 0.05), (5, 0.05), (3, 0.5)])
@@ -293,47 +346,28 @@ def test_triton_launches_on_the_gpu_of_its_inputs(monkeypatch):
         assert getattr(launcher, "__wrapped__", None) is not None, launcher.__name__
 
 
-def test_sinkhorn_launch_sweep_runs_and_restores(monkeypatch):
-    """The GPU session's launch-parameter sweep (benchmarks/kernels.py --sweep), run in the interpreter:
-    every variant reaches the kernel, matches torch, and the module's own choices come back afterwards."""
+def test_sinkhorn_launch_sweep_runs_every_candidate():
+    """The GPU session's launch sweep (benchmarks/kernels.py --sweep), run in the interpreter: a row per
+    candidate, checked against torch; one that fails to compile or launch becomes a row saying so."""
     from benchmarks import kernels as bench
 
     module = importlib.import_module("leopart.kernels.sinkhorn")
-    shipped = module._block_sizes, module.num_programs_cap
-    seen, real_row_pass = [], module._row_pass
 
-    class Recorder:  # stands in for the kernel object: notes each launch's tile and num_warps
-        def __getitem__(self, grid):
-            def launch(*args, **meta):
-                seen.append((meta["BLOCK_N"], meta["BLOCK_K"], meta["SINGLE_TILE"], meta["num_warps"]))
-                return real_row_pass[grid](*args, **meta)
-            return launch
+    def candidates(k):
+        return [*module.launch_candidates(k)[:2], module.Launch(4, 24, True)]  # a 24-wide tile does not compile
 
-    monkeypatch.setattr(module, "_row_pass", Recorder())
-    rows = bench.sinkhorn_sweep("cpu", [("tiny", 300, 21), ("wide", 20, 1100)],
-                                variants=[(None, None, None, False), (4, 8, 2, False), (2, 16, None, True)], repeat=1)
-    # The one-tile variant runs only where the shipped tiles split the row (K > 1024 here).
-    assert [(r["size"], r["rows per tile"], r["tile"]) for r in rows] == [
-        ("tiny: 300x21", "shipped", "shipped"), ("tiny: 300x21", 4, "shipped"),
-        ("wide: 20x1100", "shipped", "shipped"), ("wide: 20x1100", 4, "shipped"), ("wide: 20x1100", 2, "1 x 2048")]
-    assert all(r["max abs error"] < 1e-5 for r in rows), rows
-    assert seen[0] == module._block_sizes(21)  # the shipped tile first, then the variants
-    assert (4, 32, True, 8) in seen and (2, 2048, True, 16) in seen and (64, 1024, False, 4) in seen
-    assert (module._block_sizes, module.num_programs_cap) == shipped
-
-    class Failing(Recorder):  # a variant that does not compile on the GPU is a row of the table, not the end
-        def __getitem__(self, grid):
-            def launch(*args, **meta):
-                if meta["num_warps"] == 8:
-                    raise RuntimeError("out of resources: shared memory\nmore detail")
-                return real_row_pass[grid](*args, **meta)
-            return launch
-
-    monkeypatch.setattr(module, "_row_pass", Failing())
-    rows = bench.sinkhorn_sweep("cpu", [("tiny", 300, 21)], variants=[(None, None, None, False), (4, 8, 2, False)],
-                                repeat=1)
-    assert rows[1]["max abs error"] == "failed: RuntimeError: out of resources: shared memory" and "ms" not in rows[1]
-    assert rows[0]["max abs error"] < 1e-5 and (module._block_sizes, module.num_programs_cap) == shipped
+    rows = bench.sinkhorn_sweep("cpu", [("tiny", 300, 21), ("wide", 20, 1100)], candidates=candidates, repeat=1)
+    first = module.gpu_launch(21)
+    assert [(r["size"], r["tile"], r["warps"]) for r in rows] == [
+        ("tiny: 300x21", f"{first.block_n} x 32", 4), ("tiny: 300x21", f"{first.block_n} x 32", 4),
+        ("tiny: 300x21", "4 x 24", 4), ("wide: 20x1100", "16 x 512 (2 reads)", 4),
+        ("wide: 20x1100", "16 x 512 (2 reads)", 8), ("wide: 20x1100", "4 x 24", 4)]
+    assert [r["programs per SM"] for r in rows[:2]] == [4, 2]
+    assert all(r["max abs error"] < 1e-5 for r in rows[:2] + rows[3:5]), rows
+    assert rows[2]["max abs error"].startswith("failed: InterpreterError: ValueError(\"arange's range must be a "
+                                               "power of 2\")") and "ms" not in rows[2]
+    # The interpreter never tunes: its pick is its own default, at K = 21 the GPU's first candidate too.
+    assert [r["tuner's pick"] for r in rows] == ["yes", "", "", "", "", ""]
 
 
 def test_benchmark_multiplicative_baseline_is_swav():
