@@ -499,6 +499,10 @@ def push_folder(save: Callable[..., object], repo_id: str, *, private: bool | No
     from huggingface_hub import HfApi, constants
     from huggingface_hub.utils import HfHubHTTPError, HFValidationError
 
+    repo_id = str(hub_id_of_url(repo_id, "a repository to push to", "its id, org/repo"))  # a copied address
+    if "@" in repo_id:
+        raise LeopartError(f"push to a repository, org/repo, not to a revision ({repo_id})")
+
     def failed(why: str) -> LeopartError:
         return LeopartError(f"cannot push to the Hub repository '{repo_id}': {why}")
 

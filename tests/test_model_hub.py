@@ -268,6 +268,11 @@ def test_push_to_hub_uploads_a_saved_folder(tiny_model, monkeypatch):
     # The card on the Hub page loads this repository, in the metadata the Hub lists models by.
     assert 'leopart.from_pretrained("me/tiny")' in calls["card"]
     assert "library_name: leopart" in calls["card"] and "pipeline_tag: image-feature-extraction" in calls["card"]
+    # The repository's address as the browser shows it names the same repository.
+    assert tiny_model.push_to_hub("https://huggingface.co/me/tiny") == "https://hub/me/tiny/commit/1"
+    assert calls["create"][0] == "me/tiny" and 'leopart.from_pretrained("me/tiny")' in calls["card"]
+    with pytest.raises(LeopartError, match=r"^push to a repository, org/repo, not to a revision \(me/tiny@v2\)$"):
+        tiny_model.push_to_hub("https://huggingface.co/me/tiny/tree/v2")
 
     # A segmenter that names its model by a local path says others cannot load it; a Hub id is fine.
     seg = leopart.Segmenter(torch.randn(3, 8), torch.tensor([0, 1, 1]), torch.tensor([False, True, True]),
