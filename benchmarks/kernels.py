@@ -12,6 +12,8 @@ scores and one fp32 write; FLOP/s for the similarity kernels count 2*N*K*D.
 training size with their GPU time, to tell launch overhead (wall >> kernel total) from slow kernels.
 On a GPU the Sinkhorn rows also time eager and Triton replayed from a CUDA graph: the same kernels without
 the host's launch overhead (the issue's target compares plain calls).
+On a GPU it also writes results/kernels_targets_<device>.md: the kernel issue's targets, met or not, with a
+device-to-device copy's bandwidth measured beside the nominal limit.
 --sweep also writes results/sinkhorn_sweep_<device>.md: the Triton Sinkhorn with each of its launch candidates
 (rows per tile, warps, persistent programs per SM, the whole row in one tile where K > 1024), each checked against
 torch, and which of them its tuner picks (the plain rows above run the tuner's pick).
@@ -141,6 +143,62 @@ def sinkhorn_sweep(device: str, sizes: list[tuple[str, int, int]], candidates=No
     return rows
 
 
+def copy_bandwidth_gbs(device: str, gib: int = 2) -> float:
+    """GB/s of a plain device-to-device copy of ``gib`` GiB (read + write): what the memory reaches in practice,
+    beside the nominal limit, in the same run as the Sinkhorn's figure."""
+    src = torch.empty(gib * 2**30 // 4, device=device)
+    dst = torch.empty_like(src)
+    seconds = timeit(lambda: dst.copy_(src), device, warmup=2, repeat=10)
+    return 2 * src.numel() * 4 / seconds / 1e9
+
+
+def nominal_bandwidth_gbs(device: str) -> float | None:
+    """The GPU's memory bandwidth on paper (double data rate x bus width), where torch reports the two."""
+    props = torch.cuda.get_device_properties(device)
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", None), getattr(props, "memory_bus_width", None)
+    return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9 if clock_khz and bus_bits else None
+
+
+def issue_targets(rows: list[dict], copy_gbs: float | None, nominal_gbs: float | None) -> list[dict]:
+    """The kernel issue's targets, read off this run's rows: Sinkhorn >= 3x torch eager at the training size and
+    >= 60% of the memory bandwidth limit at 1M x 3,000 (the nominal limit; the copy's figure beside it), and
+    nearest_prototype >= 1.5x matmul + argmax at the k-means size with peak extra memory < 5% of the N x K
+    matrix. A target whose rows this run did not produce (--quick, a failed row) is left out."""
+    def row(kernel, size_prefix, impl):
+        found = [r for r in rows if r["kernel"] == kernel and r["size"].startswith(size_prefix) and r["impl"] == impl
+                 and isinstance(r.get("ms"), float)]
+        return found[0] if found else None
+
+    out = []
+    train = row("sinkhorn", "train ViT-S/16", "leopart triton")
+    if train:
+        speedup = train["speedup vs eager"]
+        out.append({"target": "Sinkhorn, 12,544 x 300: time vs torch eager", "required": ">= 3x",
+                    "measured": f"{speedup:.2f}x ({train['ms']:.3f} ms)", "met": "yes" if speedup >= 3 else "no"})
+    wide = row("sinkhorn", "bandwidth N=1M K=3000", "leopart triton")
+    if wide and (nominal_gbs or copy_gbs):
+        limit = nominal_gbs or copy_gbs
+        share = wide["GB/s"] / limit
+        measured = f"{wide['GB/s']:.0f} GB/s at the 5-pass minimum traffic = {share:.0%} of " + (
+            f"the nominal {nominal_gbs:.0f} GB/s" if nominal_gbs else f"a copy's {copy_gbs:.0f} GB/s")
+        if nominal_gbs and copy_gbs:
+            measured += f" ({wide['GB/s'] / copy_gbs:.0%} of a copy's {copy_gbs:.0f} GB/s)"
+        out.append({"target": "Sinkhorn, 1M x 3,000: memory bandwidth", "required": ">= 60% of the limit",
+                    "measured": measured, "met": "yes" if share >= 0.6 else "no"})
+    nearest = row("nearest_prototype", "k-means", "leopart triton")
+    if nearest:
+        n, k = (int(v) for v in nearest["size"].split(": ")[1].split("x")[:2])
+        matrix_mib = n * k * 4 / 2**20
+        extra = nearest["peak extra MiB"]
+        met = nearest["speedup vs eager"] >= 1.5 and isinstance(extra, float) and extra < 0.05 * matrix_mib
+        out.append({"target": "nearest_prototype, k-means size: time vs matmul + argmax; peak extra memory",
+                    "required": ">= 1.5x; < 5% of the N x K matrix",
+                    "measured": f"{nearest['speedup vs eager']:.2f}x; {extra:.1f} MiB = "
+                                f"{extra / matrix_mib:.1%} of {matrix_mib:.0f} MiB",
+                    "met": "yes" if met else "no"})
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -215,6 +273,10 @@ def main():
                   note="Sinkhorn eps=0.05, 3 iterations; 'speedup vs eager' is against the stable log-domain reference "
                        "(sinkhorn_torch); the multiplicative row is SwAV's algorithm (not stable past scores/eps ~ 88). "
                        "On CPU only the torch paths exist; Triton rows need a GPU.")
+    if gpu:
+        targets = issue_targets(rows, copy_bandwidth_gbs(dev), nominal_bandwidth_gbs(dev))
+        write_results(f"kernels_targets_{dev.split(':')[0]}", dev, targets, ["target", "required", "measured", "met"],
+                      note="The kernel issue's targets, from the rows of kernels_cuda.md (same run).")
 
 
 if __name__ == "__main__":

@@ -370,6 +370,32 @@ def test_sinkhorn_launch_sweep_runs_every_candidate():
     assert [r["tuner's pick"] for r in rows] == ["yes", "", "", "", "", ""]
 
 
+def test_benchmark_reads_the_issue_targets_off_its_rows():
+    """The GPU run states each target as met or not from its own rows, against the nominal bandwidth."""
+    from benchmarks.kernels import issue_targets
+
+    rows = [{"kernel": "sinkhorn", "size": "train ViT-S/16: 12544x300", "impl": "torch eager", "ms": 1.4,
+             "speedup vs eager": 1.0},
+            {"kernel": "sinkhorn", "size": "train ViT-S/16: 12544x300", "impl": "leopart triton", "ms": 0.4,
+             "speedup vs eager": 3.5},
+            {"kernel": "sinkhorn", "size": "bandwidth N=1M K=3000: 1000000x3000", "impl": "leopart triton",
+             "ms": 32.5, "speedup vs eager": 6.4, "GB/s": 1846.0},
+            {"kernel": "nearest_prototype", "size": "k-means: 1100000x500x384", "impl": "leopart triton",
+             "ms": 2.8, "speedup vs eager": 3.9, "peak extra MiB": 16.8}]
+    targets = issue_targets(rows, copy_gbs=4000.0, nominal_gbs=4800.0)
+    assert [t["met"] for t in targets] == ["yes", "no", "yes"]
+    assert targets[0]["measured"] == "3.50x (0.400 ms)"
+    assert targets[1]["measured"] == ("1846 GB/s at the 5-pass minimum traffic = 38% of the nominal 4800 GB/s "
+                                      "(46% of a copy's 4000 GB/s)")
+    assert targets[2]["measured"] == "3.90x; 16.8 MiB = 0.8% of 2098 MiB"
+    # No nominal figure from torch: the copy is the limit. A failed or missing row leaves its target out.
+    rows[2]["GB/s"] = 2500.0
+    assert issue_targets(rows, 4000.0, None)[1]["measured"].endswith("= 62% of a copy's 4000 GB/s")
+    rows[1]["ms"] = "failed: RuntimeError"
+    assert [t["target"][:9] for t in issue_targets(rows[1:], 4000.0, 4800.0)] == ["Sinkhorn,", "nearest_p"]
+    assert issue_targets(rows[1:], 4000.0, 4800.0)[0]["target"].endswith("memory bandwidth")
+
+
 def test_benchmark_multiplicative_baseline_is_swav():
     """benchmarks/kernels.py times the multiplicative Sinkhorn (SwAV's, as the reference code trains with) as
     a second baseline: it must compute the same assignments, or its row compares unlike things."""
