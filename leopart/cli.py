@@ -62,8 +62,8 @@ def main(ctx):
     """Dense, part-aware patch features with Leopart Vision Transformers.
 
     MODEL arguments take an alias (vits16, vitb8, dino-vits16, dino-vitb8), an org/repo[@revision] on
-    the Hugging Face Hub (or its https://huggingface.co/org/repo address), a folder written by save_pretrained (or a finished `leopart train` run), or an
-    original .ckpt/.pth file.
+    the Hugging Face Hub (or its https://huggingface.co/org/repo address), a folder written by
+    save_pretrained (or a finished `leopart train` run), or an original .ckpt/.pth file.
     """
     warnings.showwarning = _one_line_warning
     processes = int(os.environ.get("WORLD_SIZE") or 1)  # as device.launched_processes, which would import torch here

@@ -359,8 +359,8 @@ def hub_id_of_url(name: str | os.PathLike, what: str, forms: str) -> str | os.Pa
     if Path(name).expanduser().exists() or not (match or URL.match(text)):
         return name
     if not match:
-        raise LeopartError(f"{what} is named by {forms}, not a web address ({text}): download the file and pass its "
-                           f"path")
+        raise LeopartError(f"{what} is named by {forms}, not a web address ({text}): download the file and "
+                           "pass its path")
     parts = [unquote(part) for part in match["path"].strip("/").split("/") if part]
     if parts[:1] in (["datasets"], ["spaces"]):
         raise LeopartError(f"{text} is a Hub {parts[0][:-1]}, not a model repository")
