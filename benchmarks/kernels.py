@@ -163,12 +163,15 @@ def issue_targets(rows: list[dict], copy_gbs: float | None, nominal_gbs: float |
     """The kernel issue's targets, read off this run's rows: Sinkhorn >= 3x torch eager at the training size and
     >= 60% of the memory bandwidth limit at 1M x 3,000 (the nominal limit; the copy's figure beside it), and
     nearest_prototype >= 1.5x matmul + argmax at the k-means size with peak extra memory < 5% of the N x K
-    matrix. A target whose rows this run did not produce (--quick, a failed row) is left out."""
+    matrix. A target whose rows this run did not produce (--quick, a failed row) is left out. The nominal figure
+    counts when it is 1-3x what the copy reached (copies reach ~80-90% of it), else the copy's is the limit."""
     def row(kernel, size_prefix, impl):
         found = [r for r in rows if r["kernel"] == kernel and r["size"].startswith(size_prefix) and r["impl"] == impl
                  and isinstance(r.get("ms"), float)]
         return found[0] if found else None
 
+    if nominal_gbs and copy_gbs and not copy_gbs <= nominal_gbs <= 3 * copy_gbs:
+        nominal_gbs = None  # not a figure a copy can come within 1-3x of: a unit torch reported otherwise
     out = []
     train = row("sinkhorn", "train ViT-S/16", "leopart triton")
     if train:

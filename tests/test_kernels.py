@@ -391,6 +391,7 @@ def test_benchmark_reads_the_issue_targets_off_its_rows():
     # No nominal figure from torch: the copy is the limit. A failed or missing row leaves its target out.
     rows[2]["GB/s"] = 2500.0
     assert issue_targets(rows, 4000.0, None)[1]["measured"].endswith("= 62% of a copy's 4000 GB/s")
+    assert issue_targets(rows, 4000.0, 4.8)[1]["measured"].endswith("= 62% of a copy's 4000 GB/s")  # MB/s? dropped
     rows[1]["ms"] = "failed: RuntimeError"
     assert [t["target"][:9] for t in issue_targets(rows[1:], 4000.0, 4800.0)] == ["Sinkhorn,", "nearest_p"]
     assert issue_targets(rows[1:], 4000.0, 4800.0)[0]["target"].endswith("memory bandwidth")
