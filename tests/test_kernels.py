@@ -471,10 +471,17 @@ def test_every_kernel_compiles_for_a_real_gpu(arch, tmp_path):
 @cuda
 @pytest.mark.parametrize("n,k", [(7, 21), (12544, 300), (4096, 3000)])
 def test_gpu_sinkhorn(n, k):
+    module = importlib.import_module("leopart.kernels.sinkhorn")
     scores = cosine_scores(n, k).cuda()
-    torch.testing.assert_close(sinkhorn(scores, backend="triton"), sinkhorn_torch(scores), atol=1e-5, rtol=1e-4)
+    reference = sinkhorn_torch(scores)
+    torch.testing.assert_close(sinkhorn(scores, backend="triton"), reference, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(sinkhorn(scores.bfloat16(), backend="triton"), sinkhorn_torch(scores.bfloat16()),
                                atol=1e-5, rtol=1e-4)
+    if n * k >= module.TUNE_MIN_SCORES:  # the call above timed the candidates; each one must also be right here
+        assert any(key[3] == k for key in module._tuned)
+        for launch in module.launch_candidates(k):
+            torch.testing.assert_close(module.sinkhorn_triton(scores, launch=launch), reference, atol=1e-5,
+                                       rtol=1e-4, msg=lambda m, launch=launch: f"{launch}: {m}")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2
