@@ -73,13 +73,15 @@ def main(ctx):
                            "the commands only `leopart train` shares its work under torchrun; run this one without it")
 
 
-def _parse_resolution(value: str) -> int | None:
+def _parse_resolution(value: str) -> int | tuple[int, int] | None:
+    """`--resolution` of `leopart embed`: a square side, HEIGHTxWIDTH, or native."""
     if value.lower() in {"native", "none", "0"}:
         return None
     try:
-        return int(value)
+        height, width = (int(side) for side in value.lower().split("x")) if "x" in value.lower() else [int(value)] * 2
     except ValueError:
-        raise click.BadParameter(f"'{value}' is not a number of pixels or 'native'") from None
+        raise click.BadParameter(f"'{value}' is not a number of pixels, HEIGHTxWIDTH or 'native'") from None
+    return height if height == width else (height, width)
 
 
 @main.command()
@@ -275,7 +277,8 @@ def _cache_option(f):
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--model", default="vits16", show_default=True, help="Alias, Hub id, folder or checkpoint.")
 @click.option("--resolution", default="224", show_default=True,
-              help="Square input side in pixels, or 'native' to keep each image's size (rounded to the patch).")
+              help="Square input side in pixels, HEIGHTxWIDTH (e.g. 448x672), or 'native' to keep each image's "
+                   "size (rounded to the patch).")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
               help="Images per forward pass.")
 @_device_option
@@ -309,7 +312,8 @@ def embed(inputs, model, resolution, batch_size, device, output, dtype, full_pre
                                progress=True if len(paths) > batch_size else None, cache_dir=cache_dir,
                                full_precision=full_precision)
     # A local model is recorded by its absolute path (as segmenters and runs record theirs), so it resolves elsewhere.
-    meta = {"model": recorded_name(model), "resolution": str(res or "native"),
+    shown = "x".join(map(str, res)) if isinstance(res, tuple) else str(res or "native")
+    meta = {"model": recorded_name(model), "resolution": shown,
             "precision": "bf16 autocast" if uses_bf16(default_device(device), full_precision) else "float32",
             "names": json.dumps([str(p) for p in paths])}
     shape = write_features(output, features, len(paths), ragged=res is None, metadata=meta, dtype=dtype)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import numbers
 import os
 from typing import Any, Iterable, Iterator
 
@@ -15,8 +16,16 @@ from .hub import from_pretrained
 from .model import LeopartViT
 from .progress import progress_bar
 
+# A fixed input size: one side in pixels (a square) or (height, width).
+Resolution = int | tuple[int, int]
 
-def _preprocess(i: int, item: Any, resolution: int | None, patch_size: int,
+
+def sides(resolution: Resolution) -> tuple[int, int]:
+    """(height, width) in pixels of a fixed resolution."""
+    return resolution if isinstance(resolution, tuple) else (resolution, resolution)
+
+
+def _preprocess(i: int, item: Any, resolution: Resolution | None, patch_size: int,
                 resample: str = "bicubic") -> tuple[str, torch.Tensor]:
     name = data.describe(item, i)
     img = data.load_image(item, name)
@@ -24,16 +33,16 @@ def _preprocess(i: int, item: Any, resolution: int | None, patch_size: int,
         data.check_size(img, patch_size, name)
         size = (img.height // patch_size * patch_size, img.width // patch_size * patch_size)
     else:
-        size = (resolution, resolution)
+        size = sides(resolution)
     return name, data.to_tensor(img, size, resample)
 
 
-def check_features_fit(n_images: int, model: LeopartViT, resolution: int, bytes_per_value: int, what: str,
+def check_features_fit(n_images: int, model: LeopartViT, resolution: Resolution, bytes_per_value: int, what: str,
                        advice: str) -> None:
-    """Fail before any work when ``what`` (patch tokens of ``n_images`` square inputs) cannot fit in host memory."""
-    grid = resolution // model.patch_size
-    check_host_memory(n_images * grid * grid * model.embed_dim * bytes_per_value, f"{what} of {n_images} images",
-                      advice)
+    """Fail before any work when ``what`` (patch tokens of ``n_images`` inputs) cannot fit in host memory."""
+    height, width = sides(resolution)
+    patches = (height // model.patch_size) * (width // model.patch_size)
+    check_host_memory(n_images * patches * model.embed_dim * bytes_per_value, f"{what} of {n_images} images", advice)
 
 
 def iter_preprocessed(images: Iterable, resolution: int | None, patch_size: int, threads: int | None = None,
@@ -58,7 +67,7 @@ def _count(images: Any) -> int | None:
 
 
 @torch.no_grad()
-def iter_batches(images: Any, model: LeopartViT, resolution: int | None, batch_size: int, device: torch.device,
+def iter_batches(images: Any, model: LeopartViT, resolution: Resolution | None, batch_size: int, device: torch.device,
                  attention: bool = False, progress: bool | None = None, desc: str = "embed",
                  resample: str = "bicubic", full_precision: bool = False):
     """Yield (names, patch tokens [b, h, w, D], attention [b, heads, h, w] or None) per batch, on ``device``.
@@ -66,8 +75,11 @@ def iter_batches(images: Any, model: LeopartViT, resolution: int | None, batch_s
     Ragged sizes (resolution=None) go one image at a time. On CUDA the model runs under bf16 autocast unless
     ``full_precision`` (scoring: float32, as the reference code ran it).
     """
-    if resolution is not None and (resolution < model.patch_size or resolution % model.patch_size):
-        raise LeopartError(f"resolution {resolution} is not a positive multiple of the patch size {model.patch_size}")
+    for side in sides(resolution) if resolution is not None else ():
+        if side < model.patch_size or side % model.patch_size:
+            shown = "" if side == resolution else f" {'x'.join(map(str, sides(resolution)))}:"
+            raise LeopartError(f"resolution{shown} {side} is not a positive multiple of the patch size "
+                               f"{model.patch_size}")
     batch_size = positive_int(batch_size, "batch_size")
     # On a GPU, decode in threads so the model is not left waiting; on the CPU the model already uses every
     # core, and decoding threads would only compete with it.
@@ -85,7 +97,7 @@ def iter_batches(images: Any, model: LeopartViT, resolution: int | None, batch_s
             bar.update(len(batch))
 
 
-def embed(images: Any, model: str | LeopartViT = "vits16", resolution: int | None = 224, batch_size: int = 32,
+def embed(images: Any, model: str | LeopartViT = "vits16", resolution: Resolution | None = 224, batch_size: int = 32,
           device=None, progress: bool | None = None, cache_dir: str | os.PathLike | None = None,
           full_precision: bool = False) -> torch.Tensor | list[torch.Tensor]:
     """Backbone patch tokens of ``images``.
@@ -95,14 +107,16 @@ def embed(images: Any, model: str | LeopartViT = "vits16", resolution: int | Non
         [0, 1] or [0, 255]; not mean/std-normalised), a batch (BxHxWx3 array, BxCxHxW tensor), or a list /
         iterator of them. Decoded one batch at a time; the result is allocated once (an iterator's maps are
         collected first, since its length is unknown: twice the result's memory at the end).
-    resolution: side of the square every image is resized to (bicubic); ``None`` (or "native") keeps each
-        image's own size rounded down to the patch size and returns a list of [h_i, w_i, D] tensors.
+    resolution: side of the square every image is resized to (bicubic), or (height, width); ``None`` (or
+        "native") keeps each image's own size rounded down to the patch size and returns a list of [h_i, w_i, D]
+        tensors.
     cache_dir: keep the features there in files of 256 images (image files only), named by the model's
         weights, the files and the resolution: an interrupted run resumes at the first missing file.
     progress: a bar in a terminal, lines on stderr in a log (see ``leopart.progress``); False: none.
     full_precision: on CUDA, run the model in float32 rather than under bf16 autocast (slower; the values of
         timm's float32 forward). The CPU always runs float32.
-    Returns a float32 CPU tensor [B, h, w, D] with h = w = resolution // patch_size.
+    Returns a float32 CPU tensor [B, h, w, D] with h = w = resolution // patch_size (h = height // patch_size,
+    w = width // patch_size for (height, width)).
     """
     resolution = _pixels(resolution)
     images = data.listed(images)  # counted first (unless an iterator), so the result is allocated once
@@ -125,7 +139,7 @@ def embed(images: Any, model: str | LeopartViT = "vits16", resolution: int | Non
     return serialization.concat_rows(({"features": fmap[None]} for fmap in maps), count)["features"]
 
 
-def iter_embeddings(images: Any, model: str | LeopartViT = "vits16", resolution: int | None = 224,
+def iter_embeddings(images: Any, model: str | LeopartViT = "vits16", resolution: Resolution | None = 224,
                     batch_size: int = 32, device=None, progress: bool | None = None,
                     cache_dir: str | os.PathLike | None = None, full_precision: bool = False) -> Iterator[torch.Tensor]:
     """``embed`` one image at a time: float32 CPU tensors [h, w, D] in input order, with at most one batch
@@ -135,14 +149,18 @@ def iter_embeddings(images: Any, model: str | LeopartViT = "vits16", resolution:
                        full_precision)
 
 
-def _pixels(resolution) -> int | None:
-    """``resolution`` as embed takes it: pixels, or None (also spelt "native", as on the command line)."""
+def _pixels(resolution) -> Resolution | None:
+    """``resolution`` as embed takes it: pixels (a square), (height, width), or None (also spelt "native", as on the
+    command line). A square given as (side, side) is the side alone, so it names the same feature cache."""
     if resolution is None or resolution == "native":
         return None
-    if isinstance(resolution, str) or not float(resolution).is_integer():
-        raise LeopartError(f"resolution must be a whole number of pixels or None (each image's own size), "
-                           f"not {resolution!r}")
-    return int(resolution)
+    given = tuple(resolution) if isinstance(resolution, (tuple, list)) else (resolution, resolution)
+    if len(given) != 2 or not all(isinstance(side, numbers.Real) and not isinstance(side, bool)
+                                  and float(side).is_integer() for side in given):
+        raise LeopartError(f"resolution must be a whole number of pixels, (height, width) or None (each image's own "
+                           f"size), not {resolution!r}")
+    height, width = (int(side) for side in given)
+    return height if height == width else (height, width)
 
 
 def _embeddings(images: list | Iterator, model, resolution, batch_size, device, progress, cache_dir,

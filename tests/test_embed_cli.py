@@ -192,6 +192,37 @@ def test_images_smaller_than_a_patch_are_resized_to_a_fixed_resolution(tiny_mode
     torch.testing.assert_close(feats[0], feats[1])
 
 
+def test_height_by_width_resolution(tiny_model, tiny_model_dir, tmp_path):
+    """resolution=(height, width) resizes every image to that size: a batchable grid of another aspect than a
+    square (e.g. video frames), the features of the image resized by PIL first and embedded at its own size."""
+    img = random_image(60, 90)
+    resized = np.asarray(Image.fromarray(img).resize((96, 64), Image.BICUBIC))
+    feats = leopart.embed([img, img], model=tiny_model, resolution=(64, 96))
+    assert feats.shape == (2, 4, 6, 64)
+    torch.testing.assert_close(feats[0], leopart.embed(resized, model=tiny_model, resolution=None)[0])
+    assert torch.equal(leopart.embed(img, model=tiny_model, resolution=[64, 64]),
+                       leopart.embed(img, model=tiny_model, resolution=64))
+    refusals = [((64, 90), r"^resolution 64x90: 90 is not a positive multiple of the patch size 16$"),
+                ((64,), r"^resolution must be a whole number of pixels, \(height, width\) or None"),
+                ("224", r"^resolution must be a whole number of pixels, .* not '224'$"),
+                (True, r"not True$")]  # was a TypeError for tuples
+    for resolution, match in refusals:
+        with pytest.raises(LeopartError, match=match):
+            leopart.embed(img, model=tiny_model, resolution=resolution)
+    # The command line spells it HEIGHTxWIDTH, and the file records it so.
+    Image.fromarray(img).save(tmp_path / "a.png")
+    out = tmp_path / "f.safetensors"
+    r = CliRunner().invoke(main, ["embed", str(tmp_path / "a.png"), "--model", str(tiny_model_dir), "--resolution",
+                                  "64x96", "-o", str(out)])
+    assert r.exit_code == 0 and "(1 map of 4 x 6 x 64, float32)" in r.output, r.output
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["resolution"] == "64x96"
+        torch.testing.assert_close(f.get_tensor("features"), feats[:1])
+    r = CliRunner().invoke(main, ["embed", str(tmp_path / "a.png"), "--model", str(tiny_model_dir), "--resolution",
+                                  "64x", "-o", str(out)])
+    assert r.exit_code == 2 and "'64x' is not a number of pixels, HEIGHTxWIDTH or 'native'" in r.output, r.output
+
+
 @pytest.mark.parametrize("case", ["missing", "corrupt", "truncated", "text", "tiny", "empty_dir", "model",
                                   "resolution", "array_shape", "bomb", "bytes", "number",
                                   "listed_folder", "features_file", "checkpoint", "url", "listed_url", "video"])
@@ -713,7 +744,7 @@ def test_api_arguments_of_the_wrong_kind_fail_in_one_line(tiny_model):
                                                             "released .ckpt file, not ''"),
              (lambda: leopart.embed(image, model=tiny_model, batch_size=0), "batch_size must be a positive integer"),
              (lambda: leopart.embed(image, model=tiny_model, resolution="64"),
-              "resolution must be a whole number of pixels or None"),
+              r"resolution must be a whole number of pixels, \(height, width\) or None"),
              (lambda: leopart.embed(image, model=tiny_model, resolution=64.5), "not 64.5"),
              (lambda: leopart.segment(image, model=tiny_model, k=0), "k must be a positive integer, not 0"),
              (lambda: leopart.segment(image, model=tiny_model, segmenter=3),
