@@ -56,6 +56,7 @@ def dense_features(images: Any, model: LeopartViT, resolution: int = DEFAULT_RES
     (what scoring asks for, as the reference code ran float32).
     """
     device = default_device(device)
+    resolution = positive_int(resolution, "resolution")
     images = list(data.expand_inputs(images)) if not isinstance(images, torch.Tensor) else images
     if len(images) == 0:
         raise LeopartError("no images given")

@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import json
 import math
+import numbers
 import os
 import shlex
 import signal
@@ -137,6 +138,7 @@ class TrainConfig:
 
     def check(self):
         """One line naming the first setting out of its range, before any work (not a torch error mid-run)."""
+        self._check_kinds()
         if self.loss_mask not in LOSS_MASKS:
             raise LeopartError(f"loss_mask must be one of {', '.join(LOSS_MASKS)}, not '{self.loss_mask}'")
         if self.photometric not in PHOTOMETRIC:
@@ -168,6 +170,25 @@ class TrainConfig:
             raise LeopartError(f"eval_k must be positive integers, not {self.eval_k!r}")
         if self.n_global + self.n_local < 2:
             raise LeopartError("the loss needs at least two crops per image (n_global + n_local >= 2)")
+
+
+    def _check_kinds(self):
+        """Numbers where numbers belong, by the fields' annotations: a string (say, from a hand-edited config) would
+        otherwise fail the range checks as a TypeError."""
+        wanted = {"int": (numbers.Integral, "an integer"), "float": (numbers.Real, "a number"),
+                  "bool": (bool, "True or False")}
+        for field in dataclasses.fields(self):
+            kinds = [kind.strip() for kind in str(field.type).split("|")]  # "int | None" -> ["int", "None"]
+            value = getattr(self, field.name)
+            if kinds[0] not in wanted or (value is None and "None" in kinds):
+                continue
+            cls, what = wanted[kinds[0]]
+            if not isinstance(value, cls) or (kinds[0] != "bool" and isinstance(value, bool)):
+                raise LeopartError(f"{field.name} must be {what}, not {value!r}")
+        for name in ("global_scale", "local_scale"):
+            scale = getattr(self, name)
+            if len(scale) != 2 or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in scale):
+                raise LeopartError(f"{name} must be (low, high) with 0 < low <= high <= 1, not {scale}")
 
 
 # ------------------------------------------------------------------- schedules

@@ -164,6 +164,14 @@ def test_kmeans_input_forms_and_errors():
             leopart.cluster(x, 3, init=init)
     with pytest.raises(LeopartError, match="metric must be one of cosine, euclidean, not 'l1'"):
         leopart.cluster(x, 3, metric="l1")
+    # Counts of the wrong kind are named (strings were TypeErrors from a comparison or the seeding).
+    for kwargs, match in [(dict(iters="10"), "^iters must be an integer, not '10'$"),
+                          (dict(iters=-1), "^iters must be >= 0, not -1$"),
+                          (dict(seed="a"), "^seed must be an integer, not 'a'$"),
+                          (dict(n_init=0), "^n_init must be a positive integer, not 0$")]:
+        with pytest.raises(LeopartError, match=match):
+            leopart.cluster(x, 3, **kwargs)
+    assert leopart.cluster(x, 3, iters=np.int32(2), seed=np.int64(1)).centroids.shape == (3, 8)
     with pytest.raises(LeopartError, match="features of dimension 4, but the centroids have 8"):
         a.predict(x[:, :4])
 

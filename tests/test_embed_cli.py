@@ -747,6 +747,8 @@ def test_api_arguments_of_the_wrong_kind_fail_in_one_line(tiny_model):
               r"resolution must be a whole number of pixels, \(height, width\) or None"),
              (lambda: leopart.embed(image, model=tiny_model, resolution=64.5), "not 64.5"),
              (lambda: leopart.segment(image, model=tiny_model, k=0), "k must be a positive integer, not 0"),
+             (lambda: leopart.segment(image, model=tiny_model, resolution="64"),  # was a TypeError
+              "resolution must be a positive integer, not '64'"),
              (lambda: leopart.segment(image, model=tiny_model, segmenter=3),
               "segmenter must be a Segmenter, a folder or a Hub id, not a int"),
              (lambda: leopart.LeopartViT(leopart.LeopartConfig(arch=TINY_ARCH, num_prototypes=0, proj_dim=2.5)),

@@ -762,6 +762,7 @@ def test_bad_training_options():
         TrainConfig(loss_mask="middle").check()
     TrainConfig().check()  # the paper's recipe
     TrainConfig(n_global=1, grad_clip=None, momentum_teacher=0.9, hue=0.0).check()
+    TrainConfig(hue=0, lr_heads=1, seed=np.int64(2), steps=None, eval_resolution=None, progress=True).check()
     # Out-of-range settings are named before any work, rather than failing in torch mid-run (drop_path 2:
     # "bernoulli_ expects p to be in [0, 1]"; a negative queue: "Dimension size must be non-negative").
     bad = [(dict(drop_path=2.0), r"drop_path must lie in \[0, 1\), not 2.0"),
@@ -773,7 +774,14 @@ def test_bad_training_options():
            (dict(hue=2), r"hue must lie in \[0, 0.5\]"),
            (dict(global_scale=(0.5, 0.2)), r"global_scale must be \(low, high\) with 0 < low <= high <= 1"),
            (dict(roi_size=0), "roi_size must be positive, not 0"),
-           (dict(n_global=1, n_local=0), "at least two crops per image")]
+           (dict(n_global=1, n_local=0), "at least two crops per image"),
+           # Values of the wrong kind (a hand-edited config): named, not a TypeError from a comparison.
+           (dict(epochs="50"), "^epochs must be an integer, not '50'$"),
+           (dict(epochs=None), "^epochs must be an integer, not None$"),
+           (dict(batch_size=32.0), "^batch_size must be an integer, not 32.0$"),
+           (dict(lr_heads="1e-4"), "^lr_heads must be a number, not '1e-4'$"),
+           (dict(jitter="no"), "^jitter must be True or False, not 'no'$"),
+           (dict(local_scale=("0.05", 0.25)), r"^local_scale must be \(low, high\)")]
     for settings, match in bad:
         with pytest.raises(LeopartError, match=match):
             TrainConfig(**settings).check()
