@@ -24,6 +24,13 @@ def integer(value, name: str, minimum: int | None = None) -> int:
     return int(value)
 
 
+def number(value, name: str) -> float:
+    """``value`` as a float (numpy scalars too), or a LeopartError naming ``name`` when it is no number."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise LeopartError(f"{name} must be a number, not {value!r}")
+    return float(value)
+
+
 def plural(n: int, noun: str) -> str:
     """"1 image", "2 images"."""
     return f"{n} {noun}{'s' * (n != 1)}"

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from . import serialization
 from .cluster import KMeansResult, check_metric
-from .errors import LeopartError, plural
+from .errors import LeopartError, integer, number, plural
 
 # 8-neighbourhood: each unordered neighbour pair once; counted in both directions below.
 NEIGHBOUR_OFFSETS = ((0, 1), (1, 0), (1, 1), (1, -1))
@@ -240,6 +240,8 @@ def merge(centroids: torch.Tensor | KMeansResult, labels: Sequence[torch.Tensor]
     if centroids.ndim != 2:
         raise LeopartError(f"centroids must be [K, D], got shape {tuple(centroids.shape)}")
     check_metric(metric)
+    weight_threshold, resolution = number(weight_threshold, "weight_threshold"), number(resolution, "resolution")
+    bg_share, seed = number(bg_share, "bg_share") if bg_share is not None else None, integer(seed, "seed")
     if not 0.0 <= weight_threshold <= 1.0:  # edge weights are row-normalised counts
         raise LeopartError(f"weight_threshold must lie in [0, 1], not {weight_threshold}")
     if not resolution > 0:

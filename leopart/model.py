@@ -241,6 +241,9 @@ class LeopartViT(nn.Module):
     def _check_input(self, x: torch.Tensor) -> tuple[int, int]:
         if x.ndim != 4 or x.shape[1] != 3:
             raise LeopartError(f"expected images [B, 3, H, W], got shape {tuple(x.shape)}")
+        if not x.is_floating_point():  # e.g. uint8 pixels: the model takes normalised floats, leopart.embed any image
+            raise LeopartError(f"expected normalised float images, got {x.dtype}: pass pixels to leopart.embed, or "
+                               "normalise them as it does (scale to [0, 1], then the model's mean and std)")
         H, W = x.shape[-2:]
         p = self.patch_size
         if H % p or W % p or H < p or W < p:

@@ -275,7 +275,12 @@ def cache_key(modules: list[torch.nn.Module], files: list, *settings) -> str:
 
 
 def save_folder(folder: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor], card: str) -> Path:
+    if not isinstance(folder, (str, os.PathLike)) or not str(folder).strip():
+        raise LeopartError(f"saving needs a folder, named by a path, not {folder!r}")
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise LeopartError(f"{folder} is a file, not a folder: saving writes config.json, model.safetensors and "
+                           "README.md into a folder")
     folder.mkdir(parents=True, exist_ok=True)
     # Weights first, config last: a folder with a config.json is a complete one.
     save_tensors(folder / WEIGHTS_NAME, tensors, metadata={"format": "pt"})

@@ -338,11 +338,18 @@ def test_merge_checks_its_inputs_and_takes_arrays():
            (dict(centroids=centroids[0]), r"centroids must be \[K, D\], got shape \(8,\)"),
            (dict(metric="dot"), "metric must be one of cosine, euclidean, not 'dot'"),
            (dict(weight_threshold=-0.1), r"weight_threshold must lie in \[0, 1\], not -0.1"),
-           (dict(resolution=0), "the Louvain resolution must be positive, not 0")]
+           (dict(resolution=0), "the Louvain resolution must be positive, not 0"),
+           # Settings of the wrong kind (were TypeErrors from a comparison).
+           (dict(weight_threshold="0.1"), "^weight_threshold must be a number, not '0.1'$"),
+           (dict(bg_share="0.6"), "^bg_share must be a number, not '0.6'$"),
+           (dict(seed="1"), "^seed must be an integer, not '1'$")]
     for change, match in bad:
         args = {"centroids": centroids, "labels": grids, "foreground": fg, **change}
         with pytest.raises(LeopartError, match=match):
             leopart.merge(args.pop("centroids"), args.pop("labels"), args.pop("foreground"), **args)
+    # numpy scalars work (a numpy seed failed in networkx) and are kept as plain numbers, which config.json takes.
+    seg = leopart.merge(centroids, grids, fg, weight_threshold=np.float32(0.05), seed=np.int64(1))
+    assert type(seg.params["seed"]) is int and type(seg.params["weight_threshold"]) is float
 
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])

@@ -236,6 +236,16 @@ def test_save_load_round_trip(tiny_model, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).scores, tiny_model(x).scores, atol=0, rtol=0)
     assert not list(folder.glob(".*.tmp")), "temporary files left behind"
+    # A file where the folder belongs, or no path at all: one line (were FileExistsError and TypeError).
+    (tmp_path / "taken.png").write_bytes(b"x")
+    with pytest.raises(LeopartError, match="taken.png is a file, not a folder: saving writes config.json"):
+        tiny_model.save_pretrained(tmp_path / "taken.png")
+    with pytest.raises(LeopartError, match="^saving needs a folder, named by a path, not 3$"):
+        tiny_model.save_pretrained(3)
+    # The model takes normalised floats; pixels belong to leopart.embed (was a conv RuntimeError).
+    with pytest.raises(LeopartError, match="^expected normalised float images, got torch.uint8: pass pixels to "
+                                           "leopart.embed"):
+        tiny_model(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
 
 
 def test_push_to_hub_uploads_a_saved_folder(tiny_model, monkeypatch):
