@@ -1,5 +1,6 @@
 """The one exception type users see (the CLI prints its message as a single line and exits non-zero), the check
 of count and integer arguments, and the wording of counts in messages and model cards."""
+import dataclasses
 import numbers
 
 
@@ -29,6 +30,22 @@ def number(value, name: str) -> float:
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise LeopartError(f"{name} must be a number, not {value!r}")
     return float(value)
+
+
+def check_kinds(config, prefix: str = "") -> None:
+    """Numbers and flags where a dataclass's annotations ("int", "float | None", "bool") want them, in one line
+    naming the field: a string (say, from a hand-edited config) would otherwise fail a range check as a TypeError."""
+    wanted = {"int": (numbers.Integral, "an integer"), "float": (numbers.Real, "a number"),
+              "bool": (bool, "True or False")}
+    for field in dataclasses.fields(config):
+        annotation = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+        kinds = [kind.strip() for kind in annotation.split("|")]  # "int | None" -> ["int", "None"]
+        value = getattr(config, field.name)
+        if kinds[0] not in wanted or (value is None and "None" in kinds):
+            continue
+        cls, what = wanted[kinds[0]]
+        if not isinstance(value, cls) or (kinds[0] != "bool" and isinstance(value, bool)):
+            raise LeopartError(f"{prefix}{field.name} must be {what}, not {value!r}")
 
 
 def plural(n: int, noun: str) -> str:

@@ -32,7 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from .cluster import KMeansResult, cluster
 from .data import image_size, read_lines
 from .device import default_device
-from .errors import LeopartError, plural, positive_int
+from .errors import LeopartError, integer, number, plural, positive_int
 from .fully_unsupervised import CBFE_K, CD_RUNS, check_infomap, reference_markov_time, reference_protocol
 from .hub import from_pretrained
 from .merge import merge, reference_weight_threshold
@@ -331,10 +331,8 @@ def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500,
     # Bad settings fail now, not after the features of the whole split are computed.
     if protocol not in PROTOCOLS:
         raise LeopartError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
-    if iters is not None and (isinstance(iters, bool) or not isinstance(iters, (int, np.integer)) or iters < 0):
-        raise LeopartError(f"iters must be >= 0, not {iters!r}")
     base = PROTOCOLS[protocol]
-    run = dataclasses.replace(base, iters=base.iters if iters is None else int(iters),
+    run = dataclasses.replace(base, iters=base.iters if iters is None else integer(iters, "iters", minimum=0),
                               n_init=positive_int(base.n_init if n_init is None else n_init, "n_init"),
                               seeds=positive_int(base.seeds if seeds is None else seeds, "seeds"))
     ks = tuple(positive_int(k, "k") for k in (ks if isinstance(ks, Iterable) and not isinstance(ks, str) else [ks]))
@@ -342,6 +340,10 @@ def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500,
         raise LeopartError("nothing to evaluate: give ks (k-means k values) or fully_unsupervised=True")
     fu_k = positive_int(fu_k, "fu_k") if fu_k is not None else None
     mask_size = positive_int(mask_size, "mask_size")
+    resolution, batch_size, seed = positive_int(resolution, "resolution"), positive_int(batch_size, "batch_size"), \
+        integer(seed, "seed")
+    if weight_threshold is not None and not 0 <= number(weight_threshold, "weight_threshold") <= 1:
+        raise LeopartError(f"weight_threshold must lie in [0, 1], not {weight_threshold!r}")
     check_fu_settings(protocol, fully_unsupervised, fg_model=fg_model, bg_shares=bg_shares,
                       cd_resolution=cd_resolution, markov_time=markov_time, cbfe_k=cbfe_k, cd_runs=cd_runs)
     bg_shares = check_bg_shares(BG_SHARES if bg_shares is None else bg_shares)

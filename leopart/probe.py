@@ -37,7 +37,7 @@ from . import data, serialization
 from .augment import sample_box
 from .device import autocast, default_device, rng_state, set_rng_state
 from .embed import check_features_fit, iter_batches
-from .errors import LeopartError, positive_int
+from .errors import LeopartError, check_kinds, positive_int
 from .evaluate import interpolate_mask, load_mask, load_target, read_voc
 from .metrics import Confusion
 from .model import LeopartViT
@@ -234,6 +234,7 @@ class ProbeTrainConfig:
     progress: bool | None = None
 
     def check(self):
+        check_kinds(self, prefix="probe ")
         if self.head not in HEADS:
             raise LeopartError(f"head must be one of {', '.join(HEADS)}, not '{self.head}'")
         for name in ("epochs", "batch_size", "resolution", "mask_size", "num_classes"):

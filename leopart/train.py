@@ -42,7 +42,7 @@ from torchvision.ops import roi_align
 from . import data
 from .augment import CROP_REDRAW, PHOTOMETRIC, CropConfig
 from .device import autocast, default_device, launched_processes, rng_state, set_rng_state
-from .errors import LeopartError, plural
+from .errors import LeopartError, check_kinds, plural
 from .foreground import foreground_mask
 from .hub import from_pretrained
 from .kernels import sinkhorn
@@ -173,18 +173,8 @@ class TrainConfig:
 
 
     def _check_kinds(self):
-        """Numbers where numbers belong, by the fields' annotations: a string (say, from a hand-edited config) would
-        otherwise fail the range checks as a TypeError."""
-        wanted = {"int": (numbers.Integral, "an integer"), "float": (numbers.Real, "a number"),
-                  "bool": (bool, "True or False")}
-        for field in dataclasses.fields(self):
-            kinds = [kind.strip() for kind in str(field.type).split("|")]  # "int | None" -> ["int", "None"]
-            value = getattr(self, field.name)
-            if kinds[0] not in wanted or (value is None and "None" in kinds):
-                continue
-            cls, what = wanted[kinds[0]]
-            if not isinstance(value, cls) or (kinds[0] != "bool" and isinstance(value, bool)):
-                raise LeopartError(f"{field.name} must be {what}, not {value!r}")
+        """Numbers where numbers belong (check_kinds), the crop scales' two included."""
+        check_kinds(self)
         for name in ("global_scale", "local_scale"):
             scale = getattr(self, name)
             if len(scale) != 2 or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in scale):

@@ -136,6 +136,8 @@ def test_probe_settings_are_checked_in_one_line(block_voc, tiny_model):
            (dict(mask_size=0), "probe mask_size must be a positive integer, not 0"),
            (dict(batch_size=0), "probe batch_size must be a positive integer, not 0"),
            (dict(lr=-1.0), r"probe lr must be >= 0, not -1.0"),
+           (dict(lr="0.1"), "^probe lr must be a number, not '0.1'$"),  # was a TypeError from the comparison
+           (dict(augment="yes"), "^probe augment must be True or False, not 'yes'$"),
            # more classes in the masks than asked for: said by the first batch, not torch's "Target 3 is out of bounds"
            (dict(num_classes=3), r"the masks hold class id 3, beyond num_classes=3 \(ids 0..2; 255 is ignored\)")]
     for settings, match in bad:

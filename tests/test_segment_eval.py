@@ -522,6 +522,11 @@ def test_evaluate_api_checks_its_settings_before_any_feature(tiny_model, voc_dir
            (dict(cd_runs=3), "--cd-runs .* serves the fully unsupervised protocol only"),
            (dict(fully_unsupervised=True, markov_time=-1.0), "markov_time must be a positive number, not -1.0"),
            (dict(fully_unsupervised=True, cd_runs=0), "cd_runs must be a positive integer, not 0"),
+           # Settings of the wrong kind, before any feature (some failed only after the features, as TypeErrors).
+           (dict(iters="3"), "^iters must be an integer, not '3'$"), (dict(seed="0"), "^seed must be an integer"),
+           (dict(batch_size=0), "^batch_size must be a positive integer, not 0$"),
+           (dict(fully_unsupervised=True, weight_threshold="0.1"), "^weight_threshold must be a number, not '0.1'$"),
+           (dict(fully_unsupervised=True, weight_threshold=2), r"^weight_threshold must lie in \[0, 1\], not 2$"),
            # The reference protocol clusters a train split with the scored one: this folder lists none.
            (dict(fully_unsupervised=True), "no split 'train'")]
     for settings, match in bad:
