@@ -45,7 +45,7 @@ def check_features_fit(n_images: int, model: LeopartViT, resolution: Resolution,
     check_host_memory(n_images * patches * model.embed_dim * bytes_per_value, f"{what} of {n_images} images", advice)
 
 
-def iter_preprocessed(images: Iterable, resolution: int | None, patch_size: int, threads: int | None = None,
+def iter_preprocessed(images: Iterable, resolution: Resolution | None, patch_size: int, threads: int | None = None,
                       resample: str = "bicubic") -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, normalised tensor [3, H, W]) of single images (as ``data.listed`` gives them: expanding
     again would open a folder that a .txt list names) in input order, decoding lazily.

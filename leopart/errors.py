@@ -1,5 +1,6 @@
-"""The one exception type users see (the CLI prints its message as a single line and exits non-zero), the check
-of count and integer arguments, and the wording of counts in messages and model cards."""
+"""The one exception type users see (the CLI prints its message as a single line and exits non-zero), the checks
+of an argument's kind (a count, an integer, a number, a settings dataclass's fields), and the wording of counts in
+messages and model cards."""
 import dataclasses
 import numbers
 

@@ -340,8 +340,8 @@ def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500,
         raise LeopartError("nothing to evaluate: give ks (k-means k values) or fully_unsupervised=True")
     fu_k = positive_int(fu_k, "fu_k") if fu_k is not None else None
     mask_size = positive_int(mask_size, "mask_size")
-    resolution, batch_size, seed = positive_int(resolution, "resolution"), positive_int(batch_size, "batch_size"), \
-        integer(seed, "seed")
+    resolution, batch_size = positive_int(resolution, "resolution"), positive_int(batch_size, "batch_size")
+    seed = integer(seed, "seed")
     if weight_threshold is not None and not 0 <= number(weight_threshold, "weight_threshold") <= 1:
         raise LeopartError(f"weight_threshold must lie in [0, 1], not {weight_threshold!r}")
     check_fu_settings(protocol, fully_unsupervised, fg_model=fg_model, bg_shares=bg_shares,
