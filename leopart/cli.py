@@ -74,14 +74,18 @@ def main(ctx):
 
 
 def _parse_resolution(value: str) -> int | tuple[int, int] | None:
-    """`--resolution` of `leopart embed`: a square side, HEIGHTxWIDTH, or native."""
+    """`--resolution` of `leopart embed`: a square side, HEIGHTxWIDTH, or native; as embed takes it."""
+    from .embed import as_resolution
+
     if value.lower() in {"native", "none", "0"}:
         return None
     try:
-        height, width = (int(side) for side in value.lower().split("x")) if "x" in value.lower() else [int(value)] * 2
+        sides = [int(side) for side in value.lower().split("x")]
     except ValueError:
-        raise click.BadParameter(f"'{value}' is not a number of pixels, HEIGHTxWIDTH or 'native'") from None
-    return height if height == width else (height, width)
+        sides = []
+    if len(sides) not in (1, 2):
+        raise click.BadParameter(f"'{value}' is not a number of pixels, HEIGHTxWIDTH or 'native'")
+    return as_resolution(sides[0] if len(sides) == 1 else sides)
 
 
 @main.command()

@@ -118,7 +118,7 @@ def embed(images: Any, model: str | LeopartViT = "vits16", resolution: Resolutio
     Returns a float32 CPU tensor [B, h, w, D] with h = w = resolution // patch_size (h = height // patch_size,
     w = width // patch_size for (height, width)).
     """
-    resolution = _pixels(resolution)
+    resolution = as_resolution(resolution)
     images = data.listed(images)  # counted first (unless an iterator), so the result is allocated once
     device = default_device(device)
     model = from_pretrained(model, device=device)
@@ -145,11 +145,11 @@ def iter_embeddings(images: Any, model: str | LeopartViT = "vits16", resolution:
     """``embed`` one image at a time: float32 CPU tensors [h, w, D] in input order, with at most one batch
     (or one cache file) in memory, for datasets whose features do not fit in it (``leopart embed`` streams
     them to its output file). The model loads now, the images as the iterator is consumed."""
-    return _embeddings(data.listed(images), model, _pixels(resolution), batch_size, device, progress, cache_dir,
+    return _embeddings(data.listed(images), model, as_resolution(resolution), batch_size, device, progress, cache_dir,
                        full_precision)
 
 
-def _pixels(resolution) -> Resolution | None:
+def as_resolution(resolution) -> Resolution | None:
     """``resolution`` as embed takes it: pixels (a square), (height, width), or None (also spelt "native", as on the
     command line). A square given as (side, side) is the side alone, so it names the same feature cache."""
     if resolution is None or resolution == "native":

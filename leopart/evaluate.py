@@ -32,10 +32,10 @@ from PIL import Image, UnidentifiedImageError
 from .cluster import KMeansResult, cluster
 from .data import image_size, read_lines
 from .device import default_device
-from .errors import LeopartError, integer, number, plural, positive_int
+from .errors import LeopartError, integer, plural, positive_int
 from .fully_unsupervised import CBFE_K, CD_RUNS, check_infomap, reference_markov_time, reference_protocol
 from .hub import from_pretrained
-from .merge import merge, reference_weight_threshold
+from .merge import check_weight_threshold, merge, reference_weight_threshold
 from .metrics import hungarian_miou
 from .model import LeopartViT
 from .progress import progress_bar
@@ -342,8 +342,8 @@ def evaluate(data_root: str | Path, model: str | LeopartViT = "vits16", ks=(500,
     mask_size = positive_int(mask_size, "mask_size")
     resolution, batch_size = positive_int(resolution, "resolution"), positive_int(batch_size, "batch_size")
     seed = integer(seed, "seed")
-    if weight_threshold is not None and not 0 <= number(weight_threshold, "weight_threshold") <= 1:
-        raise LeopartError(f"weight_threshold must lie in [0, 1], not {weight_threshold!r}")
+    if weight_threshold is not None:
+        check_weight_threshold(weight_threshold)
     check_fu_settings(protocol, fully_unsupervised, fg_model=fg_model, bg_shares=bg_shares,
                       cd_resolution=cd_resolution, markov_time=markov_time, cbfe_k=cbfe_k, cd_runs=cd_runs)
     bg_shares = check_bg_shares(BG_SHARES if bg_shares is None else bg_shares)

@@ -214,6 +214,13 @@ def communities(weights: np.ndarray, fg: np.ndarray, weight_threshold: float = 0
     return part_to_object
 
 
+def check_weight_threshold(value) -> float:
+    """A co-occurrence edge cut: a number in [0, 1], as the edge weights are row-normalised counts."""
+    if not 0.0 <= number(value, "weight_threshold") <= 1.0:
+        raise LeopartError(f"weight_threshold must lie in [0, 1], not {value!r}")
+    return float(value)
+
+
 def reference_weight_threshold(patch_size: int) -> float:
     """The reference's CD edge threshold: 0.07 for ViT-B/8 parts, 0.09 for ViT-S/16 ones."""
     return 0.07 if patch_size == 8 else 0.09
@@ -240,10 +247,8 @@ def merge(centroids: torch.Tensor | KMeansResult, labels: Sequence[torch.Tensor]
     if centroids.ndim != 2:
         raise LeopartError(f"centroids must be [K, D], got shape {tuple(centroids.shape)}")
     check_metric(metric)
-    weight_threshold, resolution = number(weight_threshold, "weight_threshold"), number(resolution, "resolution")
+    weight_threshold, resolution = check_weight_threshold(weight_threshold), number(resolution, "resolution")
     bg_share, seed = number(bg_share, "bg_share") if bg_share is not None else None, integer(seed, "seed")
-    if not 0.0 <= weight_threshold <= 1.0:  # edge weights are row-normalised counts
-        raise LeopartError(f"weight_threshold must lie in [0, 1], not {weight_threshold}")
     if not resolution > 0:
         raise LeopartError(f"the Louvain resolution must be positive, not {resolution}")
     labels, foreground = [torch.as_tensor(lab) for lab in labels], list(foreground)

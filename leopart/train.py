@@ -138,7 +138,7 @@ class TrainConfig:
 
     def check(self):
         """One line naming the first setting out of its range, before any work (not a torch error mid-run)."""
-        self._check_kinds()
+        check_kinds(self)
         if self.loss_mask not in LOSS_MASKS:
             raise LeopartError(f"loss_mask must be one of {', '.join(LOSS_MASKS)}, not '{self.loss_mask}'")
         if self.photometric not in PHOTOMETRIC:
@@ -163,22 +163,14 @@ class TrainConfig:
             if not getattr(self, name) > 0:
                 raise LeopartError(f"{name} must be positive, not {getattr(self, name)!r}")
         for name in ("global_scale", "local_scale"):
-            low, high = getattr(self, name)
-            if not 0 < low <= high <= 1:
-                raise LeopartError(f"{name} must be (low, high) with 0 < low <= high <= 1, not {getattr(self, name)}")
+            scale = getattr(self, name)
+            numbers_ = len(scale) == 2 and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in scale)
+            if not (numbers_ and 0 < scale[0] <= scale[1] <= 1):
+                raise LeopartError(f"{name} must be (low, high) with 0 < low <= high <= 1, not {scale}")
         if not self.eval_k or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.eval_k):
             raise LeopartError(f"eval_k must be positive integers, not {self.eval_k!r}")
         if self.n_global + self.n_local < 2:
             raise LeopartError("the loss needs at least two crops per image (n_global + n_local >= 2)")
-
-
-    def _check_kinds(self):
-        """Numbers where numbers belong (check_kinds), the crop scales' two included."""
-        check_kinds(self)
-        for name in ("global_scale", "local_scale"):
-            scale = getattr(self, name)
-            if len(scale) != 2 or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in scale):
-                raise LeopartError(f"{name} must be (low, high) with 0 < low <= high <= 1, not {scale}")
 
 
 # ------------------------------------------------------------------- schedules
