@@ -22,7 +22,7 @@ With ``distributed=True`` the per-prototype partials and N are all-reduced, so e
 of single-process Sinkhorn on the concatenated batch.
 
 How it is launched (rows per tile, one or two tiles per row, warps, persistent programs) is a ``Launch``. On a
-GPU, calls of 2M scores and more use the fastest of a few candidates, timed as whole calls at the first call of
+GPU, calls of 1M scores and more use the fastest of a few candidates, timed as whole calls at the first call of
 each shape (``choose_launch``); smaller calls, and the interpreter, use a fixed choice.
 """
 # No `from __future__ import annotations` in kernel files: the interpreter of Triton 3.0 and 3.1 knows a
@@ -291,14 +291,16 @@ def launch_candidates(k: int) -> list[Launch]:
     return list(dict.fromkeys(candidates))  # in order, without repeats
 
 
-# Smaller calls keep the default: a pass over fewer than 2M fp32 scores (8 MB) takes microseconds, so timing
-# the candidates would cost more than it can save. The tuned choices are remembered per process, as triton.autotune's.
-TUNE_MIN_SCORES = 1 << 21
+# Smaller calls keep the default: a pass over fewer than 1M fp32 scores (4 MB) takes microseconds, so timing
+# the candidates would cost more than it can save. Training's own call, one global crop of 32 images x 196 patches
+# x 300 prototypes (1.9M scores, no queue), is above the bar. The tuned choices are remembered per process, as
+# triton.autotune's.
+TUNE_MIN_SCORES = 1 << 20
 _tuned: dict[tuple, Launch] = {}
 
 
 def choose_launch(scores: torch.Tensor, epsilon: float, n_iters: int) -> Launch:
-    """On a GPU, for calls of 2M scores and more: the fastest of launch_candidates, timed as whole calls on these
+    """On a GPU, for calls of 1M scores and more: the fastest of launch_candidates, timed as whole calls on these
     scores at the first call of each (GPU, dtype, layout, K, N rounded up to a power of two), then remembered.
     Elsewhere, under torch.use_deterministic_algorithms (timings vary, and so would the rounding) and in a CUDA
     graph capture of a shape not yet tuned: the untuned default. Whole calls are timed, not single kernels (as

@@ -127,6 +127,21 @@ def test_sinkhorn_tuner_picks_the_fastest_once_per_shape(monkeypatch):
     assert not module._tunable(scores)
 
 
+
+def test_sinkhorn_tunes_trainings_own_call(monkeypatch):
+    """train.py calls the Sinkhorn once per global crop: at the defaults 32 images x 196 patches x 300 prototypes
+    (1.9M scores), a call the GPU tuner must cover (a 2M bar had left it to the untuned default)."""
+    from types import SimpleNamespace
+
+    from leopart import LeopartConfig, TrainConfig
+    module = importlib.import_module("leopart.kernels.sinkhorn")
+    cfg = TrainConfig()
+    rows = cfg.batch_size * (cfg.global_size // 16) ** 2
+    monkeypatch.setattr(module, "interpreting", lambda: False)  # as on a GPU
+    on_gpu = SimpleNamespace(is_cuda=True, numel=lambda: rows * LeopartConfig().num_prototypes)
+    assert module._tunable(on_gpu)
+    assert not module._tunable(SimpleNamespace(is_cuda=True, numel=lambda: 512 * 300))  # microseconds: not timed
+
 @pytest.mark.parametrize("n_iters,eps", [(1, 0.05), (5, 0.05), (3, 0.5)])
 def test_sinkhorn_parameters(n_iters, eps):
     scores = cosine_scores(64, 30, seed=1)
