@@ -65,8 +65,9 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def write_results(name: str, device: str, rows: list[dict], columns: list[str], note: str = "") -> Path:
-    """Save rows as results/<name>.json and a Markdown table results/<name>.md; print the table."""
+def write_results(name: str, device: str, rows: list[dict], columns: list[str], note: str = "",
+                  echo: bool = True) -> Path:
+    """Save rows as results/<name>.json and a Markdown table results/<name>.md; print the table if ``echo``."""
     RESULTS.mkdir(exist_ok=True)
     meta = {"device": device_name(device), "date": datetime.date.today().isoformat(),
             "torch": torch.__version__, "note": note}
@@ -79,7 +80,8 @@ def write_results(name: str, device: str, rows: list[dict], columns: list[str], 
         lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
     text = "\n".join(lines) + "\n"
     (RESULTS / f"{name}.md").write_text(text)
-    print(text)
+    if echo:
+        print(text)
     return RESULTS / f"{name}.md"
 
 

@@ -16,7 +16,8 @@ On a GPU it also writes results/kernels_targets_<device>.md: the kernel issue's 
 device-to-device copy's bandwidth measured beside the nominal limit.
 --sweep also writes results/sinkhorn_sweep_<device>.md: the Triton Sinkhorn with each of its launch candidates
 (rows per tile, warps, persistent programs per SM, the whole row in one tile where K > 1024), each checked against
-torch, and which of them its tuner picks (the plain rows above run the tuner's pick).
+torch, and which of them its tuner picks (the plain rows above run the tuner's pick). It runs last.
+The tables are rewritten after every size: a run stopped by a time limit keeps what it measured.
 """
 from __future__ import annotations
 
@@ -214,20 +215,24 @@ def main():
     gpu = dev.startswith("cuda")
     if args.sweep and not gpu:
         print("--sweep times the Triton kernels: it needs a CUDA device; skipped")
-    if args.sweep and gpu:
-        sizes = [("train ViT-S/16", 32 * 2 * 196, 300), ("one global crop", 32 * 196, 300),
-                 ("train ViT-B/8", 16 * 2 * 784, 300)]
-        if not args.quick:
-            sizes.append(("bandwidth N=1M K=3000", 1_000_000, 3000))
-        write_results(f"sinkhorn_sweep_{dev.split(':')[0]}", dev, sinkhorn_sweep(dev, sizes),
-                      ["size", "tile", "warps", "programs per SM", "ms", "speedup vs default", "tuner's pick",
-                       "max abs error"],
-                      note="Triton Sinkhorn, eps=0.05, 3 iterations: each launch candidate of kernels/sinkhorn.py, "
-                           "the untuned default first; 'tuner's pick' is what sinkhorn() runs on this GPU. Errors "
-                           "are against sinkhorn_torch on the same scores.")
+    tag = dev.split(":")[0]
+    bandwidth = (copy_bandwidth_gbs(dev), nominal_bandwidth_gbs(dev)) if gpu else None
+    rows = []
+
+    def save(final: bool = False):
+        """The tables so far, after every size: a run stopped by a time limit keeps what it measured."""
+        write_results(f"kernels_{tag}", dev, rows,
+                      ["kernel", "size", "impl", "ms", "speedup vs eager", "GB/s", "TFLOP/s", "peak extra MiB"],
+                      note="Sinkhorn eps=0.05, 3 iterations; 'speedup vs eager' is against the stable log-domain "
+                           "reference (sinkhorn_torch); the multiplicative row is SwAV's algorithm (not stable past "
+                           "scores/eps ~ 88). On CPU only the torch paths exist; Triton rows need a GPU.", echo=final)
+        if gpu:
+            write_results(f"kernels_targets_{tag}", dev, issue_targets(rows, *bandwidth),
+                          ["target", "required", "measured", "met"], echo=final,
+                          note="The kernel issue's targets, from the rows of kernels_cuda.md (same run).")
+
     compiled_sinkhorn = torch.compile(sinkhorn_torch) if not args.skip_compile else None
     compiled_nearest = torch.compile(nearest_torch) if not args.skip_compile else None
-    rows = []
     g = torch.Generator(device=dev).manual_seed(0)
 
     # The issue's training size counts both global crops; train.py calls sinkhorn once per global crop.
@@ -246,8 +251,9 @@ def main():
             impls["torch eager, CUDA graph"] = graphed(lambda: sinkhorn_torch(scores))
             impls["leopart triton, CUDA graph"] = graphed(lambda: sinkhorn(scores, backend="triton"))
         rows += bench("sinkhorn", f"{label}: {n}x{k}", impls, dev, (1 + 3 + 1) * n * k * 4, "GB/s")
+        save()
         if args.profile and label == sinkhorn_sizes[0][0]:
-            path = RESULTS / f"sinkhorn_profile_{dev.split(':')[0]}.md"
+            path = RESULTS / f"sinkhorn_profile_{tag}.md"
             path.write_text(profile_calls(impls, dev, f"Sinkhorn, one call at {label}: {n}x{k}"))
             print(f"wrote {path}")
         del scores
@@ -259,6 +265,7 @@ def main():
         if gpu:
             impls["leopart triton"] = lambda: patch_prototype_similarity(x, p, temperature=0.1, backend="triton")
         rows += bench("similarity+softmax", f"{label}: {n}x{k}x{d}", impls, dev, 2 * n * k * d, "TFLOP/s")
+        save()
 
     nearest_sizes = [("segment 448px batch", 32 * 784, 500, 384)]
     if not args.quick:
@@ -271,18 +278,25 @@ def main():
         if gpu:
             impls["leopart triton"] = lambda: nearest_prototype(x, p, backend="triton")
         rows += bench("nearest_prototype", f"{label}: {n}x{k}x{d}", impls, dev, 2 * n * k * d, "TFLOP/s")
+        save()
         del x, p
+    save(final=True)
 
-    write_results(f"kernels_{dev.split(':')[0]}", dev, rows,
-                  ["kernel", "size", "impl", "ms", "speedup vs eager", "GB/s", "TFLOP/s", "peak extra MiB"],
-                  note="Sinkhorn eps=0.05, 3 iterations; 'speedup vs eager' is against the stable log-domain reference "
-                       "(sinkhorn_torch); the multiplicative row is SwAV's algorithm (not stable past scores/eps ~ 88). "
-                       "On CPU only the torch paths exist; Triton rows need a GPU.")
-    if gpu:
-        targets = issue_targets(rows, copy_bandwidth_gbs(dev), nominal_bandwidth_gbs(dev))
-        write_results(f"kernels_targets_{dev.split(':')[0]}", dev, targets, ["target", "required", "measured", "met"],
-                      note="The kernel issue's targets, from the rows of kernels_cuda.md (same run).")
-
+    # After the rows the targets are read from: the sweep is the part a time limit may cut.
+    if args.sweep and gpu:
+        sizes = [("train ViT-S/16", 32 * 2 * 196, 300), ("one global crop", 32 * 196, 300),
+                 ("train ViT-B/8", 16 * 2 * 784, 300)]
+        if not args.quick:
+            sizes.append(("bandwidth N=1M K=3000", 1_000_000, 3000))
+        sweep_rows = []
+        for i, size in enumerate(sizes):
+            sweep_rows += sinkhorn_sweep(dev, [size])
+            write_results(f"sinkhorn_sweep_{tag}", dev, sweep_rows,
+                          ["size", "tile", "warps", "programs per SM", "ms", "speedup vs default", "tuner's pick",
+                           "max abs error"], echo=i == len(sizes) - 1,
+                          note="Triton Sinkhorn, eps=0.05, 3 iterations: each launch candidate of "
+                               "kernels/sinkhorn.py, the untuned default first; 'tuner's pick' is what sinkhorn() "
+                               "runs on this GPU. Errors are against sinkhorn_torch on the same scores.")
 
 if __name__ == "__main__":
     main()

@@ -385,6 +385,30 @@ def test_sinkhorn_launch_sweep_runs_every_candidate():
     assert [r["tuner's pick"] for r in rows] == ["yes", "", "", "", "", ""]
 
 
+
+def test_kernel_benchmark_keeps_each_size_it_measured(monkeypatch, tmp_path):
+    """The GPU run has a hard time limit: benchmarks/kernels.py writes its tables after every size, so a run cut
+    short (here at the first nearest_prototype size) keeps the Sinkhorn and similarity rows."""
+    import json
+
+    from benchmarks import common
+    from benchmarks import kernels as bench
+
+    def fake_bench(name, size, impls, device, work, unit):
+        if name == "nearest_prototype":
+            raise KeyboardInterrupt  # as a time limit would stop it
+        return [{"kernel": name, "size": size, "impl": label, "ms": 1.0} for label in impls]
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench, "bench", fake_bench)
+    monkeypatch.setattr(sys, "argv", ["kernels", "--device", "cpu", "--quick", "--skip-compile"])
+    with pytest.raises(KeyboardInterrupt):
+        bench.main()
+    rows = json.loads((tmp_path / "kernels_cpu.json").read_text())["rows"]
+    assert [r["size"].split(":")[0] for r in rows if r["impl"] == "torch eager"] == [
+        "train ViT-S/16", "one global crop", "train + queue 8192", "train ViT-B/8", "train ViT-S/16"]
+    assert rows[-1]["kernel"] == "similarity+softmax"
+
 def test_benchmark_reads_the_issue_targets_off_its_rows():
     """The GPU run states each target as met or not from its own rows, against the nominal bandwidth."""
     from benchmarks.kernels import issue_targets
