@@ -2,6 +2,7 @@
 
 The variables are set before anything imports huggingface_hub or triton, which read them at import.
 """
+import atexit
 import os
 import shutil
 import socket
@@ -13,6 +14,8 @@ from pathlib import Path
 _OWNS_CACHE = "LEOPART_TEST_CACHE" not in os.environ
 _CACHE = Path(tempfile.mkdtemp(prefix="leopart-test-cache-") if _OWNS_CACHE else os.environ["LEOPART_TEST_CACHE"])
 os.environ["LEOPART_TEST_CACHE"] = str(_CACHE)
+if _OWNS_CACHE:  # the private caches are per run: leave nothing in /tmp, however pytest exits (a usage error too)
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = str(_CACHE / "hf")
 os.environ["HF_HUB_CACHE"] = str(_CACHE / "hf" / "hub")
@@ -44,9 +47,6 @@ def pytest_configure(config):
                                 f"{np.__version__}: install numpy<2.4 or triton>=3.7 for the kernel tests")
 
 
-def pytest_sessionfinish(session, exitstatus):
-    if _OWNS_CACHE:
-        shutil.rmtree(_CACHE, ignore_errors=True)  # the private caches are per run: leave nothing in /tmp
 
 
 TINY_ARCH = "test_vit"  # timm's 64-dim, 6-block test ViT: fast enough for CPU tests
