@@ -456,6 +456,9 @@ def merge(clusters_dir, output, bg_share, weight_threshold, cd_resolution, seed)
 @click.option("--resolution", default=None, type=click.IntRange(min=1),
               help="Square input side in pixels, a multiple of the patch size (default: the one the segmenter's "
                    "parts were clustered at, else 448 as in the paper).")
+@click.option("--keep-aspect", is_flag=True,
+              help="Keep each image's aspect ratio, --resolution on its shorter side, instead of resizing it to a "
+                   "square (wide photos and video frames are not squeezed).")
 @_device_option
 @click.option("--head", default=None,
               help="A trained probe head (folder, Hub id or released .ckpt): supervised class masks instead.")
@@ -466,7 +469,8 @@ def merge(clusters_dir, output, bg_share, weight_threshold, cd_resolution, seed)
 @click.option("--overlay/--no-overlay", default=True, show_default=True,
               help="Also write <stem>_overlay.png, the image tinted by its mask (for a 12-megapixel photo, "
                    "writing it takes about as long as segmenting on a CPU).")
-def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_model, skip_existing, overlay):
+def segment(inputs, model, segmenter, k, output, resolution, keep_aspect, device, head, fg_model, skip_existing,
+            overlay):
     """Segment images (files, folders or .txt lists of paths) into objects without labels (or into classes
     with --head); writes VOC-coloured masks and overlays."""
     import collections
@@ -491,9 +495,9 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
         paths = [p for p in paths if p not in own]
     outputs = {p: outputs[p] if overlay else outputs[p][:1] for p in paths}
     _check_images(paths)
-    if head and (segmenter or k or resolution or fg_model):
+    if head and (segmenter or k or resolution or keep_aspect or fg_model):
         raise LeopartError("--head gives supervised class masks at the head's own resolution: leave out "
-                           "--segmenter, --k, --resolution and --fg-model")
+                           "--segmenter, --k, --resolution, --keep-aspect and --fg-model")
     if segmenter and fg_model:
         raise LeopartError(SEGMENTER_KNOWS_FOREGROUND)
     if skip_existing:
@@ -520,7 +524,8 @@ def segment(inputs, model, segmenter, k, output, resolution, device, head, fg_mo
     def segment_one(image):
         if probe_head is not None:
             return segment_with_head(image, m, probe_head, device=device)
-        return segment_image(image, model=m, segmenter=seg, k=k, resolution=resolution, fg_model=fg, device=device)
+        return segment_image(image, model=m, segmenter=seg, k=k, resolution=resolution, fg_model=fg, device=device,
+                             keep_aspect=keep_aspect)
 
     def write(image, mask, files):
         save_png(mask_image(mask), files[0])

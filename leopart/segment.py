@@ -20,7 +20,7 @@ from PIL import Image
 from . import data, serialization
 from .cluster import KMeansResult, cluster
 from .device import default_device, precision_key
-from .embed import check_features_fit, iter_batches
+from .embed import Resolution, check_features_fit, iter_batches
 from .errors import LeopartError, positive_int
 from .foreground import foreground_mask
 from .hub import from_pretrained
@@ -42,7 +42,7 @@ class DenseFeatures:
     patch_size: int | None = None  # the model's: it picks the reference's community-detection threshold
 
 
-def dense_features(images: Any, model: LeopartViT, resolution: int = DEFAULT_RESOLUTION, batch_size: int = 16,
+def dense_features(images: Any, model: LeopartViT, resolution: Resolution = DEFAULT_RESOLUTION, batch_size: int = 16,
                    device=None, fg_model: LeopartViT | None = None, progress: bool | None = None,
                    cache_dir: str | os.PathLike | None = None, resample: str = "bicubic",
                    full_precision: bool = False) -> DenseFeatures:
@@ -56,7 +56,8 @@ def dense_features(images: Any, model: LeopartViT, resolution: int = DEFAULT_RES
     (what scoring asks for, as the reference code ran float32).
     """
     device = default_device(device)
-    resolution = positive_int(resolution, "resolution")
+    resolution = (tuple(positive_int(side, "resolution") for side in resolution) if isinstance(resolution, tuple)
+                  else positive_int(resolution, "resolution"))
     images = list(data.expand_inputs(images)) if not isinstance(images, torch.Tensor) else images
     if len(images) == 0:
         raise LeopartError("no images given")
@@ -77,7 +78,7 @@ def dense_features(images: Any, model: LeopartViT, resolution: int = DEFAULT_RES
     return DenseFeatures(names, dense["features"], dense["foreground"].bool(), model.patch_size)
 
 
-def _dense_batch(images: list, model: LeopartViT, resolution: int, batch_size: int, device: torch.device,
+def _dense_batch(images: list, model: LeopartViT, resolution: Resolution, batch_size: int, device: torch.device,
                  fg_model: LeopartViT | None, progress: bool | None, resample: str,
                  full_precision: bool) -> dict[str, torch.Tensor]:
     masks = []
@@ -224,19 +225,33 @@ def recorded_model(name: str, source: str) -> str:
     return name
 
 
+def keep_aspect_size(height: int, width: int, short_side: int, patch_size: int) -> tuple[int, int]:
+    """(height, width) of an image resized to ``short_side`` on its shorter side with its aspect ratio kept, each
+    side rounded to a multiple of the patch size (``short_side`` is one)."""
+    if short_side % patch_size:
+        raise LeopartError(f"resolution {short_side} is not a positive multiple of the patch size {patch_size}")
+    scale = short_side / min(height, width)
+    return (max(1, round(height * scale / patch_size)) * patch_size,
+            max(1, round(width * scale / patch_size)) * patch_size)
+
+
 def segment(image: Any, model: str | LeopartViT | None = None, segmenter: str | Path | Segmenter | None = None,
             k: int | None = None, resolution: int | None = None, fg_model: str | LeopartViT | None = None,
-            device=None, seed: int = 0) -> np.ndarray:
+            device=None, seed: int = 0, keep_aspect: bool = False) -> np.ndarray:
     """Object ids (0 = background) of one image, [H, W] int64 at the image's own size.
 
     Without a segmenter the image's own patches are clustered into ``k`` parts (default 8) and merged by
     CBFE + CD on that image alone; with one (a Segmenter, or a folder / Hub id of a saved one) the parts and
     objects are the segmenter's, so ids are consistent across images. ``model`` and ``resolution`` default to
     those the segmenter's parts were clustered with (``leopart cluster --model / --resolution``), else vits16 and 448.
+    The model sees the image resized to resolution x resolution, as the paper's protocol; ``keep_aspect`` keeps
+    its aspect ratio instead, ``resolution`` on the shorter side (a wide photo or video frame is not squeezed).
     """
     device = default_device(device)
     if segmenter is not None and fg_model is not None:
         raise LeopartError(SEGMENTER_KNOWS_FOREGROUND)
+    if not isinstance(keep_aspect, bool):
+        raise LeopartError(f"keep_aspect must be True or False, not {keep_aspect!r}")
     k = positive_int(k, "k") if k is not None else None
     if segmenter is not None and not isinstance(segmenter, Segmenter):
         if not isinstance(segmenter, (str, os.PathLike)):
@@ -245,8 +260,10 @@ def segment(image: Any, model: str | LeopartViT | None = None, segmenter: str | 
     fitted_model, fitted_resolution = fitted_with(segmenter)  # parts are patch features of one model at one scale
     model = from_pretrained(model if model is not None else recorded_model(fitted_model, "the segmenter"),
                             device=device)
-    resolution = resolution if resolution is not None else fitted_resolution
+    resolution = positive_int(resolution, "resolution") if resolution is not None else fitted_resolution
     img = data.load_image(image, data.describe(image, 0))
+    if keep_aspect:
+        resolution = keep_aspect_size(img.height, img.width, resolution, model.patch_size)
     fg = from_pretrained(fg_model, device=device) if fg_model is not None else None
     dense = dense_features([img], model, resolution, device=device, fg_model=fg, progress=False)
     if segmenter is None:

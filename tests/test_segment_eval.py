@@ -14,7 +14,7 @@ import leopart
 from leopart.cli import main
 from leopart.errors import LeopartError
 from leopart.evaluate import read_voc
-from leopart.segment import overlay_image, upsample_argmax, voc_palette
+from leopart.segment import keep_aspect_size, overlay_image, upsample_argmax, voc_palette
 
 
 def scene(h, w, seed):
@@ -82,6 +82,42 @@ def test_segment_api_without_and_with_segmenter(tiny_model):
     with pytest.raises(LeopartError, match="larger than the number of patches"):
         leopart.segment(img, model=tiny_model, k=17, resolution=64)
 
+
+
+def test_keep_aspect_sizes_keep_the_shorter_side_and_round_to_patches():
+    assert keep_aspect_size(70, 90, 64, 16) == (64, 80)  # 64 x 82.3 -> 64 x 80
+    assert keep_aspect_size(3000, 4000, 448, 16) == (448, 592)  # 448 x 597.3
+    assert keep_aspect_size(4000, 3000, 448, 14) == (602, 448)  # 597.3 -> 43 patches of 14
+    assert keep_aspect_size(1000, 1000, 448, 16) == (448, 448)
+    assert keep_aspect_size(10, 1000, 32, 16) == (32, 3200)
+    with pytest.raises(LeopartError, match="resolution 40 is not a positive multiple of the patch size 16"):
+        keep_aspect_size(70, 90, 40, 16)
+
+
+def test_segment_keep_aspect_shows_the_model_the_image_unsqueezed(tiny_model, tiny_model_dir, tmp_path):
+    """keep_aspect: the model sees a 48 x 144 image at 32 x 96 (the square protocol: 32 x 32), and the mask is at
+    the image's own size; `leopart segment --keep-aspect` writes what the API gives."""
+    img = scene(48, 144, 5)[0]
+    seen = []
+    hook = tiny_model.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    try:
+        square = leopart.segment(img, model=tiny_model, k=3, resolution=32)
+        wide = leopart.segment(img, model=tiny_model, k=3, resolution=32, keep_aspect=True)
+    finally:
+        hook.remove()
+    assert seen == [(1, 3, 32, 32), (1, 3, 32, 96)]
+    assert square.shape == wide.shape == (48, 144) and not np.array_equal(square, wide)
+    for bad in ("yes", 1):
+        with pytest.raises(LeopartError, match="keep_aspect must be True or False"):
+            leopart.segment(img, model=tiny_model, k=3, resolution=32, keep_aspect=bad)
+    with pytest.raises(LeopartError, match="resolution 40 is not a positive multiple of the patch size 16"):
+        leopart.segment(img, model=tiny_model, k=3, resolution=40, keep_aspect=True)
+
+    Image.fromarray(img).save(tmp_path / "wide.png")
+    r = CliRunner().invoke(main, ["segment", str(tmp_path / "wide.png"), "--model", str(tiny_model_dir), "--k", "3",
+                                  "--resolution", "32", "--keep-aspect", "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "wide_mask.png")), wide)
 
 def test_features_that_cannot_fit_in_memory_fail_before_any_is_computed(tiny_model, monkeypatch):
     from leopart import device
