@@ -481,8 +481,8 @@ def segment(inputs, model, segmenter, k, output, resolution, keep_aspect, device
     from .hub import from_pretrained
     from .merge import Segmenter
     from .progress import progress_bar
-    from .segment import (MAX_MASK_ID, SEGMENTER_KNOWS_FOREGROUND, fitted_with, mask_image, recorded_model,
-                          save_overlay, save_png, segment as segment_image)
+    from .segment import (MAX_MASK_ID, SEGMENTER_KNOWS_FOREGROUND, check_kept_aspect, fitted_with, mask_image,
+                          recorded_model, save_overlay, save_png, segment as segment_image)
 
     outputs = _segment_outputs(inputs, output)
     paths = list(outputs)
@@ -495,6 +495,9 @@ def segment(inputs, model, segmenter, k, output, resolution, keep_aspect, device
         paths = [p for p in paths if p not in own]
     outputs = {p: outputs[p] if overlay else outputs[p][:1] for p in paths}
     _check_images(paths)
+    if keep_aspect:  # before any model loads, naming the file
+        for p in paths:
+            check_kept_aspect(data.image_size(p), str(p))
     if head and (segmenter or k or resolution or keep_aspect or fg_model):
         raise LeopartError("--head gives supervised class masks at the head's own resolution: leave out "
                            "--segmenter, --k, --resolution, --keep-aspect and --fg-model")

@@ -225,6 +225,16 @@ def recorded_model(name: str, source: str) -> str:
     return name
 
 
+MAX_KEPT_ASPECT = 16  # a 16:1 panorama has 16x the patches of the square, its attention 256x the cost
+
+
+def check_kept_aspect(size: tuple[int, int], name: str) -> None:
+    """Refuse an image (width, height) too elongated to segment with its aspect kept."""
+    if max(size) > MAX_KEPT_ASPECT * min(size):  # its patches grow with the ratio, the attention's cost with their square
+        raise LeopartError(f"{name} is {size[0]}x{size[1]}, more elongated than {MAX_KEPT_ASPECT}:1: segment it "
+                           "without keep_aspect (--keep-aspect) or in pieces")
+
+
 def keep_aspect_size(height: int, width: int, short_side: int, patch_size: int) -> tuple[int, int]:
     """(height, width) of an image resized to ``short_side`` on its shorter side with its aspect ratio kept, each
     side rounded to a multiple of the patch size (``short_side`` is one)."""
@@ -263,6 +273,7 @@ def segment(image: Any, model: str | LeopartViT | None = None, segmenter: str | 
     resolution = positive_int(resolution, "resolution") if resolution is not None else fitted_resolution
     img = data.load_image(image, data.describe(image, 0))
     if keep_aspect:
+        check_kept_aspect(img.size, data.describe(image, 0))
         resolution = keep_aspect_size(img.height, img.width, resolution, model.patch_size)
     fg = from_pretrained(fg_model, device=device) if fg_model is not None else None
     dense = dense_features([img], model, resolution, device=device, fg_model=fg, progress=False)

@@ -112,12 +112,19 @@ def test_segment_keep_aspect_shows_the_model_the_image_unsqueezed(tiny_model, ti
             leopart.segment(img, model=tiny_model, k=3, resolution=32, keep_aspect=bad)
     with pytest.raises(LeopartError, match="resolution 40 is not a positive multiple of the patch size 16"):
         leopart.segment(img, model=tiny_model, k=3, resolution=40, keep_aspect=True)
+    with pytest.raises(LeopartError, match=r"^image #0 is 20x340, more elongated than 16:1: segment it without "):
+        leopart.segment(np.zeros((340, 20, 3), np.uint8), model=tiny_model, k=3, resolution=32, keep_aspect=True)
 
     Image.fromarray(img).save(tmp_path / "wide.png")
     r = CliRunner().invoke(main, ["segment", str(tmp_path / "wide.png"), "--model", str(tiny_model_dir), "--k", "3",
                                   "--resolution", "32", "--keep-aspect", "-o", str(tmp_path / "out")])
     assert r.exit_code == 0, r.output
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "wide_mask.png")), wide)
+    Image.fromarray(np.zeros((20, 340, 3), np.uint8)).save(tmp_path / "strip.png")  # named before any model loads
+    r = CliRunner().invoke(main, ["segment", str(tmp_path / "wide.png"), str(tmp_path / "strip.png"), "--model",
+                                  str(tmp_path / "no-such-model"), "--keep-aspect", "-o", str(tmp_path / "out")])
+    assert r.exit_code == 1 and r.output == (f"Error: {tmp_path / 'strip.png'} is 340x20, more elongated than 16:1: "
+                                             "segment it without keep_aspect (--keep-aspect) or in pieces\n"), r.output
 
 def test_features_that_cannot_fit_in_memory_fail_before_any_is_computed(tiny_model, monkeypatch):
     from leopart import device
