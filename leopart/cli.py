@@ -495,12 +495,12 @@ def segment(inputs, model, segmenter, k, output, resolution, keep_aspect, device
         paths = [p for p in paths if p not in own]
     outputs = {p: outputs[p] if overlay else outputs[p][:1] for p in paths}
     _check_images(paths)
-    if keep_aspect:  # before any model loads, naming the file
-        for p in paths:
-            check_kept_aspect(data.image_size(p), str(p))
     if head and (segmenter or k or resolution or keep_aspect or fg_model):
         raise LeopartError("--head gives supervised class masks at the head's own resolution: leave out "
                            "--segmenter, --k, --resolution, --keep-aspect and --fg-model")
+    if keep_aspect:  # before any model loads, naming the file
+        for p in paths:
+            check_kept_aspect(data.image_size(p), str(p))
     if segmenter and fg_model:
         raise LeopartError(SEGMENTER_KNOWS_FOREGROUND)
     if skip_existing:

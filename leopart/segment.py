@@ -271,9 +271,10 @@ def segment(image: Any, model: str | LeopartViT | None = None, segmenter: str | 
     model = from_pretrained(model if model is not None else recorded_model(fitted_model, "the segmenter"),
                             device=device)
     resolution = positive_int(resolution, "resolution") if resolution is not None else fitted_resolution
-    img = data.load_image(image, data.describe(image, 0))
+    name = data.describe(image, 0)
+    img = data.load_image(image, name)
     if keep_aspect:
-        check_kept_aspect(img.size, data.describe(image, 0))
+        check_kept_aspect(img.size, name)
         resolution = keep_aspect_size(img.height, img.width, resolution, model.patch_size)
     fg = from_pretrained(fg_model, device=device) if fg_model is not None else None
     dense = dense_features([img], model, resolution, device=device, fg_model=fg, progress=False)

@@ -47,8 +47,6 @@ def pytest_configure(config):
                                 f"{np.__version__}: install numpy<2.4 or triton>=3.7 for the kernel tests")
 
 
-
-
 TINY_ARCH = "test_vit"  # timm's 64-dim, 6-block test ViT: fast enough for CPU tests
 # timm overrides that shrink a backbone of any ViT family (EVA-02, DINOv3, ...) to two 64-dim blocks.
 SMALL_BACKBONE = {"embed_dim": 64, "depth": 2, "num_heads": 2}
