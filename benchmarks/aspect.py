@@ -1,10 +1,10 @@
-"""Wide images segmented squeezed into a square (the paper's protocol) vs with their aspect ratio kept.
+"""Wide images segmented with their aspect ratio kept (the default) vs squeezed into a square (the paper's protocol).
 
     python -m benchmarks.aspect [leopart-demo]
 
 Uses a finished demo's trained model and segmenter (``leopart demo`` first): its square val scenes are placed side
 by side and cropped to a width, so each wide image has a ground truth, and ``leopart.segment`` masks them with
-``keep_aspect`` off and on. Writes results/aspect_<device>.md: fully unsupervised mIoU (%) per aspect ratio,
+``keep_aspect`` off (`--square`) and on. Writes results/aspect_<device>.md: fully unsupervised mIoU (%) per aspect ratio,
 Hungarian many-to-one over the segmenter's objects, as the demo scores its fully unsupervised column.
 """
 from __future__ import annotations
@@ -63,7 +63,8 @@ def main():
                   note=f"leopart.segment with the model and segmenter of a `leopart demo` run ({steps} training "
                        "steps), fully unsupervised mIoU "
                        "(%) of val scenes side by side, cropped to the width; 'squeezed': resized to the segmenter's "
-                       "square resolution (the default), 'keep_aspect': that resolution on the shorter side.")
+                       "square resolution (keep_aspect=False, `--square`), 'keep_aspect': that resolution on the "
+                       "shorter side (the default).")
 
 
 if __name__ == "__main__":

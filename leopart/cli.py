@@ -454,11 +454,12 @@ def merge(clusters_dir, output, bg_share, weight_threshold, cd_resolution, seed)
               help="Folder for <stem>_mask.png and <stem>_overlay.png (subfolders of a folder input kept).  "
                    "[default: current folder]")
 @click.option("--resolution", default=None, type=click.IntRange(min=1),
-              help="Square input side in pixels, a multiple of the patch size (default: the one the segmenter's "
-                   "parts were clustered at, else 448 as in the paper).")
-@click.option("--keep-aspect", is_flag=True,
-              help="Keep each image's aspect ratio, --resolution on its shorter side, instead of resizing it to a "
-                   "square (wide photos and video frames are not squeezed).")
+              help="Input side in pixels, a multiple of the patch size: the shorter side, or the square's with "
+                   "--square (default: the one the segmenter's parts were clustered at, else 448 as in the paper).")
+@click.option("--keep-aspect/--square", default=None,
+              help="Keep each image's aspect ratio, --resolution on its shorter side (up to 16:1), so wide photos "
+                   "and video frames are not squeezed (the default); or resize it to a square, the paper's protocol "
+                   "(as `leopart eval` and `leopart cluster` do).")
 @_device_option
 @click.option("--head", default=None,
               help="A trained probe head (folder, Hub id or released .ckpt): supervised class masks instead.")
@@ -481,8 +482,8 @@ def segment(inputs, model, segmenter, k, output, resolution, keep_aspect, device
     from .hub import from_pretrained
     from .merge import Segmenter
     from .progress import progress_bar
-    from .segment import (MAX_MASK_ID, SEGMENTER_KNOWS_FOREGROUND, check_kept_aspect, fitted_with, mask_image,
-                          recorded_model, save_overlay, save_png, segment as segment_image)
+    from .segment import (MAX_MASK_ID, SEGMENTER_KNOWS_FOREGROUND, fitted_with, mask_image, recorded_model,
+                          save_overlay, save_png, segment as segment_image)
 
     outputs = _segment_outputs(inputs, output)
     paths = list(outputs)
@@ -495,12 +496,9 @@ def segment(inputs, model, segmenter, k, output, resolution, keep_aspect, device
         paths = [p for p in paths if p not in own]
     outputs = {p: outputs[p] if overlay else outputs[p][:1] for p in paths}
     _check_images(paths)
-    if head and (segmenter or k or resolution or keep_aspect or fg_model):
+    if head and (segmenter or k or resolution or keep_aspect is not None or fg_model):
         raise LeopartError("--head gives supervised class masks at the head's own resolution: leave out "
-                           "--segmenter, --k, --resolution, --keep-aspect and --fg-model")
-    if keep_aspect:  # before any model loads, naming the file
-        for p in paths:
-            check_kept_aspect(data.image_size(p), str(p))
+                           "--segmenter, --k, --resolution, --keep-aspect / --square and --fg-model")
     if segmenter and fg_model:
         raise LeopartError(SEGMENTER_KNOWS_FOREGROUND)
     if skip_existing:
@@ -528,7 +526,7 @@ def segment(inputs, model, segmenter, k, output, resolution, keep_aspect, device
         if probe_head is not None:
             return segment_with_head(image, m, probe_head, device=device)
         return segment_image(image, model=m, segmenter=seg, k=k, resolution=resolution, fg_model=fg, device=device,
-                             keep_aspect=keep_aspect)
+                             keep_aspect=keep_aspect is not False)
 
     def write(image, mask, files):
         save_png(mask_image(mask), files[0])

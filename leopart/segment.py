@@ -228,34 +228,31 @@ def recorded_model(name: str, source: str) -> str:
 MAX_KEPT_ASPECT = 16  # a 16:1 panorama has 16x the patches of the square, its attention 256x the cost
 
 
-def check_kept_aspect(size: tuple[int, int], name: str) -> None:
-    """Refuse an image (width, height) too elongated to segment with its aspect kept."""
-    if max(size) > MAX_KEPT_ASPECT * min(size):  # its patches grow with the ratio, the attention's cost with their square
-        raise LeopartError(f"{name} is {size[0]}x{size[1]}, more elongated than {MAX_KEPT_ASPECT}:1: segment it "
-                           "without keep_aspect (--keep-aspect) or in pieces")
-
-
 def keep_aspect_size(height: int, width: int, short_side: int, patch_size: int) -> tuple[int, int]:
     """(height, width) of an image resized to ``short_side`` on its shorter side with its aspect ratio kept, each
-    side rounded to a multiple of the patch size (``short_side`` is one)."""
+    side rounded to a multiple of the patch size (``short_side`` is one). The longer side is capped at
+    MAX_KEPT_ASPECT times the shorter: a more elongated image is squeezed to 16:1."""
     if short_side % patch_size:
         raise LeopartError(f"resolution {short_side} is not a positive multiple of the patch size {patch_size}")
     scale = short_side / min(height, width)
-    return (max(1, round(height * scale / patch_size)) * patch_size,
-            max(1, round(width * scale / patch_size)) * patch_size)
+    long_side = MAX_KEPT_ASPECT * short_side
+    return (min(long_side, max(1, round(height * scale / patch_size)) * patch_size),
+            min(long_side, max(1, round(width * scale / patch_size)) * patch_size))
 
 
 def segment(image: Any, model: str | LeopartViT | None = None, segmenter: str | Path | Segmenter | None = None,
             k: int | None = None, resolution: int | None = None, fg_model: str | LeopartViT | None = None,
-            device=None, seed: int = 0, keep_aspect: bool = False) -> np.ndarray:
+            device=None, seed: int = 0, keep_aspect: bool = True) -> np.ndarray:
     """Object ids (0 = background) of one image, [H, W] int64 at the image's own size.
 
     Without a segmenter the image's own patches are clustered into ``k`` parts (default 8) and merged by
     CBFE + CD on that image alone; with one (a Segmenter, or a folder / Hub id of a saved one) the parts and
     objects are the segmenter's, so ids are consistent across images. ``model`` and ``resolution`` default to
     those the segmenter's parts were clustered with (``leopart cluster --model / --resolution``), else vits16 and 448.
-    The model sees the image resized to resolution x resolution, as the paper's protocol; ``keep_aspect`` keeps
-    its aspect ratio instead, ``resolution`` on the shorter side (a wide photo or video frame is not squeezed).
+    The model sees the image with its aspect ratio kept, ``resolution`` on its shorter side (up to 16:1), so a
+    wide photo or video frame is not squeezed; ``keep_aspect=False`` resizes it to resolution x resolution, the
+    paper's protocol (``leopart eval``) and how ``leopart cluster`` fits a segmenter's parts. Square images give
+    the same masks either way.
     """
     device = default_device(device)
     if segmenter is not None and fg_model is not None:
@@ -274,7 +271,6 @@ def segment(image: Any, model: str | LeopartViT | None = None, segmenter: str | 
     name = data.describe(image, 0)
     img = data.load_image(image, name)
     if keep_aspect:
-        check_kept_aspect(img.size, name)
         resolution = keep_aspect_size(img.height, img.width, resolution, model.patch_size)
     fg = from_pretrained(fg_model, device=device) if fg_model is not None else None
     dense = dense_features([img], model, resolution, device=device, fg_model=fg, progress=False)

@@ -349,7 +349,7 @@ def test_eval_cli_probes_json_and_segment_head(block_voc, tiny_model_dir, tmp_pa
                              str(tmp_path / "p" / "linear"), "--output", str(tmp_path / "seg3")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "seg3" / "val000_mask.png").read_bytes() == (seg_out / "val000_mask.png").read_bytes()
-    for extra in (["--k", "3"], ["--fg-model", str(tiny_model_dir)], ["--keep-aspect"]):  # unsupervised settings
+    for extra in (["--k", "3"], ["--fg-model", str(tiny_model_dir)], ["--keep-aspect"], ["--square"]):
         r = runner.invoke(main, ["segment", str(block_voc / "JPEGImages" / "val000.png"), "--head",
                                  str(tmp_path / "p" / "linear"), "--output", str(tmp_path / "seg4"), *extra])
         assert r.exit_code == 1 and r.output.startswith("Error: --head gives supervised class masks"), r.output

@@ -84,8 +84,10 @@ def test_segment_api_without_and_with_segmenter(tiny_model):
     img = scene(70, 90, 0)[0]
     mask = leopart.segment(img, model=tiny_model, k=4, resolution=64)
     assert mask.shape == (70, 90) and mask.dtype == np.int64 and mask.min() >= 0
-    with pytest.raises(LeopartError, match="larger than the number of patches"):
-        leopart.segment(img, model=tiny_model, k=17, resolution=64)
+    with pytest.raises(LeopartError, match=r"larger than the number of patches \(20\)"):  # 64 x 80: 4 x 5 patches
+        leopart.segment(img, model=tiny_model, k=21, resolution=64)
+    with pytest.raises(LeopartError, match=r"larger than the number of patches \(16\)"):
+        leopart.segment(img, model=tiny_model, k=17, resolution=64, keep_aspect=False)
 
 
 
@@ -94,42 +96,41 @@ def test_keep_aspect_sizes_keep_the_shorter_side_and_round_to_patches():
     assert keep_aspect_size(3000, 4000, 448, 16) == (448, 592)  # 448 x 597.3
     assert keep_aspect_size(4000, 3000, 448, 14) == (602, 448)  # 597.3 -> 43 patches of 14
     assert keep_aspect_size(1000, 1000, 448, 16) == (448, 448)
-    assert keep_aspect_size(10, 1000, 32, 16) == (32, 3200)
+    assert keep_aspect_size(10, 150, 32, 16) == (32, 480)  # 15:1
+    assert keep_aspect_size(10, 1000, 32, 16) == (32, 512)  # 100:1 is squeezed to 16:1
     with pytest.raises(LeopartError, match="resolution 40 is not a positive multiple of the patch size 16"):
         keep_aspect_size(70, 90, 40, 16)
 
 
-def test_segment_keep_aspect_shows_the_model_the_image_unsqueezed(tiny_model, tiny_model_dir, tmp_path):
-    """keep_aspect: the model sees a 48 x 144 image at 32 x 96 (the square protocol: 32 x 32), and the mask is at
-    the image's own size; `leopart segment --keep-aspect` writes what the API gives."""
+def test_segment_keeps_the_aspect_ratio_unless_asked_for_the_square(tiny_model, tiny_model_dir, tmp_path):
+    """The model sees a 48 x 144 image at 32 x 96 (with keep_aspect=False, the paper's square: 32 x 32), a 100:1
+    strip squeezed to 16:1; masks are at the image's own size. `leopart segment` does the same, --square the
+    square."""
     img = scene(48, 144, 5)[0]
+    strip = np.zeros((340, 20, 3), np.uint8)
     seen = []
     hook = tiny_model.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
     try:
-        square = leopart.segment(img, model=tiny_model, k=3, resolution=32)
-        wide = leopart.segment(img, model=tiny_model, k=3, resolution=32, keep_aspect=True)
+        kept = leopart.segment(img, model=tiny_model, k=3, resolution=32)
+        square = leopart.segment(img, model=tiny_model, k=3, resolution=32, keep_aspect=False)
+        assert leopart.segment(strip, model=tiny_model, k=3, resolution=32).shape == (340, 20)
     finally:
         hook.remove()
-    assert seen == [(1, 3, 32, 32), (1, 3, 32, 96)]
-    assert square.shape == wide.shape == (48, 144) and not np.array_equal(square, wide)
+    assert seen == [(1, 3, 32, 96), (1, 3, 32, 32), (1, 3, 512, 32)]
+    assert square.shape == kept.shape == (48, 144) and not np.array_equal(square, kept)
     for bad in ("yes", 1):
         with pytest.raises(LeopartError, match="keep_aspect must be True or False"):
             leopart.segment(img, model=tiny_model, k=3, resolution=32, keep_aspect=bad)
     with pytest.raises(LeopartError, match="resolution 40 is not a positive multiple of the patch size 16"):
-        leopart.segment(img, model=tiny_model, k=3, resolution=40, keep_aspect=True)
-    with pytest.raises(LeopartError, match=r"^image #0 is 20x340, more elongated than 16:1: segment it without "):
-        leopart.segment(np.zeros((340, 20, 3), np.uint8), model=tiny_model, k=3, resolution=32, keep_aspect=True)
+        leopart.segment(img, model=tiny_model, k=3, resolution=40)
 
     Image.fromarray(img).save(tmp_path / "wide.png")
-    r = CliRunner().invoke(main, ["segment", str(tmp_path / "wide.png"), "--model", str(tiny_model_dir), "--k", "3",
-                                  "--resolution", "32", "--keep-aspect", "-o", str(tmp_path / "out")])
-    assert r.exit_code == 0, r.output
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "wide_mask.png")), wide)
-    Image.fromarray(np.zeros((20, 340, 3), np.uint8)).save(tmp_path / "strip.png")  # named before any model loads
-    r = CliRunner().invoke(main, ["segment", str(tmp_path / "wide.png"), str(tmp_path / "strip.png"), "--model",
-                                  str(tmp_path / "no-such-model"), "--keep-aspect", "-o", str(tmp_path / "out")])
-    assert r.exit_code == 1 and r.output == (f"Error: {tmp_path / 'strip.png'} is 340x20, more elongated than 16:1: "
-                                             "segment it without keep_aspect (--keep-aspect) or in pieces\n"), r.output
+    base = ["segment", str(tmp_path / "wide.png"), "--model", str(tiny_model_dir), "--k", "3", "--resolution", "32"]
+    for flag, expected in (([], kept), (["--keep-aspect"], kept), (["--square"], square)):
+        r = CliRunner().invoke(main, [*base, *flag, "-o", str(tmp_path / "out")])
+        assert r.exit_code == 0, r.output
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "wide_mask.png")), expected), flag
+
 
 def test_features_that_cannot_fit_in_memory_fail_before_any_is_computed(tiny_model, monkeypatch):
     from leopart import device
