@@ -268,8 +268,7 @@ def segment(image: Any, model: str | LeopartViT | None = None, segmenter: str | 
     model = from_pretrained(model if model is not None else recorded_model(fitted_model, "the segmenter"),
                             device=device)
     resolution = positive_int(resolution, "resolution") if resolution is not None else fitted_resolution
-    name = data.describe(image, 0)
-    img = data.load_image(image, name)
+    img = data.load_image(image, data.describe(image, 0))
     if keep_aspect:
         resolution = keep_aspect_size(img.height, img.width, resolution, model.patch_size)
     fg = from_pretrained(fg_model, device=device) if fg_model is not None else None
