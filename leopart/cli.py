@@ -283,6 +283,9 @@ def _cache_option(f):
 @click.option("--resolution", default="224", show_default=True,
               help="Square input side in pixels, HEIGHTxWIDTH (e.g. 448x672), or 'native' to keep each image's "
                    "size (rounded to the patch).")
+@click.option("--keep-aspect", is_flag=True,
+              help="Resize each image to --resolution on its shorter side, its aspect ratio kept (up to 16:1): one "
+                   "map per image at its own grid, in a .safetensors file.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
               help="Images per forward pass.")
 @_device_option
@@ -293,7 +296,7 @@ def _cache_option(f):
 @click.option("--full-precision", is_flag=True,
               help="On a GPU, run the model in float32 instead of under bf16 autocast (slower; timm's float32 values).")
 @_cache_option
-def embed(inputs, model, resolution, batch_size, device, output, dtype, full_precision, cache_dir):
+def embed(inputs, model, resolution, keep_aspect, batch_size, device, output, dtype, full_precision, cache_dir):
     """Embed images (files, folders or .txt lists of paths) into patch features [B, h, w, D]."""
     from . import data
     from .device import default_device, uses_bf16
@@ -305,8 +308,11 @@ def embed(inputs, model, resolution, batch_size, device, output, dtype, full_pre
     if suffix not in {".safetensors", ".npy"}:
         raise LeopartError(f"--output must end in .safetensors or .npy, not '{output.name}'")
     res = _parse_resolution(resolution)
-    if res is None and suffix == ".npy":
-        raise LeopartError("--resolution native gives one array per image: write .safetensors instead of .npy")
+    if keep_aspect and not isinstance(res, int):
+        raise LeopartError(f"--keep-aspect takes the shorter side in pixels as --resolution, not {resolution}")
+    if (res is None or keep_aspect) and suffix == ".npy":
+        raise LeopartError(f"{'--keep-aspect' if keep_aspect else '--resolution native'} gives one array per image "
+                           "of its own size: write .safetensors instead of .npy")
     if dtype == "bfloat16" and suffix == ".npy":
         raise LeopartError("numpy has no bfloat16: write .safetensors, or --dtype float16 to .npy")
     paths = list(data.expand_inputs(list(inputs)))
@@ -314,13 +320,14 @@ def embed(inputs, model, resolution, batch_size, device, output, dtype, full_pre
     # One batch at a time from the model into the file: memory does not grow with the number of images.
     features = iter_embeddings(paths, model=model, resolution=res, batch_size=batch_size, device=device,
                                progress=True if len(paths) > batch_size else None, cache_dir=cache_dir,
-                               full_precision=full_precision)
+                               full_precision=full_precision, keep_aspect=keep_aspect)
     # A local model is recorded by its absolute path (as segmenters and runs record theirs), so it resolves elsewhere.
     shown = "x".join(map(str, res)) if isinstance(res, tuple) else str(res or "native")
+    shown += " on the shorter side" if keep_aspect else ""
     meta = {"model": recorded_name(model), "resolution": shown,
             "precision": "bf16 autocast" if uses_bf16(default_device(device), full_precision) else "float32",
             "names": json.dumps([str(p) for p in paths])}
-    shape = write_features(output, features, len(paths), ragged=res is None, metadata=meta, dtype=dtype)
+    shape = write_features(output, features, len(paths), ragged=res is None or keep_aspect, metadata=meta, dtype=dtype)
     maps = f"of {' x '.join(map(str, shape[1:]))}" if shape else "each at its image's own size"
     click.echo(f"wrote {output} ({plural(len(paths), 'map')} {maps}, {dtype})")
 

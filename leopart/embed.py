@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import numbers
 import os
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -20,18 +21,41 @@ from .progress import progress_bar
 Resolution = int | tuple[int, int]
 
 
+@dataclass(frozen=True)
+class ShorterSide:
+    """Each image resized to ``pixels`` on its shorter side with its aspect ratio kept (keep_aspect=True)."""
+    pixels: int
+
+
+MAX_KEPT_ASPECT = 16  # a 16:1 panorama has 16x the patches of the square, its attention 256x the cost
+
+
+def keep_aspect_size(height: int, width: int, short_side: int, patch_size: int) -> tuple[int, int]:
+    """(height, width) of an image resized to ``short_side`` on its shorter side with its aspect ratio kept, each
+    side rounded to a multiple of the patch size (``short_side`` is one). The longer side is capped at
+    MAX_KEPT_ASPECT times the shorter: a more elongated image is squeezed to 16:1."""
+    if short_side % patch_size:
+        raise LeopartError(f"resolution {short_side} is not a positive multiple of the patch size {patch_size}")
+    scale = short_side / min(height, width)
+    long_side = MAX_KEPT_ASPECT * short_side
+    return (min(long_side, max(1, round(height * scale / patch_size)) * patch_size),
+            min(long_side, max(1, round(width * scale / patch_size)) * patch_size))
+
+
 def sides(resolution: Resolution) -> tuple[int, int]:
     """(height, width) in pixels of a fixed resolution."""
     return resolution if isinstance(resolution, tuple) else (resolution, resolution)
 
 
-def _preprocess(i: int, item: Any, resolution: Resolution | None, patch_size: int,
+def _preprocess(i: int, item: Any, resolution: Resolution | ShorterSide | None, patch_size: int,
                 resample: str = "bicubic") -> tuple[str, torch.Tensor]:
     name = data.describe(item, i)
     img = data.load_image(item, name)
     if resolution is None:  # native size: at least one patch; a fixed resolution resizes any image
         data.check_size(img, patch_size, name)
         size = (img.height // patch_size * patch_size, img.width // patch_size * patch_size)
+    elif isinstance(resolution, ShorterSide):
+        size = keep_aspect_size(img.height, img.width, resolution.pixels, patch_size)
     else:
         size = sides(resolution)
     return name, data.to_tensor(img, size, resample)
@@ -45,7 +69,8 @@ def check_features_fit(n_images: int, model: LeopartViT, resolution: Resolution,
     check_host_memory(n_images * patches * model.embed_dim * bytes_per_value, f"{what} of {n_images} images", advice)
 
 
-def iter_preprocessed(images: Iterable, resolution: Resolution | None, patch_size: int, threads: int | None = None,
+def iter_preprocessed(images: Iterable, resolution: Resolution | ShorterSide | None, patch_size: int,
+                      threads: int | None = None,
                       resample: str = "bicubic") -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, normalised tensor [3, H, W]) of single images (as ``data.listed`` gives them: expanding
     again would open a folder that a .txt list names) in input order, decoding lazily.
@@ -67,15 +92,18 @@ def _count(images: Any) -> int | None:
 
 
 @torch.no_grad()
-def iter_batches(images: Any, model: LeopartViT, resolution: Resolution | None, batch_size: int, device: torch.device,
-                 attention: bool = False, progress: bool | None = None, desc: str = "embed",
+def iter_batches(images: Any, model: LeopartViT, resolution: Resolution | ShorterSide | None, batch_size: int,
+                 device: torch.device, attention: bool = False, progress: bool | None = None, desc: str = "embed",
                  resample: str = "bicubic", full_precision: bool = False):
     """Yield (names, patch tokens [b, h, w, D], attention [b, heads, h, w] or None) per batch, on ``device``.
 
-    Ragged sizes (resolution=None) go one image at a time. On CUDA the model runs under bf16 autocast unless
-    ``full_precision`` (scoring: float32, as the reference code ran it).
+    Ragged sizes (resolution None or ShorterSide) go one image at a time. On CUDA the model runs under bf16
+    autocast unless ``full_precision`` (scoring: float32, as the reference code ran it).
     """
-    for side in sides(resolution) if resolution is not None else ():
+    ragged = resolution is None or isinstance(resolution, ShorterSide)
+    if isinstance(resolution, ShorterSide):
+        keep_aspect_size(1, 1, resolution.pixels, model.patch_size)  # a side that is not a multiple fails here
+    for side in sides(resolution) if not ragged else ():
         if side < model.patch_size or side % model.patch_size:
             shown = "" if side == resolution else f" {'x'.join(map(str, sides(resolution)))}:"
             raise LeopartError(f"resolution{shown} {side} is not a positive multiple of the patch size "
@@ -86,7 +114,7 @@ def iter_batches(images: Any, model: LeopartViT, resolution: Resolution | None, 
     stream = iter_preprocessed(images, resolution, model.patch_size, threads=0 if device.type == "cpu" else None,
                                resample=resample)
     total = _count(images)
-    per_call = batch_size if resolution is not None else 1
+    per_call = 1 if ragged else batch_size
     with progress_bar(total=total, unit="img", desc=desc, progress=_progress(progress, total, batch_size)) as bar:
         while batch := list(itertools.islice(stream, per_call)):
             x = torch.stack([t for _, t in batch]).to(device)
@@ -99,7 +127,7 @@ def iter_batches(images: Any, model: LeopartViT, resolution: Resolution | None, 
 
 def embed(images: Any, model: str | LeopartViT = "vits16", resolution: Resolution | None = 224, batch_size: int = 32,
           device=None, progress: bool | None = None, cache_dir: str | os.PathLike | None = None,
-          full_precision: bool = False) -> torch.Tensor | list[torch.Tensor]:
+          full_precision: bool = False, keep_aspect: bool = False) -> torch.Tensor | list[torch.Tensor]:
     """Backbone patch tokens of ``images``.
 
     images: a path, a folder (recursive), a .txt file listing image paths (one per line, relative to its
@@ -110,6 +138,8 @@ def embed(images: Any, model: str | LeopartViT = "vits16", resolution: Resolutio
     resolution: side of the square every image is resized to (bicubic), or (height, width); ``None`` (or
         "native") keeps each image's own size rounded down to the patch size and returns a list of [h_i, w_i, D]
         tensors.
+    keep_aspect: resize each image to ``resolution`` pixels on its shorter side, its aspect ratio kept (each side
+        rounded to the patch size; beyond 16:1 squeezed to 16:1), and return a list of [h_i, w_i, D] tensors.
     cache_dir: keep the features there in files of 256 images (image files only), named by the model's
         weights, the files and the resolution: an interrupted run resumes at the first missing file.
     progress: a bar in a terminal, lines on stderr in a log (see ``leopart.progress``); False: none.
@@ -118,10 +148,12 @@ def embed(images: Any, model: str | LeopartViT = "vits16", resolution: Resolutio
     Returns a float32 CPU tensor [B, h, w, D] with h = w = resolution // patch_size (h = height // patch_size,
     w = width // patch_size for (height, width)).
     """
-    resolution = as_resolution(resolution)
+    resolution = kept_aspect(as_resolution(resolution), keep_aspect)
     images = data.listed(images)  # counted first (unless an iterator), so the result is allocated once
     device = default_device(device)
     model = from_pretrained(model, device=device)
+    if isinstance(resolution, ShorterSide):
+        return list(_embeddings(images, model, resolution, batch_size, device, progress, cache_dir, full_precision))
     if resolution is not None and isinstance(images, list):
         check_features_fit(len(images), model, resolution, 4, "the features",
                            "take them one at a time with leopart.iter_embeddings, or stream them to a file with "
@@ -141,12 +173,25 @@ def embed(images: Any, model: str | LeopartViT = "vits16", resolution: Resolutio
 
 def iter_embeddings(images: Any, model: str | LeopartViT = "vits16", resolution: Resolution | None = 224,
                     batch_size: int = 32, device=None, progress: bool | None = None,
-                    cache_dir: str | os.PathLike | None = None, full_precision: bool = False) -> Iterator[torch.Tensor]:
+                    cache_dir: str | os.PathLike | None = None, full_precision: bool = False,
+                    keep_aspect: bool = False) -> Iterator[torch.Tensor]:
     """``embed`` one image at a time: float32 CPU tensors [h, w, D] in input order, with at most one batch
     (or one cache file) in memory, for datasets whose features do not fit in it (``leopart embed`` streams
     them to its output file). The model loads now, the images as the iterator is consumed."""
-    return _embeddings(data.listed(images), model, as_resolution(resolution), batch_size, device, progress, cache_dir,
-                       full_precision)
+    return _embeddings(data.listed(images), model, kept_aspect(as_resolution(resolution), keep_aspect), batch_size,
+                       device, progress, cache_dir, full_precision)
+
+
+def kept_aspect(resolution: Resolution | None, keep_aspect: bool) -> Resolution | ShorterSide | None:
+    """``resolution`` as ShorterSide where ``keep_aspect`` asks for it (which needs one side in pixels)."""
+    if not isinstance(keep_aspect, bool):
+        raise LeopartError(f"keep_aspect must be True or False, not {keep_aspect!r}")
+    if not keep_aspect:
+        return resolution
+    if not isinstance(resolution, int):
+        raise LeopartError("keep_aspect takes the shorter side in pixels as resolution, not "
+                           f"{'None (each image its own size)' if resolution is None else resolution}")
+    return ShorterSide(resolution)
 
 
 def as_resolution(resolution) -> Resolution | None:

@@ -20,7 +20,7 @@ from PIL import Image
 from . import data, serialization
 from .cluster import KMeansResult, cluster
 from .device import default_device, precision_key
-from .embed import Resolution, check_features_fit, iter_batches
+from .embed import Resolution, check_features_fit, iter_batches, keep_aspect_size
 from .errors import LeopartError, positive_int
 from .foreground import foreground_mask
 from .hub import from_pretrained
@@ -223,21 +223,6 @@ def recorded_model(name: str, source: str) -> str:
         raise LeopartError(f"{source} was fitted with the model {name}, which is not on this machine: pass that "
                            "model's folder or Hub id as --model (model=)")
     return name
-
-
-MAX_KEPT_ASPECT = 16  # a 16:1 panorama has 16x the patches of the square, its attention 256x the cost
-
-
-def keep_aspect_size(height: int, width: int, short_side: int, patch_size: int) -> tuple[int, int]:
-    """(height, width) of an image resized to ``short_side`` on its shorter side with its aspect ratio kept, each
-    side rounded to a multiple of the patch size (``short_side`` is one). The longer side is capped at
-    MAX_KEPT_ASPECT times the shorter: a more elongated image is squeezed to 16:1."""
-    if short_side % patch_size:
-        raise LeopartError(f"resolution {short_side} is not a positive multiple of the patch size {patch_size}")
-    scale = short_side / min(height, width)
-    long_side = MAX_KEPT_ASPECT * short_side
-    return (min(long_side, max(1, round(height * scale / patch_size)) * patch_size),
-            min(long_side, max(1, round(width * scale / patch_size)) * patch_size))
 
 
 def segment(image: Any, model: str | LeopartViT | None = None, segmenter: str | Path | Segmenter | None = None,

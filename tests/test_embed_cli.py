@@ -223,6 +223,47 @@ def test_height_by_width_resolution(tiny_model, tiny_model_dir, tmp_path):
     assert r.exit_code == 2 and "'64x' is not a number of pixels, HEIGHTxWIDTH or 'native'" in r.output, r.output
 
 
+
+def test_keep_aspect_embeds_each_image_at_its_shorter_side(tiny_model, tiny_model_dir, tmp_path):
+    """keep_aspect: each image resized to the resolution on its shorter side, its aspect kept: one map per image,
+    the features of the image resized by PIL first and embedded at its own size; the command line writes them to
+    .safetensors (one tensor per image), the cache keeps them apart from the square's."""
+    wide, tall = random_image(60, 90), random_image(100, 50)
+    maps = leopart.embed([wide, tall], model=tiny_model, resolution=32, keep_aspect=True)
+    assert [tuple(m.shape) for m in maps] == [(2, 3, 64), (4, 2, 64)]  # 32 x 48 and 64 x 32 pixels
+    for img, fmap, size in ((wide, maps[0], (48, 32)), (tall, maps[1], (32, 64))):
+        resized = np.asarray(Image.fromarray(img).resize(size, Image.BICUBIC))
+        torch.testing.assert_close(fmap, leopart.embed(resized, model=tiny_model, resolution=None)[0])
+    streamed = list(leopart.iter_embeddings([wide, tall], model=tiny_model, resolution=32, keep_aspect=True))
+    assert all(torch.equal(a, b) for a, b in zip(streamed, maps, strict=True))
+    for resolution, bad, match in ((None, True, r"^keep_aspect takes the shorter side in pixels as resolution, not "
+                                                r"None \(each image its own size\)$"),
+                                   ((32, 48), True, r"not \(32, 48\)$"),
+                                   (40, True, "^resolution 40 is not a positive multiple of the patch size 16$"),
+                                   (32, "yes", r"^keep_aspect must be True or False, not 'yes'$")):
+        with pytest.raises(LeopartError, match=match):
+            leopart.embed(wide, model=tiny_model, resolution=resolution, keep_aspect=bad)
+
+    for i, img in enumerate((wide, tall)):
+        Image.fromarray(img).save(tmp_path / f"{i}.png")
+    files = [str(tmp_path / "0.png"), str(tmp_path / "1.png")]
+    out = tmp_path / "f.safetensors"
+    base = ["embed", *files, "--model", str(tiny_model_dir), "--resolution", "32", "--keep-aspect"]
+    r = CliRunner().invoke(main, [*base, "-o", str(out), "--cache", str(tmp_path / "cache")])
+    assert r.exit_code == 0 and "(2 maps each at its image's own size, float32)" in r.output, r.output
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["resolution"] == "32 on the shorter side"
+        stored = [f.get_tensor(name) for name in sorted(f.keys())]
+    assert all(torch.equal(a, b) for a, b in zip(stored, maps, strict=True))
+    square = leopart.embed(files, model=tiny_model, resolution=32, cache_dir=tmp_path / "cache")
+    assert square.shape == (2, 2, 2, 64) and len(list((tmp_path / "cache").iterdir())) == 2
+    for extra, message in ((["-o", str(tmp_path / "f.npy")], "--keep-aspect gives one array per image of its own "
+                                                             "size: write .safetensors instead of .npy"),
+                           (["--resolution", "native", "-o", str(out)], "--keep-aspect takes the shorter side in "
+                                                                       "pixels as --resolution, not native")):
+        r = CliRunner().invoke(main, [*base, *extra])
+        assert r.exit_code == 1 and r.output == f"Error: {message}\n", r.output
+
 @pytest.mark.parametrize("case", ["missing", "corrupt", "truncated", "text", "tiny", "empty_dir", "model",
                                   "resolution", "array_shape", "bomb", "bytes", "number",
                                   "listed_folder", "features_file", "checkpoint", "url", "listed_url", "video"])

@@ -14,12 +14,8 @@ import leopart
 from leopart.cli import main
 from leopart.errors import LeopartError
 from leopart.evaluate import read_voc
-from leopart.segment import (
-    keep_aspect_size,
-    overlay_image,
-    upsample_argmax,
-    voc_palette,
-)
+from leopart.embed import keep_aspect_size
+from leopart.segment import overlay_image, upsample_argmax, voc_palette
 
 
 def scene(h, w, seed):
