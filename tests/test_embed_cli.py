@@ -236,9 +236,8 @@ def test_keep_aspect_embeds_each_image_at_its_shorter_side(tiny_model, tiny_mode
         torch.testing.assert_close(fmap, leopart.embed(resized, model=tiny_model, resolution=None)[0])
     streamed = list(leopart.iter_embeddings([wide, tall], model=tiny_model, resolution=32, keep_aspect=True))
     assert all(torch.equal(a, b) for a, b in zip(streamed, maps, strict=True))
-    for resolution, bad, match in ((None, True, r"^keep_aspect takes the shorter side in pixels as resolution, not "
-                                                r"None \(each image its own size\)$"),
-                                   ((32, 48), True, r"not \(32, 48\)$"),
+    no_side = r"^keep_aspect takes the shorter side in pixels as resolution, not None \(each image its own size\)$"
+    for resolution, bad, match in ((None, True, no_side), ((32, 48), True, r"not \(32, 48\)$"),
                                    (40, True, "^resolution 40 is not a positive multiple of the patch size 16$"),
                                    (32, "yes", r"^keep_aspect must be True or False, not 'yes'$")):
         with pytest.raises(LeopartError, match=match):
@@ -257,10 +256,10 @@ def test_keep_aspect_embeds_each_image_at_its_shorter_side(tiny_model, tiny_mode
     assert all(torch.equal(a, b) for a, b in zip(stored, maps, strict=True))
     square = leopart.embed(files, model=tiny_model, resolution=32, cache_dir=tmp_path / "cache")
     assert square.shape == (2, 2, 2, 64) and len(list((tmp_path / "cache").iterdir())) == 2
-    for extra, message in ((["-o", str(tmp_path / "f.npy")], "--keep-aspect gives one array per image of its own "
-                                                             "size: write .safetensors instead of .npy"),
-                           (["--resolution", "native", "-o", str(out)], "--keep-aspect takes the shorter side in "
-                                                                       "pixels as --resolution, not native")):
+    npy = "--keep-aspect gives one array per image of its own size: write .safetensors instead of .npy"
+    native = "--keep-aspect takes the shorter side in pixels as --resolution, not native"
+    for extra, message in ((["-o", str(tmp_path / "f.npy")], npy),
+                           (["--resolution", "native", "-o", str(out)], native)):
         r = CliRunner().invoke(main, [*base, *extra])
         assert r.exit_code == 1 and r.output == f"Error: {message}\n", r.output
 

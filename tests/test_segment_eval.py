@@ -12,9 +12,9 @@ from PIL import Image
 
 import leopart
 from leopart.cli import main
+from leopart.embed import keep_aspect_size
 from leopart.errors import LeopartError
 from leopart.evaluate import read_voc
-from leopart.embed import keep_aspect_size
 from leopart.segment import overlay_image, upsample_argmax, voc_palette
 
 
