@@ -70,8 +70,7 @@ def check_features_fit(n_images: int, model: LeopartViT, resolution: Resolution,
 
 
 def iter_preprocessed(images: Iterable, resolution: Resolution | ShorterSide | None, patch_size: int,
-                      threads: int | None = None,
-                      resample: str = "bicubic") -> Iterator[tuple[str, torch.Tensor]]:
+                      threads: int | None = None, resample: str = "bicubic") -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, normalised tensor [3, H, W]) of single images (as ``data.listed`` gives them: expanding
     again would open a folder that a .txt list names) in input order, decoding lazily.
 
@@ -102,7 +101,7 @@ def iter_batches(images: Any, model: LeopartViT, resolution: Resolution | Shorte
     """
     ragged = resolution is None or isinstance(resolution, ShorterSide)
     if isinstance(resolution, ShorterSide):
-        keep_aspect_size(1, 1, resolution.pixels, model.patch_size)  # a side that is not a multiple fails here
+        keep_aspect_size(1, 1, resolution.pixels, model.patch_size)  # refuses a side that is not a multiple
     for side in sides(resolution) if not ragged else ():
         if side < model.patch_size or side % model.patch_size:
             shown = "" if side == resolution else f" {'x'.join(map(str, sides(resolution)))}:"
