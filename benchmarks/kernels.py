@@ -284,10 +284,7 @@ def main():
 
     # After the rows the targets are read from: the sweep is the part a time limit may cut.
     if args.sweep and gpu:
-        sizes = [("train ViT-S/16", 32 * 2 * 196, 300), ("one global crop", 32 * 196, 300),
-                 ("train ViT-B/8", 16 * 2 * 784, 300)]
-        if not args.quick:
-            sizes.append(("bandwidth N=1M K=3000", 1_000_000, 3000))
+        sizes = [size for size in sinkhorn_sizes if "queue" not in size[0]]  # its N shares ViT-B/8's tuner bucket
         sweep_rows = []
         for i, size in enumerate(sizes):
             sweep_rows += sinkhorn_sweep(dev, [size])

@@ -12,7 +12,7 @@ import torch
 
 from . import data, serialization
 from .device import autocast, check_host_memory, default_device, precision_key
-from .errors import LeopartError, positive_int
+from .errors import LeopartError, flag, positive_int
 from .hub import from_pretrained
 from .model import LeopartViT
 from .progress import progress_bar
@@ -30,12 +30,17 @@ class ShorterSide:
 MAX_KEPT_ASPECT = 16  # a 16:1 panorama has 16x the patches of the square, its attention 256x the cost
 
 
+def check_side(side: int, patch_size: int, shown: str = "") -> None:
+    """Refuse an input side that is not a positive multiple of the patch size (``shown``: the whole resolution)."""
+    if side < patch_size or side % patch_size:
+        raise LeopartError(f"resolution{shown} {side} is not a positive multiple of the patch size {patch_size}")
+
+
 def keep_aspect_size(height: int, width: int, short_side: int, patch_size: int) -> tuple[int, int]:
     """(height, width) of an image resized to ``short_side`` on its shorter side with its aspect ratio kept, each
-    side rounded to a multiple of the patch size (``short_side`` is one). The longer side is capped at
+    side rounded to a multiple of the patch size (``short_side`` must be one). The longer side is capped at
     MAX_KEPT_ASPECT times the shorter: a more elongated image is squeezed to 16:1."""
-    if short_side % patch_size:
-        raise LeopartError(f"resolution {short_side} is not a positive multiple of the patch size {patch_size}")
+    check_side(short_side, patch_size)
     scale = short_side / min(height, width)
     long_side = MAX_KEPT_ASPECT * short_side
     return (min(long_side, max(1, round(height * scale / patch_size)) * patch_size),
@@ -101,12 +106,11 @@ def iter_batches(images: Any, model: LeopartViT, resolution: Resolution | Shorte
     """
     ragged = resolution is None or isinstance(resolution, ShorterSide)
     if isinstance(resolution, ShorterSide):
-        keep_aspect_size(1, 1, resolution.pixels, model.patch_size)  # refuses a side that is not a multiple
-    for side in sides(resolution) if not ragged else ():
-        if side < model.patch_size or side % model.patch_size:
-            shown = "" if side == resolution else f" {'x'.join(map(str, sides(resolution)))}:"
-            raise LeopartError(f"resolution{shown} {side} is not a positive multiple of the patch size "
-                               f"{model.patch_size}")
+        check_side(resolution.pixels, model.patch_size)
+    elif resolution is not None:
+        shown = f" {'x'.join(map(str, resolution))}:" if isinstance(resolution, tuple) else ""
+        for side in sides(resolution):
+            check_side(side, model.patch_size, shown)
     batch_size = positive_int(batch_size, "batch_size")
     # On a GPU, decode in threads so the model is not left waiting; on the CPU the model already uses every
     # core, and decoding threads would only compete with it.
@@ -151,14 +155,13 @@ def embed(images: Any, model: str | LeopartViT = "vits16", resolution: Resolutio
     images = data.listed(images)  # counted first (unless an iterator), so the result is allocated once
     device = default_device(device)
     model = from_pretrained(model, device=device)
-    if isinstance(resolution, ShorterSide):
-        return list(_embeddings(images, model, resolution, batch_size, device, progress, cache_dir, full_precision))
-    if resolution is not None and isinstance(images, list):
+    ragged = resolution is None or isinstance(resolution, ShorterSide)  # a map per image, each of its own size
+    if not ragged and isinstance(images, list):
         check_features_fit(len(images), model, resolution, 4, "the features",
                            "take them one at a time with leopart.iter_embeddings, or stream them to a file with "
                            "`leopart embed -o FILE`")
     maps = _embeddings(images, model, resolution, batch_size, device, progress, cache_dir, full_precision)
-    if resolution is None:
+    if ragged:
         return list(maps)
     if isinstance(images, list):
         count = len(images)
@@ -183,9 +186,7 @@ def iter_embeddings(images: Any, model: str | LeopartViT = "vits16", resolution:
 
 def kept_aspect(resolution: Resolution | None, keep_aspect: bool) -> Resolution | ShorterSide | None:
     """``resolution`` as ShorterSide where ``keep_aspect`` asks for it (which needs one side in pixels)."""
-    if not isinstance(keep_aspect, bool):
-        raise LeopartError(f"keep_aspect must be True or False, not {keep_aspect!r}")
-    if not keep_aspect:
+    if not flag(keep_aspect, "keep_aspect"):
         return resolution
     if not isinstance(resolution, int):
         raise LeopartError("keep_aspect takes the shorter side in pixels as resolution, not "

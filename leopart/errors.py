@@ -1,5 +1,5 @@
 """The one exception type users see (the CLI prints its message as a single line and exits non-zero), the checks
-of an argument's kind (a count, an integer, a number, a settings dataclass's fields), and the wording of counts in
+of an argument's kind (a count, an integer, a number, a flag, a settings dataclass's fields), and the wording of counts in
 messages and model cards."""
 import dataclasses
 import numbers
@@ -31,6 +31,13 @@ def number(value, name: str) -> float:
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise LeopartError(f"{name} must be a number, not {value!r}")
     return float(value)
+
+
+def flag(value, name: str) -> bool:
+    """``value`` when it is True or False, else a LeopartError naming ``name`` (a string "no" would read as true)."""
+    if not isinstance(value, bool):
+        raise LeopartError(f"{name} must be True or False, not {value!r}")
+    return value
 
 
 def check_kinds(config, prefix: str = "") -> None:

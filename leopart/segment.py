@@ -21,7 +21,7 @@ from . import data, serialization
 from .cluster import KMeansResult, cluster
 from .device import default_device, precision_key
 from .embed import Resolution, check_features_fit, iter_batches, keep_aspect_size
-from .errors import LeopartError, positive_int
+from .errors import LeopartError, flag, positive_int
 from .foreground import foreground_mask
 from .hub import from_pretrained
 from .merge import Segmenter, merge, reference_weight_threshold
@@ -242,8 +242,7 @@ def segment(image: Any, model: str | LeopartViT | None = None, segmenter: str | 
     device = default_device(device)
     if segmenter is not None and fg_model is not None:
         raise LeopartError(SEGMENTER_KNOWS_FOREGROUND)
-    if not isinstance(keep_aspect, bool):
-        raise LeopartError(f"keep_aspect must be True or False, not {keep_aspect!r}")
+    flag(keep_aspect, "keep_aspect")
     k = positive_int(k, "k") if k is not None else None
     if segmenter is not None and not isinstance(segmenter, Segmenter):
         if not isinstance(segmenter, (str, os.PathLike)):

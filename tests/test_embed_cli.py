@@ -239,6 +239,7 @@ def test_keep_aspect_embeds_each_image_at_its_shorter_side(tiny_model, tiny_mode
     no_side = r"^keep_aspect takes the shorter side in pixels as resolution, not None \(each image its own size\)$"
     for resolution, bad, match in ((None, True, no_side), ((32, 48), True, r"not \(32, 48\)$"),
                                    (40, True, "^resolution 40 is not a positive multiple of the patch size 16$"),
+                                   (0, True, "^resolution 0 is not a positive multiple of the patch size 16$"),
                                    (32, "yes", r"^keep_aspect must be True or False, not 'yes'$")):
         with pytest.raises(LeopartError, match=match):
             leopart.embed(wide, model=tiny_model, resolution=resolution, keep_aspect=bad)
